@@ -1,0 +1,141 @@
+//! Wiring: turns a loaded `Config` into running listeners. Loads the credentials, builds the
+//! TLS configurations and routes once (`ProxyInputs`), binds both capture listeners, and runs
+//! until SIGTERM or SIGINT. The only place that spawns the world.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{error, info};
+
+use crate::config::Config;
+use crate::identity::{self, CredentialPaths, Credentials, Expected, SpiffeId};
+use crate::inbound::InboundConnection;
+use crate::outbound::{OutboundConnection, Routes};
+use crate::tls::{self, TrustStore};
+
+/// Everything a connection needs, built once at start-up and shared.
+pub struct ProxyInputs {
+    pub config: Config,
+    pub identity: SpiffeId,
+    pub acceptor: TlsAcceptor,
+    pub routes: Routes,
+}
+
+/// Loads and checks the credentials the config names.
+pub fn load_credentials(config: &Config) -> Result<Credentials, identity::IdentityError> {
+    let paths = CredentialPaths {
+        cert_chain: config.identity.cert_chain.clone(),
+        private_key: config.identity.private_key.clone(),
+        trust_bundle: config.identity.trust_bundle.clone(),
+    };
+    let expected = Expected {
+        trust_domain: config.identity.trust_domain.as_str().to_string(),
+        namespace: config.workload.namespace.clone(),
+        service_account: config.workload.service_account.clone(),
+    };
+    identity::load(&paths, &expected)
+}
+
+impl ProxyInputs {
+    pub fn new(config: Config, creds: &Credentials) -> anyhow::Result<Self> {
+        let trust = Arc::new(
+            TrustStore::new(&creds.roots, config.identity.trust_domain.as_str())
+                .map_err(|(i, e)| anyhow::anyhow!("trust bundle certificate #{i}: {e}"))?,
+        );
+        let acceptor = TlsAcceptor::from(tls::server_config(creds, trust.clone())?);
+        let routes = Routes::new(&config.outbound, creds, &trust)?;
+        Ok(ProxyInputs {
+            identity: creds.id.clone(),
+            config,
+            acceptor,
+            routes,
+        })
+    }
+}
+
+/// Runs the sidecar until it is told to stop.
+pub async fn run(config: Config, creds: Credentials) -> anyhow::Result<()> {
+    let inputs = Arc::new(ProxyInputs::new(config, &creds)?);
+    let listeners = &inputs.config.listeners;
+    let outbound = crate::socket::listen(listeners.outbound)
+        .with_context(|| format!("binding the outbound listener {}", listeners.outbound))?;
+    let inbound = crate::socket::listen(listeners.inbound)
+        .with_context(|| format!("binding the inbound listener {}", listeners.inbound))?;
+    info!(
+        identity = %inputs.identity,
+        outbound = %outbound.local_addr()?,
+        inbound = %inbound.local_addr()?,
+        "l4mesh ready"
+    );
+
+    let out_inputs = inputs.clone();
+    tokio::spawn(accept_loop(
+        outbound,
+        "outbound",
+        move |client, client_addr| {
+            OutboundConnection {
+                inputs: out_inputs.clone(),
+                client,
+                client_addr,
+            }
+            .run()
+        },
+    ));
+    let in_inputs = inputs.clone();
+    tokio::spawn(accept_loop(
+        inbound,
+        "inbound",
+        move |client, client_addr| {
+            InboundConnection {
+                inputs: in_inputs.clone(),
+                client,
+                client_addr,
+            }
+            .run()
+        },
+    ));
+
+    shutdown_signal().await;
+    info!("l4mesh stopping");
+    Ok(())
+}
+
+/// Accepts forever, one task per connection. Accept errors (such as running out of file
+/// descriptors) back off briefly instead of spinning.
+async fn accept_loop<F, Fut>(listener: TcpListener, name: &'static str, handle: F)
+where
+    F: Fn(TcpStream, std::net::SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(stream, addr));
+            }
+            Err(e) => {
+                error!(listener = name, error = %e, "accept failed; backing off");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot watch SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,555 @@
+//! Sidecar configuration: the YAML file `l4mesh run --config` reads, plus the environment
+//! overrides Kubernetes injects. Parsed straight into typed fields, so a bad value is reported
+//! with the file, line and field it came from, before anything starts.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::identity::SpiffeId;
+use crate::tls::IdentityPattern;
+
+/// The whole sidecar configuration.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Addresses the sidecar listens on.
+    #[serde(default)]
+    pub listeners: Listeners,
+    /// This workload's certificate, key, trust bundle and trust domain.
+    pub identity: IdentityConfig,
+    /// Who this workload is; `POD_NAMESPACE`, `SERVICE_ACCOUNT`, `POD_NAME` and `POD_IP`
+    /// override the file.
+    #[serde(default)]
+    pub workload: Workload,
+    /// How captured outbound connections leave the pod.
+    #[serde(default)]
+    pub outbound: Outbound,
+    /// Bounds on the slow steps of a connection.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+/// Listener addresses; defaults follow Istio's port numbers.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listeners {
+    /// Where iptables redirects the pod's outbound connections.
+    pub outbound: SocketAddr,
+    /// Where iptables redirects connections to the pod.
+    pub inbound: SocketAddr,
+    /// Metrics and readiness, on the pod IP (served from the telemetry issue on).
+    pub metrics: SocketAddr,
+    /// Admin endpoints, loopback only (served from the telemetry issue on).
+    pub admin: SocketAddr,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Listeners {
+            outbound: SocketAddr::from(([0u16; 8], 15001)),
+            inbound: SocketAddr::from(([0u16; 8], 15006)),
+            metrics: SocketAddr::from(([0u16; 8], 15020)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
+        }
+    }
+}
+
+/// Where the workload's credentials live. Relative paths are relative to the config file.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The mesh's trust domain; peers outside it are refused.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: TrustDomain,
+    /// PEM: the workload certificate first, then any intermediates.
+    pub cert_chain: PathBuf,
+    /// PEM: the workload's private key (ECDSA P-256, Ed25519 or RSA; PKCS#8, SEC1 or PKCS#1).
+    pub private_key: PathBuf,
+    /// PEM: one or more root certificates peers must chain to.
+    pub trust_bundle: PathBuf,
+}
+
+fn default_trust_domain() -> TrustDomain {
+    TrustDomain("cluster.local".to_string())
+}
+
+/// A SPIFFE trust domain name, e.g. `cluster.local`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub struct TrustDomain(String);
+
+impl<'de> Deserialize<'de> for TrustDomain {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_str(d, "a trust domain such as cluster.local", |s| {
+            TrustDomain::try_from(s.to_string())
+        })
+    }
+}
+
+/// Deserializes a string through `parse`, raising its error while the scalar is being read so
+/// serde_yaml reports the value's own line and field (a `try_from` error would point at the
+/// enclosing mapping instead).
+pub(crate) fn from_str<'de, D, T, E>(
+    d: D,
+    expecting: &'static str,
+    parse: fn(&str) -> Result<T, E>,
+) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    E: fmt::Display,
+{
+    struct V<T, E> {
+        expecting: &'static str,
+        parse: fn(&str) -> Result<T, E>,
+    }
+    impl<T, E: fmt::Display> serde::de::Visitor<'_> for V<T, E> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.expecting)
+        }
+        fn visit_str<Er: serde::de::Error>(self, v: &str) -> Result<T, Er> {
+            (self.parse)(v).map_err(Er::custom)
+        }
+    }
+    d.deserialize_str(V { expecting, parse })
+}
+
+impl TrustDomain {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TrustDomain {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match format!("spiffe://{s}").parse::<SpiffeId>() {
+            Ok(id) if id.path().is_empty() => Ok(TrustDomain(s)),
+            Ok(_) => Err(format!("invalid trust domain {s:?}: must not contain '/'")),
+            Err(e) => Err(format!("invalid trust domain {s:?}: {e}")),
+        }
+    }
+}
+
+impl From<TrustDomain> for String {
+    fn from(t: TrustDomain) -> String {
+        t.0
+    }
+}
+
+/// The workload this sidecar serves, as the Kubernetes downward API describes it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Workload {
+    /// Kubernetes namespace; when set, the certificate's SPIFFE ID must carry it.
+    pub namespace: Option<String>,
+    /// Kubernetes service account; when set, the certificate's SPIFFE ID must carry it.
+    pub service_account: Option<String>,
+    /// Pod name, for logs.
+    pub name: Option<String>,
+    /// Pod IP.
+    pub pod_ip: Option<IpAddr>,
+    /// Pod labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Outbound routing: the first matching rule decides, else `default`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outbound {
+    /// What to do with a destination no rule matches.
+    #[serde(default)]
+    pub default: Action,
+    /// Ordered destination rules.
+    #[serde(default)]
+    pub rules: Vec<DestinationRule>,
+}
+
+/// How a destination is reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Wrap the connection in mutual TLS to the destination's sidecar.
+    #[default]
+    Mtls,
+    /// Forward the bytes as they are (for destinations outside the mesh).
+    Passthrough,
+}
+
+/// One destination rule.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(try_from = "RawDestinationRule")]
+pub struct DestinationRule {
+    /// A name for logs; defaults to `rules[N]`.
+    pub name: Option<String>,
+    /// Destination networks; empty matches every address.
+    pub cidrs: Vec<IpNet>,
+    /// Destination ports or ranges; empty matches every port.
+    pub ports: Vec<PortRange>,
+    /// `mtls` or `passthrough`.
+    pub action: Action,
+    /// For `mtls`: the SPIFFE IDs (or `*`-patterns) the server may present; empty = any
+    /// identity in the trust domain.
+    pub server_identities: Vec<IdentityPattern>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDestinationRule {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    cidrs: Vec<IpNet>,
+    #[serde(default)]
+    ports: Vec<PortRange>,
+    action: Action,
+    #[serde(default)]
+    server_identities: Vec<IdentityPattern>,
+}
+
+impl TryFrom<RawDestinationRule> for DestinationRule {
+    type Error = String;
+    fn try_from(r: RawDestinationRule) -> Result<Self, String> {
+        if r.action == Action::Passthrough && !r.server_identities.is_empty() {
+            return Err(
+                "server_identities: only an `mtls` rule can pin server identities".to_string(),
+            );
+        }
+        Ok(DestinationRule {
+            name: r.name,
+            cidrs: r.cidrs,
+            ports: r.ports,
+            action: r.action,
+            server_identities: r.server_identities,
+        })
+    }
+}
+
+impl DestinationRule {
+    pub fn matches(&self, dst: SocketAddr) -> bool {
+        let ip = dst.ip().to_canonical();
+        (self.cidrs.is_empty() || self.cidrs.iter().any(|net| net.contains(&ip)))
+            && (self.ports.is_empty() || self.ports.iter().any(|p| p.contains(dst.port())))
+    }
+}
+
+/// A port (`8080`) or inclusive range (`"9000-9100"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let port = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("invalid port {p:?}: expected 1-65535"))
+        };
+        let (first, last) = match s.split_once('-') {
+            Some((a, b)) => (port(a)?, port(b)?),
+            None => (port(s)?, port(s)?),
+        };
+        if first > last {
+            return Err(format!("invalid port range {s:?}: {first} > {last}"));
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = PortRange;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port number or a range like \"9000-9100\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortRange, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortRange, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PortRange, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Timeouts for the steps that wait on a peer.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// TCP connect to the destination or the application.
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// A TLS handshake, either side.
+    #[serde(with = "humantime_serde")]
+    pub handshake: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            handshake: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A configuration that cannot be used, said so that the fix is obvious.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("environment variable {var}={value:?}: {reason}")]
+    Env {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Reads `path`, resolves relative paths against its folder and applies the environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::parse(path, &text)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.apply_env(|var| std::env::var(var).ok())?;
+        Ok(config)
+    }
+
+    /// Parses YAML text; `path` only names the source in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        serde_yaml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((0, 0));
+            // serde_yaml appends "at line L column C"; we already lead with it.
+            let message = e.to_string();
+            let message = match message.rfind(" at line ") {
+                Some(i) => message[..i].to_string(),
+                None => message,
+            };
+            if line == 0 {
+                ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    message,
+                }
+            } else {
+                ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    line,
+                    column,
+                    message,
+                }
+            }
+        })
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for p in [
+            &mut self.identity.cert_chain,
+            &mut self.identity.private_key,
+            &mut self.identity.trust_bundle,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// Applies what Kubernetes injects through the downward API; `env` looks a variable up.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let nonempty = |var| env(var).filter(|v: &String| !v.is_empty());
+        if let Some(ns) = nonempty("POD_NAMESPACE") {
+            self.workload.namespace = Some(ns);
+        }
+        if let Some(sa) = nonempty("SERVICE_ACCOUNT") {
+            self.workload.service_account = Some(sa);
+        }
+        if let Some(name) = nonempty("POD_NAME") {
+            self.workload.name = Some(name);
+        }
+        if let Some(ip) = nonempty("POD_IP") {
+            let parsed = ip
+                .parse()
+                .map_err(|e: std::net::AddrParseError| ConfigError::Env {
+                    var: "POD_IP",
+                    value: ip.clone(),
+                    reason: e.to_string(),
+                })?;
+            self.workload.pod_ip = Some(parsed);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str =
+        "identity:\n  cert_chain: c.pem\n  private_key: k.pem\n  trust_bundle: r.pem\n";
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(Path::new("sidecar.yaml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn minimal_config_gets_istio_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.listeners.outbound.port(), 15001);
+        assert_eq!(c.listeners.inbound.port(), 15006);
+        assert_eq!(c.listeners.metrics.port(), 15020);
+        assert_eq!(c.listeners.admin, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(c.identity.trust_domain.as_str(), "cluster.local");
+        assert_eq!(c.outbound.default, Action::Mtls);
+        assert_eq!(c.timeouts.handshake, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_and_field() {
+        let err = parse(&format!("{MINIMAL}outbund:\n  default: mtls\n")).unwrap_err();
+        assert!(err.starts_with("sidecar.yaml:5:"), "{err}");
+        assert!(err.contains("unknown field `outbund`"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases = [
+            ("listeners:\n  inbound: nope\n", "sidecar.yaml:6:", "listeners.inbound"),
+            (
+                "outbound:\n  rules:\n    - cidrs: [10.0.0.0/33]\n      action: mtls\n",
+                "sidecar.yaml:7:",
+                "outbound.rules[0]",
+            ),
+            (
+                "outbound:\n  rules:\n    - ports: [\"90-80\"]\n      action: mtls\n",
+                "sidecar.yaml:",
+                "90 > 80",
+            ),
+            (
+                "outbound:\n  rules:\n    - action: tunnel\n",
+                "sidecar.yaml:7:",
+                "unknown variant `tunnel`",
+            ),
+            (
+                "outbound:\n  rules:\n    - action: passthrough\n      server_identities: [\"spiffe://td/x\"]\n",
+                "sidecar.yaml:",
+                "only an `mtls` rule can pin",
+            ),
+            ("timeouts:\n  handshake: soon\n", "sidecar.yaml:6:", "timeouts.handshake"),
+        ];
+        for (extra, at, what) in cases {
+            let err = parse(&format!("{MINIMAL}{extra}")).unwrap_err();
+            assert!(err.starts_with(at), "{extra}: {err}");
+            assert!(err.contains(what), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_identity_is_named() {
+        let err = parse("listeners: {}\n").unwrap_err();
+        assert!(err.contains("missing field `identity`"), "{err}");
+    }
+
+    #[test]
+    fn bad_trust_domain_is_refused() {
+        let err = parse(&format!("{MINIMAL}  trust_domain: Bad/Domain\n")).unwrap_err();
+        assert!(
+            err.starts_with("sidecar.yaml:5:17: identity.trust_domain"),
+            "{err}"
+        );
+        assert!(err.contains("invalid trust domain"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut c = parse(&format!("{MINIMAL}workload:\n  namespace: file\n")).unwrap();
+        c.apply_env(|v| match v {
+            "POD_NAMESPACE" => Some("shop".into()),
+            "SERVICE_ACCOUNT" => Some("cart".into()),
+            "POD_IP" => Some("10.1.2.3".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.workload.namespace.as_deref(), Some("shop"));
+        assert_eq!(c.workload.service_account.as_deref(), Some("cart"));
+        assert_eq!(c.workload.pod_ip, Some("10.1.2.3".parse().unwrap()));
+        let err = c
+            .apply_env(|v| (v == "POD_IP").then(|| "10.1.2".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("POD_IP=\"10.1.2\""), "{err}");
+    }
+
+    #[test]
+    fn rules_match_cidr_and_port() {
+        let c = parse(&format!(
+            "{MINIMAL}outbound:\n  rules:\n    - cidrs: [10.0.0.0/8, \"fd00::/8\"]\n      ports: [80, \"8000-8100\"]\n      action: passthrough\n"
+        ))
+        .unwrap();
+        let r = &c.outbound.rules[0];
+        assert!(r.matches("10.1.1.1:80".parse().unwrap()));
+        assert!(r.matches("10.1.1.1:8050".parse().unwrap()));
+        assert!(r.matches("[::ffff:10.1.1.1]:80".parse().unwrap()));
+        assert!(r.matches("[fd00::1]:8100".parse().unwrap()));
+        assert!(!r.matches("10.1.1.1:81".parse().unwrap()));
+        assert!(!r.matches("11.1.1.1:80".parse().unwrap()));
+    }
+}

@@ -1,0 +1,242 @@
+//! The `l4mesh` command: `run` the sidecar, apply the `iptables` capture, mint dev `certs`,
+//! `check` a config. Errors from bad input exit 64 with a message naming what is wrong.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+use l4mesh::{app, certs, config::Config, iptables};
+
+/// Transparent L4 service-mesh sidecar: iptables capture + mutual TLS with SPIFFE identities.
+#[derive(Parser)]
+#[command(name = "l4mesh", version)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG also works.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the sidecar.
+    Run {
+        /// Sidecar configuration file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Load a configuration and its credentials, report problems, and exit.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Capture rules: apply, remove, or print them.
+    #[command(subcommand)]
+    Iptables(IptablesCmd),
+    /// A throwaway dev PKI: a CA and SPIFFE workload certificates.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+}
+
+#[derive(Subcommand)]
+enum IptablesCmd {
+    /// Install the capture rules in this network namespace (atomic, idempotent).
+    Apply(IptablesArgs),
+    /// Remove exactly the rules `apply` installed.
+    Cleanup(IptablesArgs),
+    /// Print the rules `apply` would install.
+    Print(IptablesArgs),
+}
+
+#[derive(Args)]
+struct IptablesArgs {
+    /// UID the proxy runs as; its traffic is never captured.
+    #[arg(long, default_value_t = 1337)]
+    proxy_uid: u32,
+    /// GID the proxy runs as.
+    #[arg(long, default_value_t = 1337)]
+    proxy_gid: u32,
+    /// Port of the outbound listener.
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// Port of the inbound listener.
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// Inbound ports to capture, comma-separated, or `*` for all.
+    #[arg(long, default_value = "*")]
+    inbound_ports: String,
+    /// Inbound ports never to capture (15000, 15020, 15021 always are excluded).
+    #[arg(long, value_delimiter = ',')]
+    exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports never to capture.
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_ports: Vec<u16>,
+    /// Outbound destination CIDRs never to capture.
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_cidrs: Vec<IpNet>,
+    /// Also capture IPv6 (ip6tables).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    ipv6: bool,
+}
+
+impl IptablesArgs {
+    fn options(&self) -> anyhow::Result<iptables::Options> {
+        let inbound_ports = match self.inbound_ports.trim() {
+            "*" => None,
+            list => Some(
+                list.split(',')
+                    .map(|p| p.trim().parse::<u16>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .with_context(|| format!("--inbound-ports {list:?}: expected `*` or ports"))?,
+            ),
+        };
+        Ok(iptables::Options {
+            proxy_uid: self.proxy_uid,
+            proxy_gid: self.proxy_gid,
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            inbound_ports,
+            exclude_inbound_ports: self.exclude_inbound_ports.clone(),
+            exclude_outbound_ports: self.exclude_outbound_ports.clone(),
+            exclude_outbound_cidrs: self.exclude_outbound_cidrs.clone(),
+            ipv6: self.ipv6,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create a root CA in DIR (ca-cert.pem, ca-key.pem).
+    Ca {
+        #[arg(long)]
+        out: PathBuf,
+        /// Common name of the CA.
+        #[arg(long, default_value = "l4mesh dev root CA")]
+        name: String,
+        /// Validity, e.g. 30d, 8760h.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
+    /// Issue a workload certificate (cert-chain.pem, key.pem, root-cert.pem) into DIR.
+    Issue {
+        /// Folder holding the CA made by `certs ca`.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Validity, e.g. 24h.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        #[arg(long, value_enum, default_value = "ecdsa-p256")]
+        key_type: certs::KeyType,
+        /// Certify this existing PEM private key instead of generating one (e.g. RSA).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Exit status for bad input (EX_USAGE), so scripts can tell it from a crash.
+const EXIT_BAD_INPUT: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log_level.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::BadInput(e)) => {
+            eprintln!("l4mesh: {e:#}");
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("l4mesh: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    /// The user's input (config, certificates, flags) is wrong.
+    BadInput(anyhow::Error),
+    /// Something else failed (iptables, bind, ...).
+    Other(anyhow::Error),
+}
+
+fn bad<E: Into<anyhow::Error>>(e: E) -> Failure {
+    Failure::BadInput(e.into())
+}
+
+fn other<E: Into<anyhow::Error>>(e: E) -> Failure {
+    Failure::Other(e.into())
+}
+
+fn dispatch(cmd: Cmd) -> Result<(), Failure> {
+    match cmd {
+        Cmd::Run { config } => {
+            let config = Config::load(&config).map_err(bad)?;
+            let creds = app::load_credentials(&config).map_err(bad)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(other)?;
+            runtime.block_on(app::run(config, creds)).map_err(other)
+        }
+        Cmd::Check { config } => {
+            let config = Config::load(&config).map_err(bad)?;
+            let creds = app::load_credentials(&config).map_err(bad)?;
+            app::ProxyInputs::new(config, &creds).map_err(bad)?;
+            println!("ok: identity {}", creds.id);
+            Ok(())
+        }
+        Cmd::Iptables(IptablesCmd::Apply(args)) => {
+            iptables::apply(&args.options().map_err(bad)?).map_err(other)
+        }
+        Cmd::Iptables(IptablesCmd::Cleanup(args)) => {
+            iptables::cleanup(&args.options().map_err(bad)?).map_err(other)
+        }
+        Cmd::Iptables(IptablesCmd::Print(args)) => {
+            print!("{}", iptables::print(&args.options().map_err(bad)?));
+            Ok(())
+        }
+        Cmd::Certs(CertsCmd::Ca { out, name, ttl }) => {
+            certs::make_ca(&out, &name, ttl).map_err(bad)?;
+            println!("wrote {}", out.join(certs::CA_CERT).display());
+            Ok(())
+        }
+        Cmd::Certs(CertsCmd::Issue {
+            ca,
+            namespace,
+            service_account,
+            trust_domain,
+            ttl,
+            key_type,
+            key,
+            out,
+        }) => {
+            let mut req = certs::IssueRequest::new(&trust_domain, &namespace, &service_account);
+            req.ttl = ttl;
+            req.key_type = key_type;
+            req.key = key;
+            certs::issue(&ca, &req, &out).map_err(bad)?;
+            println!(
+                "wrote {} for spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}",
+                out.join(certs::CERT_CHAIN).display()
+            );
+            Ok(())
+        }
+    }
+}

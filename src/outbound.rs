@@ -1,0 +1,172 @@
+//! Outbound: connections the pod's applications open, redirected by iptables to :15001.
+//! accept → original destination → destination rule → connect → (originate mTLS) → relay.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use thiserror::Error;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info, warn};
+
+use crate::app::ProxyInputs;
+use crate::config::{Action, Outbound};
+use crate::identity::Credentials;
+use crate::relay::{self, RelayError};
+use crate::socket;
+use crate::tls::{self, TrustStore};
+
+/// The compiled destination rules: first match wins, else the default.
+pub struct Routes {
+    rules: Vec<(crate::config::DestinationRule, Route)>,
+    default: Route,
+}
+
+/// How one destination is reached.
+pub struct Route {
+    pub name: String,
+    pub kind: RouteKind,
+}
+
+pub enum RouteKind {
+    /// Wrap in mTLS with this connector (its verifier holds the rule's identity pins).
+    Mtls(TlsConnector),
+    /// Forward the bytes as they are.
+    Passthrough,
+}
+
+impl Routes {
+    /// Builds one TLS client configuration per rule, so identity pins cost nothing per
+    /// connection.
+    pub fn new(
+        config: &Outbound,
+        creds: &Credentials,
+        trust: &Arc<TrustStore>,
+    ) -> Result<Self, tls::ConfigError> {
+        let route = |name: String, action: Action, pins: Vec<tls::IdentityPattern>| {
+            let kind = match action {
+                Action::Passthrough => RouteKind::Passthrough,
+                Action::Mtls => RouteKind::Mtls(TlsConnector::from(tls::client_config(
+                    creds,
+                    trust.clone(),
+                    pins,
+                )?)),
+            };
+            Ok::<_, tls::ConfigError>(Route { name, kind })
+        };
+        let rules = config
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, rule)| {
+                let name = rule.name.clone().unwrap_or_else(|| format!("rules[{i}]"));
+                let r = route(name, rule.action, rule.server_identities.clone())?;
+                Ok((rule.clone(), r))
+            })
+            .collect::<Result<Vec<_>, tls::ConfigError>>()?;
+        let default = route("default".to_string(), config.default, Vec::new())?;
+        Ok(Routes { rules, default })
+    }
+
+    pub fn route(&self, dst: SocketAddr) -> &Route {
+        self.rules
+            .iter()
+            .find(|(rule, _)| rule.matches(dst))
+            .map(|(_, route)| route)
+            .unwrap_or(&self.default)
+    }
+}
+
+/// Why an outbound connection ended early; the variant says who failed.
+#[derive(Debug, Error)]
+pub enum OutboundError {
+    #[error("reading the original destination: {0}")]
+    OriginalDst(io::Error),
+    #[error("connection was not redirected by iptables (dialled the outbound port directly)")]
+    NotRedirected,
+    #[error("connecting to {dst}: {source}")]
+    Connect { dst: SocketAddr, source: io::Error },
+    #[error("mTLS handshake with {dst}: {source}")]
+    Handshake {
+        dst: SocketAddr,
+        source: tls::HandshakeError,
+    },
+    #[error("mTLS handshake with {dst} timed out")]
+    HandshakeTimeout { dst: SocketAddr },
+    #[error("relay: {0}")]
+    Relay(#[from] RelayError),
+}
+
+/// One captured outbound connection.
+pub struct OutboundConnection {
+    pub inputs: Arc<ProxyInputs>,
+    pub client: TcpStream,
+    pub client_addr: SocketAddr,
+}
+
+impl OutboundConnection {
+    pub async fn run(self) {
+        let client_addr = self.client_addr;
+        if let Err(e) = self.proxy().await {
+            warn!(src = %client_addr, error = %e, "outbound connection failed");
+        }
+    }
+
+    async fn proxy(self) -> Result<(), OutboundError> {
+        let OutboundConnection {
+            inputs,
+            client,
+            client_addr,
+        } = self;
+        let dst = socket::original_dst(&client)
+            .map(socket::canonical)
+            .map_err(OutboundError::OriginalDst)?;
+        if socket::is_self(dst, &client) {
+            return Err(OutboundError::NotRedirected);
+        }
+        let route = inputs.routes.route(dst);
+        let timeouts = &inputs.config.timeouts;
+        let upstream = socket::connect(dst, None, timeouts.connect)
+            .await
+            .map_err(|source| OutboundError::Connect { dst, source })?;
+
+        let (sent, result) = match &route.kind {
+            RouteKind::Passthrough => {
+                debug!(src = %client_addr, %dst, rule = %route.name, "outbound passthrough");
+                relay::relay(client, upstream).await
+            }
+            RouteKind::Mtls(connector) => {
+                // SPIFFE identities are not DNS names: the verifier ignores the name, and an
+                // IP address name keeps rustls from sending SNI.
+                let name = ServerName::IpAddress(dst.ip().into());
+                let tls =
+                    tokio::time::timeout(timeouts.handshake, connector.connect(name, upstream))
+                        .await
+                        .map_err(|_| OutboundError::HandshakeTimeout { dst })?
+                        .map_err(|e| OutboundError::Handshake {
+                            dst,
+                            source: tls::HandshakeError(e),
+                        })?;
+                let peer = tls::peer_id(tls.get_ref().1);
+                info!(
+                    src = %client_addr,
+                    %dst,
+                    rule = %route.name,
+                    peer = %peer.as_ref().map(ToString::to_string).unwrap_or_default(),
+                    "outbound mTLS established, server identity verified"
+                );
+                relay::relay(client, tls).await
+            }
+        };
+        debug!(
+            src = %client_addr,
+            %dst,
+            sent = sent.client_to_upstream,
+            received = sent.upstream_to_client,
+            "outbound connection closed"
+        );
+        result.map_or(Ok(()), |e| Err(e.into()))
+    }
+}

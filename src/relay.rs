@@ -1,0 +1,196 @@
+//! Relay: the last stage of every connection. Copies bytes both ways until both sides are
+//! done, passing a half-close (FIN, or TLS close_notify) through in each direction, so a client
+//! that shuts its write side still receives the server's whole answer.
+
+use std::io;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Per-direction buffer. On the heap, so an idle connection's future stays small.
+const BUF_SIZE: usize = 16 * 1024;
+
+/// Bytes moved, by direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// From the side that opened the connection to the side it reached.
+    pub client_to_upstream: u64,
+    /// From the upstream back to the client.
+    pub upstream_to_client: u64,
+}
+
+/// Which side broke the relay.
+#[derive(Debug, Error)]
+pub enum RelayError {
+    #[error("client side: {0}")]
+    Client(io::Error),
+    #[error("upstream side: {0}")]
+    Upstream(io::Error),
+}
+
+/// Copies `client` ⇄ `upstream` until both directions have ended. On an error in either
+/// direction the other is abandoned (both sockets are closed when the streams drop) and the
+/// error says which side failed.
+pub async fn relay<C, U>(client: C, upstream: U) -> (Transferred, Option<RelayError>)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+    let (mut upstream_rd, mut upstream_wr) = tokio::io::split(upstream);
+    let mut sent = Transferred::default();
+    let (mut up_count, mut down_count) = (0u64, 0u64);
+    let result = {
+        let up = copy_one_way(
+            &mut client_rd,
+            &mut upstream_wr,
+            &mut up_count,
+            Side::Client,
+        );
+        let down = copy_one_way(
+            &mut upstream_rd,
+            &mut client_wr,
+            &mut down_count,
+            Side::Upstream,
+        );
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            tokio::select! {
+                r = &mut up, if !up_done => { up_done = true; if let Err(e) = r { break Some(e); } }
+                r = &mut down, if !down_done => { down_done = true; if let Err(e) = r { break Some(e); } }
+            }
+            if up_done && down_done {
+                break None;
+            }
+        }
+    };
+    sent.client_to_upstream = up_count;
+    sent.upstream_to_client = down_count;
+    (sent, result)
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Client,
+    Upstream,
+}
+
+impl Side {
+    fn error(self, e: io::Error) -> RelayError {
+        match self {
+            Side::Client => RelayError::Client(e),
+            Side::Upstream => RelayError::Upstream(e),
+        }
+    }
+    fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        }
+    }
+}
+
+/// Copies until `from` ends, then shuts `to`'s write side (FIN or close_notify + FIN).
+async fn copy_one_way<R, W>(
+    from: &mut R,
+    to: &mut W,
+    count: &mut u64,
+    from_side: Side,
+) -> Result<(), RelayError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        let n = from.read(&mut buf).await.map_err(|e| from_side.error(e))?;
+        if n == 0 {
+            break;
+        }
+        to.write_all(&buf[..n])
+            .await
+            .map_err(|e| from_side.other().error(e))?;
+        *count += n as u64;
+    }
+    to.shutdown().await.map_err(|e| from_side.other().error(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bytes_arrive_intact_and_half_close_passes_through() {
+        let (client, mut app_client) = tokio::io::duplex(1024);
+        let (upstream, mut app_server) = tokio::io::duplex(1024);
+        let relay = tokio::spawn(relay(client, upstream));
+
+        let request: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let req = request.clone();
+        let writer = tokio::spawn(async move {
+            app_client.write_all(&req).await.unwrap();
+            // Half-close: the client is done sending but still reads the answer.
+            app_client.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            app_client.read_to_end(&mut answer).await.unwrap();
+            answer
+        });
+        let mut got = Vec::new();
+        app_server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, request);
+        app_server.write_all(b"the whole answer").await.unwrap();
+        app_server.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"the whole answer");
+
+        let (sent, err) = relay.await.unwrap();
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(sent.client_to_upstream, 100_000);
+        assert_eq!(sent.upstream_to_client, 16);
+    }
+
+    struct Broken;
+    impl AsyncRead for Broken {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+    impl AsyncWrite for Broken {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            std::task::Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn errors_name_the_side_that_failed() {
+        // The upstream resets while the client is idle: the relay ends, blaming upstream,
+        // instead of waiting on the client forever.
+        let (client, _keep) = tokio::io::duplex(64);
+        let (_, err) = relay(client, Broken).await;
+        assert!(matches!(err, Some(RelayError::Upstream(_))), "{err:?}");
+
+        let (upstream, _keep) = tokio::io::duplex(64);
+        let (_, err) = relay(Broken, upstream).await;
+        assert!(matches!(err, Some(RelayError::Client(_))), "{err:?}");
+    }
+}

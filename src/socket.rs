@@ -1,0 +1,103 @@
+//! Sockets: the kernel-facing edges of every connection. Listener binding, upstream connects,
+//! and `SO_ORIGINAL_DST`, the address a captured connection was really headed for before
+//! iptables' REDIRECT rewrote it. Linux-only; everything here is safe wrappers (nix, socket2).
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::time::Duration;
+
+use nix::sys::socket::{getsockopt, sockopt};
+use socket2::{Domain, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// The source address the inbound side uses to reach the application. The capture rules let
+/// traffic from it through untouched; anything else the proxy user sends to the pod's own IP
+/// over `lo` is sent back to the inbound listener (Istio uses the same address).
+pub const INBOUND_PASSTHROUGH_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+pub const INBOUND_PASSTHROUGH_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+/// Binds a listener. `[::]` is bound dual-stack so one listener serves IPv4 and IPv6; where
+/// the pod has no IPv6 it falls back to `0.0.0.0`.
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    match bind(addr) {
+        Err(e) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
+            tracing::warn!(%addr, error = %e, "no IPv6 here, listening on IPv4 only");
+            bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), addr.port()))
+        }
+        other => other,
+    }
+}
+
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Where a redirected connection was going. For a connection that was not redirected (a
+/// client dialling the proxy port directly) this is the listener's own address.
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let local = stream.local_addr()?;
+    // An IPv4 connection accepted on a dual-stack socket shows v4-mapped addresses, but
+    // conntrack knows it as IPv4, so the IPv4 option is the one to ask.
+    let is_v4 = match local.ip() {
+        IpAddr::V4(_) => true,
+        IpAddr::V6(ip) => ip.to_ipv4_mapped().is_some(),
+    };
+    if is_v4 {
+        let sin = getsockopt(stream, sockopt::OriginalDst).map_err(io::Error::from)?;
+        let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+        Ok(SocketAddrV4::new(ip, u16::from_be(sin.sin_port)).into())
+    } else {
+        let sin6 = getsockopt(stream, sockopt::Ip6tOriginalDst).map_err(io::Error::from)?;
+        let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+        Ok(SocketAddrV6::new(ip, u16::from_be(sin6.sin6_port), 0, 0).into())
+    }
+}
+
+/// Whether `dst` is the listener the connection arrived on, i.e. nobody redirected it.
+pub fn is_self(dst: SocketAddr, stream: &TcpStream) -> bool {
+    stream
+        .local_addr()
+        .map(|local| canonical(local) == canonical(dst))
+        .unwrap_or(false)
+}
+
+/// The address with any v4-mapped IPv6 form turned back into IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Connects to `dst`, optionally from a chosen source IP, within `timeout`.
+pub async fn connect(
+    dst: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = match dst {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = tokio::time::timeout(timeout, socket.connect(dst))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// The source IP the inbound side uses to reach the application at `app`.
+pub fn inbound_passthrough_source(app: SocketAddr) -> IpAddr {
+    match app {
+        SocketAddr::V4(_) => INBOUND_PASSTHROUGH_V4.into(),
+        SocketAddr::V6(_) => INBOUND_PASSTHROUGH_V6.into(),
+    }
+}

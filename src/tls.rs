@@ -1,0 +1,384 @@
+//! TLS: the rustls configurations both listeners use, and the SPIFFE verifiers behind them.
+//! Outbound originates mTLS with a `ClientConfig`; inbound terminates it with a `ServerConfig`.
+//! Both verify the peer's chain against the trust bundle and take its identity from the URI SAN.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use thiserror::Error;
+
+use crate::identity::{spiffe_id_of, Credentials, SpiffeId};
+
+/// The ALPN protocol mesh clients offer. An inbound TLS connection without it is not mesh
+/// traffic (it is a client doing its own TLS), however valid its certificate.
+pub const MESH_ALPN: &[u8] = b"l4mesh/1";
+
+/// Which extended key usage a chain is checked for.
+#[derive(Clone, Copy, Debug)]
+pub enum Usage {
+    Client,
+    Server,
+}
+
+impl Usage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Usage::Client => "clientAuth",
+            Usage::Server => "serverAuth",
+        }
+    }
+}
+
+/// The trust bundle plus the trust domain peers must belong to.
+#[derive(Debug)]
+pub struct TrustStore {
+    anchors: Vec<TrustAnchor<'static>>,
+    trust_domain: String,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+/// Why a peer's certificate was refused by the SPIFFE check (after the chain verified).
+#[derive(Debug, Error)]
+pub enum PeerIdentityError {
+    #[error("peer certificate {0}")]
+    Certificate(#[from] crate::identity::CertIdentityError),
+    #[error("peer {id} is not in trust domain {trust_domain:?}")]
+    WrongTrustDomain { id: SpiffeId, trust_domain: String },
+    #[error("peer {id} is not one of the identities this destination may present: {allowed}")]
+    NotPinned { id: SpiffeId, allowed: String },
+}
+
+impl TrustStore {
+    /// Builds the store; on a bad root returns its index in the bundle and the reason.
+    pub fn new(
+        roots: &[CertificateDer<'_>],
+        trust_domain: &str,
+    ) -> Result<Self, (usize, webpki::Error)> {
+        let anchors = roots
+            .iter()
+            .enumerate()
+            .map(|(i, der)| {
+                webpki::anchor_from_trusted_cert(der)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| (i, e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TrustStore {
+            anchors,
+            trust_domain: trust_domain.to_string(),
+            algorithms: provider().signature_verification_algorithms,
+        })
+    }
+
+    /// Verifies the chain for `usage` and returns the peer's SPIFFE ID, which must be in our
+    /// trust domain.
+    pub fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: Usage,
+    ) -> Result<SpiffeId, rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+        let eku = match usage {
+            Usage::Client => webpki::KeyUsage::client_auth(),
+            Usage::Server => webpki::KeyUsage::server_auth(),
+        };
+        cert.verify_for_usage(
+            self.algorithms.all,
+            &self.anchors,
+            intermediates,
+            now,
+            eku,
+            None,
+            None,
+        )
+        .map_err(pki_error)?;
+        let id = spiffe_id_of(end_entity).map_err(|e| other(PeerIdentityError::from(e)))?;
+        if id.trust_domain() != self.trust_domain {
+            return Err(other(PeerIdentityError::WrongTrustDomain {
+                id,
+                trust_domain: self.trust_domain.clone(),
+            }));
+        }
+        Ok(id)
+    }
+}
+
+/// A SPIFFE ID pattern a destination's server must match: exact, or with one leading or
+/// trailing `*` (as Istio principals are written).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(into = "String")]
+pub struct IdentityPattern(String);
+
+impl<'de> serde::Deserialize<'de> for IdentityPattern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::config::from_str(
+            d,
+            "a SPIFFE ID, optionally with one leading or trailing *",
+            |s| IdentityPattern::try_from(s.to_string()),
+        )
+    }
+}
+
+impl TryFrom<String> for IdentityPattern {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        let stars = s.matches('*').count();
+        let ok = match stars {
+            0 => s.parse::<SpiffeId>().map(|_| ()).map_err(|e| e.to_string()),
+            1 if s.starts_with('*') || s.ends_with('*') => Ok(()),
+            _ => Err("only one leading or trailing '*' is allowed".to_string()),
+        };
+        ok.map(|_| IdentityPattern(s))
+            .map_err(|reason| format!("invalid identity pattern {reason}"))
+    }
+}
+
+impl From<IdentityPattern> for String {
+    fn from(p: IdentityPattern) -> String {
+        p.0
+    }
+}
+
+impl IdentityPattern {
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        let id = id.to_string();
+        if let Some(suffix) = self.0.strip_prefix('*') {
+            id.ends_with(suffix)
+        } else if let Some(prefix) = self.0.strip_suffix('*') {
+            id.starts_with(prefix)
+        } else {
+            id == self.0
+        }
+    }
+}
+
+/// The crypto provider l4mesh uses everywhere (ring: small, fast to build).
+pub fn provider() -> CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, Error)]
+#[error("building TLS configuration: {0}")]
+pub struct ConfigError(#[from] rustls::Error);
+
+/// The inbound side: TLS 1.3 only, client certificate required and verified, mesh ALPN.
+pub fn server_config(
+    creds: &Credentials,
+    trust: Arc<TrustStore>,
+) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
+    let verifier = Arc::new(SpiffeClientVerifier { trust });
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(creds.chain.clone(), creds.key.clone_key())?;
+    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The outbound side: TLS 1.3 only, presents our certificate, offers the mesh ALPN, and
+/// accepts a server in our trust domain (and in `pins`, when given).
+pub fn client_config(
+    creds: &Credentials,
+    trust: Arc<TrustStore>,
+    pins: Vec<IdentityPattern>,
+) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+    let verifier = Arc::new(SpiffeServerVerifier { trust, pins });
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())?;
+    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The SPIFFE ID of the peer of an established connection (already verified by our verifier).
+pub fn peer_id(conn: &rustls::CommonState) -> Option<SpiffeId> {
+    conn.peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|leaf| spiffe_id_of(leaf).ok())
+}
+
+/// Verifies servers: SPIFFE identities are URIs, not DNS names, so the server name is ignored
+/// and the URI SAN is checked against the trust domain and the destination's pins instead.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    trust: Arc<TrustStore>,
+    pins: Vec<IdentityPattern>,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let id = self
+            .trust
+            .verify(end_entity, intermediates, now, Usage::Server)?;
+        if !self.pins.is_empty() && !self.pins.iter().any(|p| p.matches(&id)) {
+            let allowed = self
+                .pins
+                .iter()
+                .map(|p| p.0.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(other(PeerIdentityError::NotPinned { id, allowed }));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Only TLS 1.3 is enabled, so rustls never asks; refuse rather than trust by default.
+        Err(tls12_refused())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.trust.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.trust.algorithms.supported_schemes()
+    }
+}
+
+/// Verifies clients: a certificate is mandatory, its chain must verify for clientAuth, and its
+/// SPIFFE ID must be in our trust domain. Who may connect is decided after the handshake.
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    trust: Arc<TrustStore>,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Mesh clients have exactly one certificate; hints would only leak the bundle.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.trust
+            .verify(end_entity, intermediates, now, Usage::Client)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(tls12_refused())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.trust.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.trust.algorithms.supported_schemes()
+    }
+}
+
+/// A failed handshake, displayed so a person can act on it: rustls prints our own certificate
+/// errors with `Debug`, so those are unwrapped and shown by their message.
+#[derive(Debug)]
+pub struct HandshakeError(pub std::io::Error);
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tls = self
+            .0
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        match tls {
+            Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) => {
+                write!(f, "invalid peer certificate: {other}")
+            }
+            Some(rustls::Error::InvalidCertificate(e)) => {
+                write!(f, "invalid peer certificate: {e}")
+            }
+            Some(e) => write!(f, "{e}"),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+impl std::error::Error for HandshakeError {}
+
+fn tls12_refused() -> rustls::Error {
+    rustls::Error::General("TLS 1.2 is not accepted in the mesh".to_string())
+}
+
+fn other(e: PeerIdentityError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
+}
+
+/// Maps webpki's verdicts onto rustls' certificate errors, so the alert the peer receives and
+/// the reason we log say the same thing (expired, unknown CA, wrong usage, ...).
+fn pki_error(e: webpki::Error) -> rustls::Error {
+    use webpki::Error as W;
+    let cert_error = match e {
+        W::BadDer | W::BadDerTime => CertificateError::BadEncoding,
+        W::CertExpired { .. } => CertificateError::Expired,
+        W::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        W::UnknownIssuer => CertificateError::UnknownIssuer,
+        W::CertRevoked => CertificateError::Revoked,
+        W::InvalidSignatureForPublicKey
+        | W::UnsupportedSignatureAlgorithmContext(_)
+        | W::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => CertificateError::BadSignature,
+        W::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
+        W::CaUsedAsEndEntity | W::EndEntityUsedAsCa => CertificateError::InvalidPurpose,
+        other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
+    };
+    rustls::Error::InvalidCertificate(cert_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_patterns_match_like_istio_principals() {
+        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap();
+        let pat = |s: &str| IdentityPattern::try_from(s.to_string()).unwrap();
+        assert!(pat("spiffe://cluster.local/ns/shop/sa/cart").matches(&id));
+        assert!(pat("spiffe://cluster.local/ns/shop/*").matches(&id));
+        assert!(pat("*/sa/cart").matches(&id));
+        assert!(!pat("spiffe://cluster.local/ns/other/*").matches(&id));
+        assert!(!pat("spiffe://cluster.local/ns/shop/sa/cart2").matches(&id));
+        assert!(IdentityPattern::try_from("spiffe://a/*/b/*".to_string()).is_err());
+        assert!(IdentityPattern::try_from("spiffe://a/b*c".to_string()).is_err());
+        assert!(IdentityPattern::try_from("not-a-uri".to_string()).is_err());
+    }
+}

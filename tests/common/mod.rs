@@ -1,0 +1,454 @@
+//! Test pods: network namespaces joined by a bridge, each with real iptables rules applied by
+//! `l4mesh iptables apply` and a real sidecar process running as UID 1337. Everything is made
+//! inside namespaces this test created, under names unique to the test, and torn down on drop
+//! (also when the test fails). Addresses come from 198.18.0.0/15 and fd00:4d::/64, which exist
+//! only inside those namespaces.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_l4mesh");
+pub const PROXY_UID: u32 = 1337;
+
+/// Whether privileged tests can run here. Without root, `ip`, `iptables`, `tcpdump` or
+/// `setpriv` they print a loud SKIPPED line, unless L4MESH_REQUIRE_PRIVILEGED=1 (CI), where a
+/// missing prerequisite fails the test.
+pub fn privileged(test: &str) -> bool {
+    let mut missing = Vec::new();
+    if !nix::unistd::Uid::effective().is_root() {
+        missing.push("root".to_string());
+    }
+    for tool in [
+        "ip",
+        "iptables-restore",
+        "ip6tables-restore",
+        "tcpdump",
+        "setpriv",
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !found {
+            missing.push(tool.to_string());
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("{test}: missing {}", missing.join(", "));
+    if std::env::var("L4MESH_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("L4MESH_REQUIRE_PRIVILEGED=1 but {msg}");
+    }
+    eprintln!("\n*** SKIPPED privileged test {msg} ***\n");
+    false
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A unique, short name prefix for this test's namespaces.
+pub fn unique(tag: &str) -> String {
+    format!(
+        "l4m{}-{}{}",
+        std::process::id(),
+        tag,
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// One pod: a network namespace with `eth0` on the bridge.
+pub struct Pod {
+    pub netns: String,
+    pub ip4: IpAddr,
+    pub ip6: IpAddr,
+}
+
+impl Pod {
+    /// Runs `f` on a thread whose network namespace is this pod's, and returns its result.
+    /// The thread is "an unmodified application": it only knows addresses and ports.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(f).join().expect("thread in pod panicked")
+    }
+
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.netns);
+        std::thread::spawn(move || {
+            let ns = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+            f()
+        })
+    }
+
+    /// `ip netns exec` this pod.
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.netns];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip4, port)
+    }
+
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip6, port)
+    }
+}
+
+/// A set of pods on one bridge, torn down on drop.
+pub struct Cluster {
+    prefix: String,
+    node: String,
+    pub pods: Vec<Pod>,
+    children: Vec<Child>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Makes `n` pods named `<prefix>-p0..`, addresses 198.18.0.1.. and fd00:4d::1..
+    pub fn new(tag: &str, n: usize) -> Cluster {
+        let prefix = unique(tag);
+        let node = format!("{prefix}-node");
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The sidecars run as UID 1337 and must read their configs and certificates.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let mut cluster = Cluster {
+            prefix: prefix.clone(),
+            node: node.clone(),
+            pods: Vec::new(),
+            children: Vec::new(),
+            dir,
+        };
+        sh(&["ip", "netns", "add", &node]);
+        sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
+        sh(&["ip", "-n", &node, "link", "add", "br0", "type", "bridge"]);
+        sh(&["ip", "-n", &node, "link", "set", "br0", "up"]);
+        for i in 0..n {
+            let netns = format!("{prefix}-p{i}");
+            sh(&["ip", "netns", "add", &netns]);
+            let pod = Pod {
+                netns: netns.clone(),
+                ip4: format!("198.18.0.{}", i + 1).parse().unwrap(),
+                ip6: format!("fd00:4d::{}", i + 1).parse().unwrap(),
+            };
+            cluster.pods.push(pod);
+            let port = format!("v{i}");
+            sh(&[
+                "ip", "-n", &node, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                "netns", &netns,
+            ]);
+            sh(&[
+                "ip", "-n", &node, "link", "set", &port, "master", "br0", "up",
+            ]);
+            sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("198.18.0.{}/24", i + 1),
+                "dev",
+                "eth0",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("fd00:4d::{}/64", i + 1),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
+        }
+        cluster
+    }
+
+    pub fn pod(&self, i: usize) -> &Pod {
+        &self.pods[i]
+    }
+
+    /// Makes a CA in `<dir>/ca`.
+    pub fn make_ca(&self) -> PathBuf {
+        let ca = self.dir.path().join("ca");
+        sh(&[BIN, "certs", "ca", "--out", ca.to_str().unwrap()]);
+        ca
+    }
+
+    /// Issues `spiffe://cluster.local/ns/<ns>/sa/<sa>` into `<dir>/<name>`, readable by the
+    /// proxy user.
+    pub fn issue(&self, ca: &Path, name: &str, ns: &str, sa: &str) -> PathBuf {
+        let out = self.dir.path().join(name);
+        sh(&[
+            BIN,
+            "certs",
+            "issue",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--namespace",
+            ns,
+            "--service-account",
+            sa,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        make_proxy_readable(&out);
+        out
+    }
+
+    /// Applies capture in pod `i` and starts its sidecar with `config` (YAML written to
+    /// `<dir>/<name>.yaml`); returns the path of its log once it says it is ready.
+    pub fn start_sidecar(&mut self, i: usize, name: &str, config: &str) -> PathBuf {
+        self.pods[i].exec(&[BIN, "iptables", "apply"]);
+        let cfg = self.dir.path().join(format!("{name}.yaml"));
+        fs::write(&cfg, config).unwrap();
+        let log = self.dir.path().join(format!("{name}.log"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.pods[i].netns])
+            .args([
+                "setpriv",
+                "--reuid=1337",
+                "--regid=1337",
+                "--clear-groups",
+                BIN,
+            ])
+            .args([
+                "--log-level",
+                "debug",
+                "run",
+                "--config",
+                cfg.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start sidecar");
+        self.children.push(child);
+        wait_for_log(&log, "l4mesh ready", Duration::from_secs(20));
+        log
+    }
+
+    /// Starts tcpdump on pod `i`'s eth0 writing every packet to `<dir>/<name>.pcap`.
+    pub fn capture(&mut self, i: usize, name: &str) -> Capture {
+        let pcap = self.dir.path().join(format!("{name}.pcap"));
+        let log = self.dir.path().join(format!("{name}.tcpdump.log"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.pods[i].netns])
+            .args([
+                "tcpdump",
+                "--immediate-mode",
+                "-Z",
+                "root",
+                "-i",
+                "eth0",
+                "-n",
+                "-s",
+                "0",
+                "-B",
+                "65536",
+                "-U",
+                "-w",
+            ])
+            .arg(&pcap)
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start tcpdump");
+        wait_for_log(&log, "listening on", Duration::from_secs(10));
+        Capture {
+            child: Some(child),
+            pcap,
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pod in &self.pods {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &pod.netns])
+                .status();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.node])
+            .status();
+        if std::thread::panicking() {
+            // Keep the sidecar logs of a failed test where a person can read them.
+            let keep = std::env::temp_dir().join(format!("{}-logs", self.prefix));
+            let _ = fs::create_dir_all(&keep);
+            if let Ok(entries) = fs::read_dir(self.dir.path()) {
+                for e in entries.flatten() {
+                    let p = e.path();
+                    if p.extension().is_some_and(|x| x == "log") {
+                        let _ = fs::copy(&p, keep.join(e.file_name()));
+                    }
+                }
+            }
+            eprintln!("sidecar logs kept in {}", keep.display());
+        }
+    }
+}
+
+/// A running packet capture.
+pub struct Capture {
+    child: Option<Child>,
+    pub pcap: PathBuf,
+}
+
+impl Capture {
+    /// Stops tcpdump (letting it flush) and returns the capture file's bytes.
+    pub fn finish(mut self) -> Vec<u8> {
+        if let Some(mut child) = self.child.take() {
+            // Let the last packets (FIN/ACK) reach tcpdump before asking it to stop.
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+            let _ = child.wait();
+        }
+        // `ip netns exec` execs tcpdump in place, so the child is tcpdump itself; on SIGINT it
+        // flushes and closes the file before exiting.
+        fs::read(&self.pcap).unwrap_or_default()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn make_proxy_readable(dir: &Path) {
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        std::os::unix::fs::chown(e.path(), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+    }
+}
+
+/// Waits until `log` contains `needle`, panicking with the log after `timeout`.
+pub fn wait_for_log(log: &Path, needle: &str, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        if start.elapsed() > timeout {
+            panic!("{} never said {needle:?}:\n{text}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The sidecar config for a workload whose certificates are in `certs`.
+pub fn sidecar_config(certs: &Path, extra: &str) -> String {
+    format!(
+        "identity:\n  trust_domain: cluster.local\n  cert_chain: {c}/cert-chain.pem\n  private_key: {c}/key.pem\n  trust_bundle: {c}/root-cert.pem\ntimeouts:\n  handshake: 5s\n{extra}",
+        c = certs.display()
+    )
+}
+
+/// `len` bytes of deterministic data with `marker` every 4 KiB, so any plaintext leak shows.
+pub fn payload(len: usize, seed: u64, marker: &[u8]) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        if v.len() % 4096 == 0 {
+            v.extend_from_slice(marker);
+        } else {
+            // xorshift64: cheap, deterministic, incompressible enough.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.push(x as u8);
+        }
+    }
+    v.truncate(len);
+    v
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+/// Connects with a timeout and bounded reads/writes, so a broken proxy fails the test instead
+/// of hanging it.
+pub fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.set_write_timeout(Some(Duration::from_secs(60)))?;
+    Ok(s)
+}
+
+pub fn listen(addr: SocketAddr) -> TcpListener {
+    TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"))
+}
+
+/// Reads until EOF (or error), returning what arrived.
+pub fn read_all(s: &mut TcpStream) -> (Vec<u8>, Option<std::io::Error>) {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => return (buf, None),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return (buf, Some(e)),
+        }
+    }
+}
+
+pub fn write_all(s: &mut TcpStream, data: &[u8]) {
+    s.write_all(data).expect("write");
+}
+
+/// Whether `haystack` contains `needle`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    memchr::memmem::find(haystack, needle).is_some()
+}
+
+/// Counts TLS 1.3 application-data record headers (0x17 0x03 0x03) in a capture.
+pub fn tls_app_data_records(pcap: &[u8]) -> usize {
+    memchr::memmem::find_iter(pcap, &[0x17, 0x03, 0x03]).count()
+}
