@@ -333,7 +333,7 @@ pub fn load(paths: &CredentialPaths, expected: &Expected) -> Result<Credentials,
                 cert: paths.cert_chain.clone(),
                 bundle: paths.trust_bundle.clone(),
                 usage: usage.name(),
-                reason: e.to_string(),
+                reason: crate::tls::cert_error_reason(&e),
             })?;
     }
 

@@ -322,15 +322,38 @@ impl std::fmt::Display for HandshakeError {
             .get_ref()
             .and_then(|inner| inner.downcast_ref::<rustls::Error>());
         match tls {
-            Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) => {
-                write!(f, "invalid peer certificate: {other}")
-            }
-            Some(rustls::Error::InvalidCertificate(e)) => {
-                write!(f, "invalid peer certificate: {e}")
+            Some(e @ rustls::Error::InvalidCertificate(_)) => {
+                write!(f, "invalid peer certificate: {}", cert_error_reason(e))
             }
             Some(e) => write!(f, "{e}"),
             None => write!(f, "{}", self.0),
         }
+    }
+}
+
+/// Why a certificate was refused, in words a person can act on.
+pub fn cert_error_reason(e: &rustls::Error) -> String {
+    let rustls::Error::InvalidCertificate(e) = e else {
+        return e.to_string();
+    };
+    match e {
+        CertificateError::Other(other) => other.to_string(),
+        CertificateError::UnknownIssuer => "its issuer is not in the trust bundle".into(),
+        CertificateError::BadSignature => {
+            "its signature does not verify against the trust bundle (a CA of the same name \
+             but another key?)"
+                .into()
+        }
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired".into(),
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            "not valid yet".into()
+        }
+        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+            "lacks the required extended key usage (clientAuth/serverAuth)".into()
+        }
+        CertificateError::Revoked => "revoked".into(),
+        CertificateError::BadEncoding => "not valid DER".into(),
+        other => format!("{other:?}"),
     }
 }
 

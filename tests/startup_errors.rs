@@ -1,0 +1,317 @@
+//! Bad input at start-up: every refusal names the file and the reason, and `l4mesh` exits 64.
+//! No privileges needed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use l4mesh::certs::{self, IssueRequest, KeyType};
+use l4mesh::identity::{self, CredentialPaths, Expected};
+
+const BIN: &str = env!("CARGO_BIN_EXE_l4mesh");
+
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: PathBuf,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        Pki::named("test root")
+    }
+
+    fn named(name: &str) -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        certs::make_ca(&ca, name, std::time::Duration::from_secs(3600)).unwrap();
+        Pki { dir, ca }
+    }
+
+    fn issue(&self, name: &str, edit: impl FnOnce(&mut IssueRequest)) -> PathBuf {
+        let mut req = IssueRequest::new("cluster.local", "shop", "cart");
+        edit(&mut req);
+        let out = self.dir.path().join(name);
+        certs::issue(&self.ca, &req, &out).unwrap();
+        out
+    }
+}
+
+fn paths(dir: &Path) -> CredentialPaths {
+    CredentialPaths {
+        cert_chain: dir.join(certs::CERT_CHAIN),
+        private_key: dir.join(certs::KEY),
+        trust_bundle: dir.join(certs::ROOT_CERT),
+    }
+}
+
+fn expected() -> Expected {
+    Expected {
+        trust_domain: "cluster.local".into(),
+        namespace: Some("shop".into()),
+        service_account: Some("cart".into()),
+    }
+}
+
+fn load_err(p: &CredentialPaths, e: &Expected) -> String {
+    match identity::load(p, e) {
+        Ok(c) => panic!("accepted {}", c.id),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn assert_names(err: &str, file: &Path, reason: &str) {
+    assert!(
+        err.contains(&file.display().to_string()),
+        "does not name {}: {err}",
+        file.display()
+    );
+    assert!(err.contains(reason), "does not say {reason:?}: {err}");
+}
+
+#[test]
+fn good_credentials_of_every_key_type_load() {
+    let pki = Pki::new();
+    let rsa = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rsa-2048-key.pem");
+    let variants: [(&str, Box<dyn FnOnce(&mut IssueRequest)>); 3] = [
+        ("p256", Box::new(|_| {})),
+        ("ed25519", Box::new(|r| r.key_type = KeyType::Ed25519)),
+        ("rsa", Box::new(move |r| r.key = Some(rsa))),
+    ];
+    for (name, edit) in variants {
+        let dir = pki.issue(name, edit);
+        let creds =
+            identity::load(&paths(&dir), &expected()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            creds.id.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/cart"
+        );
+    }
+}
+
+#[test]
+fn key_that_does_not_match_the_certificate() {
+    let pki = Pki::new();
+    let a = pki.issue("a", |_| {});
+    let b = pki.issue("b", |_| {});
+    let p = CredentialPaths {
+        private_key: b.join(certs::KEY),
+        ..paths(&a)
+    };
+    let err = load_err(&p, &expected());
+    assert_names(
+        &err,
+        &p.private_key,
+        "private key does not match the certificate in",
+    );
+    assert_names(&err, &p.cert_chain, "");
+}
+
+#[test]
+fn expired_and_not_yet_valid_certificates() {
+    let pki = Pki::new();
+    let expired = pki.issue("expired", |r| {
+        r.not_before_offset = time::Duration::hours(-48);
+        r.ttl = std::time::Duration::from_secs(3600);
+    });
+    let p = paths(&expired);
+    assert_names(
+        &load_err(&p, &expected()),
+        &p.cert_chain,
+        "certificate expired at",
+    );
+
+    let future = pki.issue("future", |r| r.not_before_offset = time::Duration::hours(2));
+    let p = paths(&future);
+    assert_names(
+        &load_err(&p, &expected()),
+        &p.cert_chain,
+        "certificate is not valid before",
+    );
+}
+
+#[test]
+fn certificate_without_a_spiffe_uri_san() {
+    let pki = Pki::new();
+    let dir = pki.issue("nospiffe", |_| {});
+    // Re-issue the leaf with only a DNS SAN that looks like a principal: it grants nothing.
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(pki.ca.join(certs::CA_KEY)).unwrap())
+            .unwrap();
+    let ca = rcgen::CertificateParams::from_ca_cert_pem(
+        &std::fs::read_to_string(pki.ca.join(certs::CA_CERT)).unwrap(),
+    )
+    .unwrap()
+    .self_signed(&ca_key)
+    .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["cluster.local.ns.shop.sa.cart".to_string()]).unwrap();
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    std::fs::write(dir.join(certs::CERT_CHAIN), cert.pem()).unwrap();
+    std::fs::write(dir.join(certs::KEY), key.serialize_pem()).unwrap();
+    let p = paths(&dir);
+    assert_names(
+        &load_err(&p, &expected()),
+        &p.cert_chain,
+        "has no spiffe:// URI SAN",
+    );
+}
+
+#[test]
+fn certificate_that_does_not_chain_to_the_bundle() {
+    let pki = Pki::new();
+    let dir = pki.issue("a", |_| {});
+    // Another CA altogether, and an impostor CA with the same name but another key.
+    for (other, reason) in [
+        (
+            Pki::named("another root"),
+            "its issuer is not in the trust bundle",
+        ),
+        (
+            Pki::new(),
+            "its signature does not verify against the trust bundle",
+        ),
+    ] {
+        let p = CredentialPaths {
+            trust_bundle: other.ca.join(certs::CA_CERT),
+            ..paths(&dir)
+        };
+        let err = load_err(&p, &expected());
+        assert_names(&err, &p.cert_chain, "does not chain to the trust bundle");
+        assert_names(&err, &p.trust_bundle, reason);
+    }
+}
+
+#[test]
+fn a_bundle_with_several_roots_is_accepted() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let dir = pki.issue("a", |_| {});
+    let bundle = dir.join("two-roots.pem");
+    let both = std::fs::read_to_string(other.ca.join(certs::CA_CERT)).unwrap()
+        + &std::fs::read_to_string(pki.ca.join(certs::CA_CERT)).unwrap();
+    std::fs::write(&bundle, both).unwrap();
+    let p = CredentialPaths {
+        trust_bundle: bundle,
+        ..paths(&dir)
+    };
+    identity::load(&p, &expected()).unwrap();
+}
+
+#[test]
+fn identity_of_another_trust_domain_or_workload() {
+    let pki = Pki::new();
+    let dir = pki.issue("td", |r| r.trust_domain = "other.example".into());
+    let p = paths(&dir);
+    assert_names(
+        &load_err(&p, &expected()),
+        &p.cert_chain,
+        "is not in trust domain \"cluster.local\"",
+    );
+
+    let dir = pki.issue("sa", |r| r.service_account = "checkout".into());
+    let p = paths(&dir);
+    assert_names(
+        &load_err(&p, &expected()),
+        &p.cert_chain,
+        "is not this workload's",
+    );
+}
+
+#[test]
+fn missing_empty_and_truncated_files() {
+    let pki = Pki::new();
+    let dir = pki.issue("a", |_| {});
+    let p = CredentialPaths {
+        cert_chain: dir.join("absent.pem"),
+        ..paths(&dir)
+    };
+    assert_names(&load_err(&p, &expected()), &p.cert_chain, "cannot read");
+
+    let empty = dir.join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let p = CredentialPaths {
+        cert_chain: empty.clone(),
+        ..paths(&dir)
+    };
+    assert_names(
+        &load_err(&p, &expected()),
+        &empty,
+        "no PEM certificate found",
+    );
+
+    let cert = std::fs::read_to_string(dir.join(certs::CERT_CHAIN)).unwrap();
+    let truncated = dir.join("truncated.pem");
+    std::fs::write(&truncated, &cert[..cert.len() / 2]).unwrap();
+    let p = CredentialPaths {
+        cert_chain: truncated.clone(),
+        ..paths(&dir)
+    };
+    let err = load_err(&p, &expected());
+    assert!(err.starts_with(&truncated.display().to_string()), "{err}");
+
+    let p = CredentialPaths {
+        private_key: dir.join(certs::CERT_CHAIN),
+        ..paths(&dir)
+    };
+    assert_names(
+        &load_err(&p, &expected()),
+        &p.private_key,
+        "no private key found",
+    );
+}
+
+/// The binary: a bad config names file, line and field and exits 64; so do bad certificates.
+#[test]
+fn the_command_exits_64_naming_the_problem() {
+    let pki = Pki::new();
+    let dir = pki.issue("a", |_| {});
+    let cfg = dir.join("sidecar.yaml");
+    let good = format!(
+        "identity:\n  cert_chain: {c}\n  private_key: {k}\n  trust_bundle: {r}\nworkload:\n  namespace: shop\n",
+        c = certs::CERT_CHAIN,
+        k = certs::KEY,
+        r = certs::ROOT_CERT
+    );
+    std::fs::write(&cfg, &good).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://cluster.local/ns/shop/sa/cart"));
+
+    std::fs::write(&cfg, format!("{good}  serviceAccount: cart\n")).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains(&format!("{}:7:", cfg.display())), "{err}");
+    assert!(
+        err.contains("workload: unknown field `serviceAccount`"),
+        "{err}"
+    );
+
+    // The same file, but the environment says this pod is another workload.
+    std::fs::write(&cfg, &good).unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("SERVICE_ACCOUNT", "checkout")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("is not this workload's"), "{err}");
+}
