@@ -71,7 +71,8 @@ fn assert_names(err: &str, file: &Path, reason: &str) {
 fn good_credentials_of_every_key_type_load() {
     let pki = Pki::new();
     let rsa = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rsa-2048-key.pem");
-    let variants: [(&str, Box<dyn FnOnce(&mut IssueRequest)>); 3] = [
+    type Edit = Box<dyn FnOnce(&mut IssueRequest)>;
+    let variants: [(&str, Edit); 3] = [
         ("p256", Box::new(|_| {})),
         ("ed25519", Box::new(|r| r.key_type = KeyType::Ed25519)),
         ("rsa", Box::new(move |r| r.key = Some(rsa))),
