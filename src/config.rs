@@ -37,7 +37,7 @@ pub struct Config {
 }
 
 /// Listener addresses; defaults follow Istio's port numbers.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Listeners {
     /// Where iptables redirects the pod's outbound connections.
@@ -448,6 +448,17 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, String> {
         Config::parse(Path::new("sidecar.yaml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_annotated_example_parses() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/sidecar.yaml"));
+        let c = Config::parse(path, include_str!("../config/sidecar.yaml")).unwrap();
+        assert_eq!(c.outbound.rules.len(), 2);
+        assert_eq!(c.outbound.rules[1].server_identities.len(), 2);
+        assert_eq!(c.workload.labels["app"], "cart");
+        assert_eq!(c.listeners, Listeners::default());
+        assert_eq!(c.timeouts.handshake, Duration::from_secs(10));
     }
 
     #[test]

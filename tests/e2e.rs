@@ -365,4 +365,34 @@ fn iptables_cleanup_restores_the_ruleset() {
     assert_eq!(save(), before, "cleanup did not restore the ruleset");
     pod.exec(&[BIN, "iptables", "cleanup"]);
     assert_eq!(save(), before, "a second cleanup changed the ruleset");
+
+    // The init container's entry point passes its environment on as options.
+    let init = concat!(env!("CARGO_MANIFEST_DIR"), "/iptables/init.sh");
+    let bin = format!("L4MESH_BIN={BIN}");
+    pod.exec(&[
+        "env",
+        &bin,
+        "L4MESH_EXCLUDE_OUTBOUND_PORTS=5432,6379",
+        "L4MESH_EXCLUDE_OUTBOUND_CIDRS=10.96.0.0/12",
+        "L4MESH_INBOUND_PORTS=8080",
+        "L4MESH_IPV6=false",
+        "sh",
+        init,
+    ]);
+    let (v4, v6) = save();
+    assert!(
+        v4.contains("-A L4MESH_OUTPUT -p tcp -m tcp --dport 6379 -j RETURN"),
+        "{v4}"
+    );
+    assert!(
+        v4.contains("-A L4MESH_OUTPUT -d 10.96.0.0/12 -j RETURN"),
+        "{v4}"
+    );
+    assert!(
+        v4.contains("-A L4MESH_INBOUND -p tcp -m tcp --dport 8080 -j L4MESH_IN_REDIRECT"),
+        "{v4}"
+    );
+    assert_eq!(v6, before.1, "L4MESH_IPV6=false still touched ip6tables");
+    pod.exec(&[BIN, "iptables", "cleanup", "--ipv6=false"]);
+    assert_eq!(save(), before);
 }
