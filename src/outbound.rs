@@ -108,7 +108,7 @@ pub struct OutboundConnection {
 
 impl OutboundConnection {
     pub async fn run(self) {
-        let client_addr = self.client_addr;
+        let client_addr = socket::canonical(self.client_addr);
         if let Err(e) = self.proxy().await {
             warn!(src = %client_addr, error = %e, "outbound connection failed");
         }
@@ -120,6 +120,7 @@ impl OutboundConnection {
             client,
             client_addr,
         } = self;
+        let client_addr = socket::canonical(client_addr);
         let dst = socket::original_dst(&client)
             .map(socket::canonical)
             .map_err(OutboundError::OriginalDst)?;

@@ -127,6 +127,8 @@ impl Pod {
 /// A set of pods on one bridge, torn down on drop.
 pub struct Cluster {
     prefix: String,
+    /// A copy of the l4mesh binary the proxy user can execute wherever the checkout is.
+    sidecar_bin: PathBuf,
     node: String,
     pub pods: Vec<Pod>,
     children: Vec<Child>,
@@ -141,7 +143,11 @@ impl Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         // The sidecars run as UID 1337 and must read their configs and certificates.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let sidecar_bin = dir.path().join("l4mesh");
+        fs::copy(BIN, &sidecar_bin).expect("copy l4mesh for the proxy user");
+        fs::set_permissions(&sidecar_bin, fs::Permissions::from_mode(0o755)).unwrap();
         let mut cluster = Cluster {
+            sidecar_bin,
             prefix: prefix.clone(),
             node: node.clone(),
             pods: Vec::new(),
