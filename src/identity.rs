@@ -13,6 +13,15 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 /// A SPIFFE ID, `spiffe://<trust-domain>/<path>`; for workloads the path is
 /// `/ns/<namespace>/sa/<service-account>` as Istio issues them.
+///
+/// ```
+/// use l4mesh::identity::SpiffeId;
+///
+/// let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap();
+/// assert_eq!(id.trust_domain(), "cluster.local");
+/// assert_eq!(id.namespace_and_service_account(), Some(("shop", "cart")));
+/// assert!("spiffe://cluster.local/ns//sa/cart".parse::<SpiffeId>().is_err());
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SpiffeId {
     trust_domain: String,

@@ -111,6 +111,14 @@ impl TrustStore {
 
 /// A SPIFFE ID pattern a destination's server must match: exact, or with one leading or
 /// trailing `*` (as Istio principals are written).
+///
+/// ```
+/// use l4mesh::tls::IdentityPattern;
+///
+/// let pattern = IdentityPattern::try_from("spiffe://cluster.local/ns/payments/*".to_string()).unwrap();
+/// assert!(pattern.matches(&"spiffe://cluster.local/ns/payments/sa/api".parse().unwrap()));
+/// assert!(!pattern.matches(&"spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap()));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(into = "String")]
 pub struct IdentityPattern(String);
