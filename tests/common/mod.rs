@@ -202,6 +202,11 @@ impl Cluster {
         cluster
     }
 
+    /// Process IDs of the sidecars started so far, in start order.
+    pub fn sidecar_pids(&self) -> Vec<u32> {
+        self.children.iter().map(|c| c.id()).collect()
+    }
+
     pub fn pod(&self, i: usize) -> &Pod {
         &self.pods[i]
     }

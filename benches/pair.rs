@@ -1,0 +1,157 @@
+//! A sidecar pair between two pods, measured: bulk throughput, new mTLS connections per second,
+//! sidecar CPU per GB and resident memory; and the same transfer with no sidecars, as the
+//! ceiling. Needs root (it builds network namespaces, like the end-to-end tests).
+//!
+//!     cargo bench --bench pair
+//!
+//! Results, with the machine and date, go in `benches/RESULTS.md`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::time::Instant;
+
+use common::*;
+
+const BULK: usize = 1 << 30;
+const RUNS: usize = 3;
+const CONNECTIONS: usize = 1000;
+
+fn main() {
+    if !privileged("bench pair") {
+        return;
+    }
+    let mut c = Cluster::new("bench", 2);
+    let server_addr = c.pod(1).addr(5201);
+    let echo_addr = c.pod(1).addr(5202);
+    let (bulk_l, echo_l) = c
+        .pod(1)
+        .run(move || (listen(server_addr), listen(echo_addr)));
+    std::thread::spawn(move || sink(bulk_l));
+    std::thread::spawn(move || echo(echo_l));
+
+    let direct = median(RUNS, || bulk(&c, server_addr));
+    println!("direct (no sidecars):       {direct:.2} Gbit/s (median of {RUNS}, 1 GiB each)");
+
+    let ca = c.make_ca();
+    let a = c.issue(&ca, "a", "bench", "client");
+    let b = c.issue(&ca, "b", "bench", "server");
+    c.start_sidecar(0, "sidecar-a", &sidecar_config(&a, ""));
+    c.start_sidecar(1, "sidecar-b", &sidecar_config(&b, ""));
+    let pids = c.sidecar_pids();
+    let idle_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+
+    let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+    let mtls = median(RUNS, || bulk(&c, server_addr));
+    let cpu_after: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+    let gb = (RUNS * BULK) as f64 / 1e9;
+    println!(
+        "l4mesh mTLS pair:           {mtls:.2} Gbit/s (median of {RUNS}); {:.2} CPU s per GB, both sidecars together ({:.0}% of direct)",
+        (cpu_after - cpu_before) / gb,
+        100.0 * mtls / direct
+    );
+
+    let rates: Vec<f64> = (0..RUNS).map(|_| new_connections(&c, echo_addr)).collect();
+    println!(
+        "new mTLS connections:       {:.0} conn/s (median of {RUNS} x {CONNECTIONS}, sequential connect + 100 B echo + close)",
+        median_of(rates)
+    );
+    let busy_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    println!("sidecar RSS idle:           {idle_rss:?} KiB; after the runs: {busy_rss:?} KiB");
+}
+
+/// Sends 1 GiB from pod 0 to the sink in pod 1 and returns Gbit/s.
+fn bulk(c: &Cluster, addr: SocketAddr) -> f64 {
+    c.pod(0).run(move || {
+        let chunk = vec![0x5au8; 256 * 1024];
+        let mut s = connect(addr).unwrap();
+        let start = Instant::now();
+        let mut sent = 0;
+        while sent < BULK {
+            s.write_all(&chunk).unwrap();
+            sent += chunk.len();
+        }
+        s.shutdown(Shutdown::Write).unwrap();
+        // The sink answers with one byte once it has read everything.
+        let mut done = [0u8; 1];
+        s.read_exact(&mut done).unwrap();
+        (sent * 8) as f64 / start.elapsed().as_secs_f64() / 1e9
+    })
+}
+
+/// Connects, echoes 100 bytes and closes, CONNECTIONS times in a row; returns connections/s.
+fn new_connections(c: &Cluster, addr: SocketAddr) -> f64 {
+    c.pod(0).run(move || {
+        let start = Instant::now();
+        let msg = [7u8; 100];
+        for _ in 0..CONNECTIONS {
+            let mut s = connect(addr).unwrap();
+            s.write_all(&msg).unwrap();
+            let mut back = [0u8; 100];
+            s.read_exact(&mut back).unwrap();
+        }
+        CONNECTIONS as f64 / start.elapsed().as_secs_f64()
+    })
+}
+
+fn sink(l: TcpListener) {
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 * 1024];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = s.write_all(&[1]);
+        });
+    }
+}
+
+fn echo(l: TcpListener) {
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 100];
+            if s.read_exact(&mut buf).is_ok() {
+                let _ = s.write_all(&buf);
+            }
+        });
+    }
+}
+
+fn median(runs: usize, mut f: impl FnMut() -> f64) -> f64 {
+    median_of((0..runs).map(|_| f()).collect())
+}
+
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    ticks / hz
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
