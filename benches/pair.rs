@@ -36,10 +36,8 @@ fn main() {
     println!("direct (no sidecars):       {direct:.2} Gbit/s (median of {RUNS}, 1 GiB each)");
 
     let ca = c.make_ca();
-    let a = c.issue(&ca, "a", "bench", "client");
-    let b = c.issue(&ca, "b", "bench", "server");
-    c.start_sidecar(0, "sidecar-a", &sidecar_config(&a, ""));
-    c.start_sidecar(1, "sidecar-b", &sidecar_config(&b, ""));
+    c.mesh_sidecar(&ca, 0, "client", "");
+    c.mesh_sidecar(&ca, 1, "server", "");
     let pids = c.sidecar_pids();
     let idle_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
 

@@ -22,10 +22,8 @@ fn two_pods_talk_mtls_through_their_sidecars() {
     }
     let mut c = Cluster::new("mtls", 2);
     let ca = c.make_ca();
-    let a_certs = c.issue(&ca, "a", "shop", "client");
-    let b_certs = c.issue(&ca, "b", "shop", "server");
-    let a_log = c.start_sidecar(0, "sidecar-a", &sidecar_config(&a_certs, ""));
-    let b_log = c.start_sidecar(1, "sidecar-b", &sidecar_config(&b_certs, ""));
+    let a_log = c.mesh_sidecar(&ca, 0, "client", "");
+    let b_log = c.mesh_sidecar(&ca, 1, "server", "");
     let capture = c.capture(1, "b-eth0");
 
     let client_data = payload(BULK, 1, CLIENT_MARKER);
@@ -133,10 +131,8 @@ fn two_pods_talk_mtls_over_ipv6() {
     }
     let mut c = Cluster::new("v6", 2);
     let ca = c.make_ca();
-    let a_certs = c.issue(&ca, "a", "shop", "client");
-    let b_certs = c.issue(&ca, "b", "shop", "server");
-    c.start_sidecar(0, "sidecar-a", &sidecar_config(&a_certs, ""));
-    let b_log = c.start_sidecar(1, "sidecar-b", &sidecar_config(&b_certs, ""));
+    c.mesh_sidecar(&ca, 0, "client", "");
+    let b_log = c.mesh_sidecar(&ca, 1, "server", "");
 
     let server_addr = c.pod(1).addr6(8080);
     let listener = c.pod(1).run(move || listen(server_addr));
@@ -172,8 +168,7 @@ fn strict_workload_refuses_a_plaintext_client() {
     }
     let mut c = Cluster::new("strict", 2);
     let ca = c.make_ca();
-    let b_certs = c.issue(&ca, "b", "shop", "server");
-    let b_log = c.start_sidecar(1, "sidecar-b", &sidecar_config(&b_certs, ""));
+    let b_log = c.mesh_sidecar(&ca, 1, "server", "");
 
     let server_addr = c.pod(1).addr(8080);
     let listener = c.pod(1).run(move || listen(server_addr));
@@ -214,12 +209,11 @@ fn passthrough_destination_is_reached_in_plaintext() {
     }
     let mut c = Cluster::new("pass", 2);
     let ca = c.make_ca();
-    let a_certs = c.issue(&ca, "a", "shop", "client");
     let rules = format!(
         "outbound:\n  default: mtls\n  rules:\n    - name: legacy-db\n      cidrs: [{}/32]\n      ports: [9090]\n      action: passthrough\n",
         c.pod(1).ip4
     );
-    let a_log = c.start_sidecar(0, "sidecar-a", &sidecar_config(&a_certs, &rules));
+    let a_log = c.mesh_sidecar(&ca, 0, "client", &rules);
     let capture = c.capture(1, "legacy-eth0");
 
     let server_addr = c.pod(1).addr(9090);
@@ -258,14 +252,12 @@ fn outbound_pins_the_server_identity() {
     }
     let mut c = Cluster::new("pin", 2);
     let ca = c.make_ca();
-    let a_certs = c.issue(&ca, "a", "shop", "client");
-    let b_certs = c.issue(&ca, "b", "shop", "server");
     let b_ip = c.pod(1).ip4;
     let rules = format!(
         "outbound:\n  rules:\n    - name: right\n      cidrs: [{b_ip}/32]\n      ports: [8080]\n      action: mtls\n      server_identities: [\"spiffe://cluster.local/ns/shop/sa/server\"]\n    - name: wrong\n      cidrs: [{b_ip}/32]\n      ports: [8081]\n      action: mtls\n      server_identities: [\"spiffe://cluster.local/ns/bank/*\"]\n"
     );
-    let a_log = c.start_sidecar(0, "sidecar-a", &sidecar_config(&a_certs, &rules));
-    c.start_sidecar(1, "sidecar-b", &sidecar_config(&b_certs, ""));
+    let a_log = c.mesh_sidecar(&ca, 0, "client", &rules);
+    c.mesh_sidecar(&ca, 1, "server", "");
 
     let (right, wrong) = (c.pod(1).addr(8080), c.pod(1).addr(8081));
     let (l_right, l_wrong) = c.pod(1).run(move || (listen(right), listen(wrong)));

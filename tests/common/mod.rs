@@ -239,6 +239,13 @@ impl Cluster {
         out
     }
 
+    /// Gives pod `i` the identity `spiffe://cluster.local/ns/shop/sa/<sa>` from `ca`, applies
+    /// capture and starts its sidecar with `extra` appended to the config; returns its log.
+    pub fn mesh_sidecar(&mut self, ca: &Path, i: usize, sa: &str, extra: &str) -> PathBuf {
+        let certs = self.issue(ca, &format!("certs-{i}"), "shop", sa);
+        self.start_sidecar(i, &format!("sidecar-{i}"), &sidecar_config(&certs, extra))
+    }
+
     /// Applies capture in pod `i` and starts its sidecar with `config` (YAML written to
     /// `<dir>/<name>.yaml`); returns the path of its log once it says it is ready.
     pub fn start_sidecar(&mut self, i: usize, name: &str, config: &str) -> PathBuf {
