@@ -26,5 +26,6 @@ pub mod inbound;
 pub mod iptables;
 pub mod outbound;
 pub mod relay;
+pub mod sniff;
 pub mod socket;
 pub mod tls;
