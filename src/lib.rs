@@ -25,6 +25,7 @@ pub mod identity;
 pub mod inbound;
 pub mod iptables;
 pub mod outbound;
+pub mod policy;
 pub mod relay;
 pub mod sniff;
 pub mod socket;

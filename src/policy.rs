@@ -1,0 +1,653 @@
+//! Policy: which mTLS mode each inbound port of this workload is in, from Istio
+//! `PeerAuthentication` resources. Pure functions from the policy file's text and the
+//! workload's namespace and labels to an [`EffectiveMtls`] table that `inbound` consults per
+//! connection; `watch` re-runs them when the file changes.
+//!
+//! Istio's semantics: mesh-wide (root namespace, no selector) → namespace (no selector) →
+//! workload (selector) → `portLevelMtls`; `UNSET` inherits from the level above; several
+//! resources at one level: the oldest `creationTimestamp` wins (file order when absent);
+//! nothing at all means PERMISSIVE.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::SystemTime;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// An mTLS mode as written in a resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ModeSetting {
+    Unset,
+    Disable,
+    Permissive,
+    Strict,
+}
+
+/// The mode a port is in, once inheritance is resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Mesh mTLS only; anything else is refused.
+    Strict,
+    /// Mesh mTLS is terminated; plaintext and foreign TLS are forwarded as they are.
+    Permissive,
+    /// No detection and no termination: bytes are forwarded as they are.
+    Disable,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Strict => "STRICT",
+            Mode::Permissive => "PERMISSIVE",
+            Mode::Disable => "DISABLE",
+        })
+    }
+}
+
+/// Where a port's mode came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    pub level: Level,
+    /// `namespace/name` of the deciding resource; `None` for the built-in default.
+    pub resource: Option<String>,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.resource {
+            Some(r) => write!(f, "PeerAuthentication {r}, {}", self.level),
+            None => write!(f, "{}", self.level),
+        }
+    }
+}
+
+/// The level of the hierarchy a mode was set at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Default,
+    Mesh,
+    Namespace,
+    Workload,
+    Port(u16),
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Level::Default => f.write_str("no policy applies: PERMISSIVE by default"),
+            Level::Mesh => f.write_str("mesh-wide"),
+            Level::Namespace => f.write_str("namespace"),
+            Level::Workload => f.write_str("workload selector"),
+            Level::Port(p) => write!(f, "workload portLevelMtls {p}"),
+        }
+    }
+}
+
+/// One `PeerAuthentication` resource, as parsed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerAuthentication {
+    pub name: String,
+    pub namespace: String,
+    pub created: Option<SystemTime>,
+    /// `matchLabels`; `None` (or empty) = no selector.
+    pub selector: Option<BTreeMap<String, String>>,
+    pub mode: ModeSetting,
+    pub port_level: BTreeMap<u16, ModeSetting>,
+    /// Position in the file, for "file order when no timestamp".
+    pub index: usize,
+}
+
+impl PeerAuthentication {
+    fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Everything the policy file holds that l4mesh understands.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PolicySet {
+    pub peer_authentications: Vec<PeerAuthentication>,
+    /// Documents of other kinds, skipped: `(index, kind)`.
+    pub ignored: Vec<(usize, String)>,
+}
+
+/// A policy file that cannot be used; says which document and field.
+#[derive(Debug, Error)]
+pub enum PolicyError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: document {index}{what}: {message}")]
+    Invalid {
+        path: std::path::PathBuf,
+        index: usize,
+        what: String,
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Header {
+    kind: Option<String>,
+    api_version: Option<String>,
+    metadata: Option<HeaderMetadata>,
+}
+
+#[derive(Deserialize)]
+struct HeaderMetadata {
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawPeerAuthentication {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    metadata: RawMetadata,
+    #[serde(default)]
+    spec: RawSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawMetadata {
+    name: String,
+    /// Kubernetes' default namespace when omitted.
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    #[serde(default)]
+    creation_timestamp: Option<String>,
+    // labels, annotations, uid, ... are Kubernetes bookkeeping: accepted and ignored.
+    #[serde(flatten)]
+    _rest: BTreeMap<String, serde_yaml::Value>,
+}
+
+fn default_namespace() -> String {
+    "default".to_string()
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawSpec {
+    #[serde(default)]
+    selector: Option<RawSelector>,
+    #[serde(default)]
+    mtls: Option<RawMtls>,
+    #[serde(default)]
+    port_level_mtls: BTreeMap<u16, RawMtls>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawSelector {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMtls {
+    #[serde(default = "unset")]
+    mode: ModeSetting,
+}
+
+fn unset() -> ModeSetting {
+    ModeSetting::Unset
+}
+
+const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
+
+impl PolicySet {
+    /// Reads a policy file.
+    pub fn load(path: &Path) -> Result<PolicySet, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        PolicySet::parse(path, &text)
+    }
+
+    /// Parses multi-document YAML; `path` only names the source in errors. Documents are
+    /// numbered from 1, as a person counts them.
+    pub fn parse(path: &Path, text: &str) -> Result<PolicySet, PolicyError> {
+        let invalid = |index: usize, what: String, e: serde_yaml::Error| {
+            let message = match e.location() {
+                Some(l) => {
+                    let m = e.to_string();
+                    let m = m
+                        .rfind(" at line ")
+                        .map_or(m.clone(), |i| m[..i].to_string());
+                    format!("line {} column {}: {m}", l.line(), l.column())
+                }
+                None => e.to_string(),
+            };
+            PolicyError::Invalid {
+                path: path.to_path_buf(),
+                index,
+                what,
+                message,
+            }
+        };
+        let mut set = PolicySet::default();
+        // First pass: what kind each document is. Stop at the first syntax error: serde_yaml's
+        // document iterator keeps yielding it otherwise.
+        let mut headers = Vec::new();
+        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let header =
+                Option::<Header>::deserialize(doc).map_err(|e| invalid(i + 1, String::new(), e))?;
+            headers.push(header);
+        }
+        for (i, (doc, header)) in serde_yaml::Deserializer::from_str(text)
+            .zip(headers)
+            .enumerate()
+        {
+            let index = i + 1;
+            let Some(header) = header else { continue }; // an empty document
+            let kind = header.kind.clone().unwrap_or_default();
+            let meta = header.metadata.as_ref();
+            let what = format!(
+                " ({kind} {}/{})",
+                meta.and_then(|m| m.namespace.clone())
+                    .unwrap_or_else(default_namespace),
+                meta.and_then(|m| m.name.clone()).unwrap_or_default()
+            );
+            if kind != "PeerAuthentication" {
+                set.ignored.push((index, kind));
+                continue;
+            }
+            let api = header.api_version.unwrap_or_default();
+            if !API_VERSIONS.contains(&api.as_str()) {
+                return Err(PolicyError::Invalid {
+                    path: path.to_path_buf(),
+                    index,
+                    what,
+                    message: format!(
+                        "apiVersion: {api:?} is not one of {}",
+                        API_VERSIONS.join(", ")
+                    ),
+                });
+            }
+            let raw = RawPeerAuthentication::deserialize(doc)
+                .map_err(|e| invalid(index, what.clone(), e))?;
+            let created =
+                match &raw.metadata.creation_timestamp {
+                    None => None,
+                    Some(ts) => Some(humantime::parse_rfc3339_weak(ts).map_err(|e| {
+                        PolicyError::Invalid {
+                            path: path.to_path_buf(),
+                            index,
+                            what: what.clone(),
+                            message: format!("metadata.creationTimestamp: {ts:?}: {e}"),
+                        }
+                    })?),
+                };
+            let selector = raw
+                .spec
+                .selector
+                .map(|s| s.match_labels)
+                .filter(|labels| !labels.is_empty());
+            set.peer_authentications.push(PeerAuthentication {
+                name: raw.metadata.name,
+                namespace: raw.metadata.namespace,
+                created,
+                selector,
+                mode: raw.spec.mtls.map_or(ModeSetting::Unset, |m| m.mode),
+                port_level: raw
+                    .spec
+                    .port_level_mtls
+                    .into_iter()
+                    .map(|(port, m)| (port, m.mode))
+                    .collect(),
+                index,
+            });
+        }
+        Ok(set)
+    }
+}
+
+/// The workload a sidecar serves, as policies see it.
+#[derive(Clone, Debug, Default)]
+pub struct Workload {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The resolved mode of every inbound port of one workload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EffectiveMtls {
+    /// Ports not listed below.
+    pub default: (Mode, Source),
+    /// Ports with their own `portLevelMtls`.
+    pub ports: BTreeMap<u16, (Mode, Source)>,
+    /// Things a person should know (ignored fields).
+    pub warnings: Vec<String>,
+}
+
+impl Default for EffectiveMtls {
+    fn default() -> Self {
+        EffectiveMtls {
+            default: (
+                Mode::Permissive,
+                Source {
+                    level: Level::Default,
+                    resource: None,
+                },
+            ),
+            ports: BTreeMap::new(),
+            warnings: Vec::new(),
+        }
+    }
+}
+
+impl EffectiveMtls {
+    /// Resolves `set` for `workload`; `root_namespace` holds the mesh-wide policy.
+    pub fn resolve(set: &PolicySet, workload: &Workload, root_namespace: &str) -> EffectiveMtls {
+        let mut out = EffectiveMtls::default();
+        let oldest = |level: Level| {
+            set.peer_authentications
+                .iter()
+                .filter(|pa| applies_at(pa, level, workload, root_namespace))
+                .min_by_key(|pa| (pa.created.is_none(), pa.created, pa.index))
+        };
+        for level in [Level::Mesh, Level::Namespace, Level::Workload] {
+            let Some(pa) = oldest(level) else { continue };
+            if let Some(mode) = resolved(pa.mode) {
+                out.default = (mode, source(level, pa));
+            }
+            if level != Level::Workload {
+                if !pa.port_level.is_empty() {
+                    out.warnings.push(format!(
+                        "PeerAuthentication {}: portLevelMtls applies only with a selector; ignored",
+                        pa.id()
+                    ));
+                }
+                continue;
+            }
+            for (&port, &setting) in &pa.port_level {
+                // UNSET at port level inherits the workload's (already resolved) mode.
+                let mode = resolved(setting).unwrap_or(out.default.0);
+                out.ports
+                    .insert(port, (mode, source(Level::Port(port), pa)));
+            }
+        }
+        out
+    }
+
+    /// The mode of `port`, and where it came from.
+    pub fn mode_for(&self, port: u16) -> &(Mode, Source) {
+        self.ports.get(&port).unwrap_or(&self.default)
+    }
+}
+
+fn applies_at(pa: &PeerAuthentication, level: Level, w: &Workload, root: &str) -> bool {
+    match (level, &pa.selector) {
+        (Level::Mesh, None) => pa.namespace == root,
+        (Level::Namespace, None) => pa.namespace == w.namespace && pa.namespace != root,
+        (Level::Workload, Some(labels)) => {
+            pa.namespace == w.namespace && labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+        }
+        _ => false,
+    }
+}
+
+fn resolved(setting: ModeSetting) -> Option<Mode> {
+    match setting {
+        ModeSetting::Unset => None,
+        ModeSetting::Disable => Some(Mode::Disable),
+        ModeSetting::Permissive => Some(Mode::Permissive),
+        ModeSetting::Strict => Some(Mode::Strict),
+    }
+}
+
+fn source(level: Level, pa: &PeerAuthentication) -> Source {
+    Source {
+        level,
+        resource: Some(pa.id()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pa(ns: &str, name: &str, selector: Option<&[(&str, &str)]>, mode: &str) -> String {
+        let selector = selector
+            .map(|labels| {
+                let l: String = labels
+                    .iter()
+                    .map(|(k, v)| format!("        {k}: {v}\n"))
+                    .collect();
+                format!("  selector:\n    matchLabels:\n{l}")
+            })
+            .unwrap_or_default();
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{selector}  mtls:\n    mode: {mode}\n---\n"
+        )
+    }
+
+    fn resolve(docs: &str, ns: &str, labels: &[(&str, &str)]) -> EffectiveMtls {
+        let set = PolicySet::parse(Path::new("p.yaml"), docs).unwrap();
+        let w = Workload {
+            namespace: ns.to_string(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        EffectiveMtls::resolve(&set, &w, "istio-system")
+    }
+
+    fn mode(e: &EffectiveMtls, port: u16) -> (Mode, Option<String>, Level) {
+        let (m, s) = e.mode_for(port);
+        (*m, s.resource.clone(), s.level)
+    }
+
+    #[test]
+    fn nothing_at_all_is_permissive() {
+        let e = resolve("", "shop", &[]);
+        assert_eq!(mode(&e, 80), (Mode::Permissive, None, Level::Default));
+        let e = resolve(&pa("other", "x", None, "STRICT"), "shop", &[]);
+        assert_eq!(mode(&e, 80).0, Mode::Permissive);
+    }
+
+    #[test]
+    fn precedence_mesh_namespace_workload_port() {
+        let mesh = pa("istio-system", "mesh", None, "STRICT");
+        let ns = pa("shop", "ns", None, "PERMISSIVE");
+        let wl = pa("shop", "cart", Some(&[("app", "cart")]), "DISABLE");
+        let cart = [("app", "cart")];
+        let cases: Vec<(String, &[(&str, &str)], Mode, &str, Level)> = vec![
+            (
+                mesh.clone(),
+                &cart,
+                Mode::Strict,
+                "istio-system/mesh",
+                Level::Mesh,
+            ),
+            (
+                format!("{mesh}{ns}"),
+                &cart,
+                Mode::Permissive,
+                "shop/ns",
+                Level::Namespace,
+            ),
+            (
+                format!("{mesh}{ns}{wl}"),
+                &cart,
+                Mode::Disable,
+                "shop/cart",
+                Level::Workload,
+            ),
+            // The selector does not match: the namespace policy decides.
+            (
+                format!("{mesh}{ns}{wl}"),
+                &[("app", "web")],
+                Mode::Permissive,
+                "shop/ns",
+                Level::Namespace,
+            ),
+            // All selector labels must match.
+            (
+                format!(
+                    "{mesh}{}",
+                    pa(
+                        "shop",
+                        "two",
+                        Some(&[("app", "cart"), ("v", "2")]),
+                        "DISABLE"
+                    )
+                ),
+                &cart,
+                Mode::Strict,
+                "istio-system/mesh",
+                Level::Mesh,
+            ),
+        ];
+        for (docs, labels, want, res, level) in cases {
+            assert_eq!(
+                mode(&resolve(&docs, "shop", labels), 8080),
+                (want, Some(res.to_string()), level),
+                "{docs}"
+            );
+        }
+    }
+
+    #[test]
+    fn unset_inherits_from_the_level_above() {
+        let docs = format!(
+            "{}{}{}",
+            pa("istio-system", "mesh", None, "STRICT"),
+            pa("shop", "ns", None, "UNSET"),
+            pa("shop", "cart", Some(&[("app", "cart")]), "UNSET")
+        );
+        let e = resolve(&docs, "shop", &[("app", "cart")]);
+        assert_eq!(
+            mode(&e, 80),
+            (Mode::Strict, Some("istio-system/mesh".into()), Level::Mesh)
+        );
+        // UNSET everywhere, no mesh policy: PERMISSIVE.
+        let docs = pa("shop", "ns", None, "UNSET");
+        assert_eq!(mode(&resolve(&docs, "shop", &[]), 80).0, Mode::Permissive);
+    }
+
+    #[test]
+    fn port_level_overrides_and_inherits() {
+        let docs = format!(
+            "{}apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: cart\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: cart\n  mtls:\n    mode: STRICT\n  portLevelMtls:\n    8080:\n      mode: PERMISSIVE\n    9090:\n      mode: UNSET\n    25:\n      mode: DISABLE\n",
+            pa("istio-system", "mesh", None, "PERMISSIVE")
+        );
+        let e = resolve(&docs, "shop", &[("app", "cart"), ("version", "v1")]);
+        assert_eq!(
+            mode(&e, 8080),
+            (
+                Mode::Permissive,
+                Some("shop/cart".into()),
+                Level::Port(8080)
+            )
+        );
+        assert_eq!(
+            mode(&e, 9090),
+            (Mode::Strict, Some("shop/cart".into()), Level::Port(9090))
+        );
+        assert_eq!(mode(&e, 25).0, Mode::Disable);
+        assert_eq!(
+            mode(&e, 443),
+            (Mode::Strict, Some("shop/cart".into()), Level::Workload)
+        );
+    }
+
+    #[test]
+    fn port_level_without_selector_is_ignored_with_a_warning() {
+        let docs = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: ns\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n  portLevelMtls:\n    8080:\n      mode: DISABLE\n";
+        let e = resolve(docs, "shop", &[]);
+        assert_eq!(mode(&e, 8080).0, Mode::Strict);
+        assert!(e.warnings[0].contains("portLevelMtls applies only with a selector"));
+    }
+
+    #[test]
+    fn oldest_wins_then_file_order() {
+        let with_ts = |name: &str, ts: &str, m: &str| {
+            pa("shop", name, None, m).replace(
+                &format!("  name: {name}\n"),
+                &format!("  name: {name}\n  creationTimestamp: \"{ts}\"\n"),
+            )
+        };
+        let docs = format!(
+            "{}{}{}",
+            with_ts("newer", "2025-06-01T00:00:00Z", "STRICT"),
+            with_ts("older", "2024-01-01T00:00:00Z", "DISABLE"),
+            pa("shop", "no-timestamp", None, "PERMISSIVE")
+        );
+        assert_eq!(
+            mode(&resolve(&docs, "shop", &[]), 1).1,
+            Some("shop/older".into())
+        );
+        let docs = format!(
+            "{}{}",
+            pa("shop", "first", None, "STRICT"),
+            pa("shop", "second", None, "DISABLE")
+        );
+        assert_eq!(
+            mode(&resolve(&docs, "shop", &[]), 1).1,
+            Some("shop/first".into())
+        );
+    }
+
+    #[test]
+    fn other_kinds_are_skipped_and_bad_documents_named() {
+        let docs = format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: a\nspec: {{}}\n---\n{}",
+            pa("shop", "x", None, "STRICT")
+        );
+        let set = PolicySet::parse(Path::new("p.yaml"), &docs).unwrap();
+        assert_eq!(set.ignored, vec![(1, "AuthorizationPolicy".to_string())]);
+        assert_eq!(set.peer_authentications.len(), 1);
+
+        let cases = [
+            (
+                pa("shop", "x", None, "STRICTEST"),
+                "document 1 (PeerAuthentication shop/x): line 8",
+                "unknown variant `STRICTEST`",
+            ),
+            (
+                format!(
+                    "{}{}",
+                    pa("shop", "ok", None, "STRICT"),
+                    pa("shop", "y", None, "STRICT").replace("  mtls:", "  mTLS:")
+                ),
+                "document 2 (PeerAuthentication shop/y)",
+                "unknown field `mTLS`",
+            ),
+            (
+                pa("shop", "v", None, "STRICT")
+                    .replace("security.istio.io/v1", "security.istio.io/v2"),
+                "document 1 (PeerAuthentication shop/v)",
+                "apiVersion",
+            ),
+            (
+                pa("shop", "t", None, "STRICT")
+                    .replace("  name: t\n", "  name: t\n  creationTimestamp: yesterday\n"),
+                "document 1",
+                "metadata.creationTimestamp",
+            ),
+            ("a: [unclosed\n".to_string(), "p.yaml: document 1", "line"),
+        ];
+        for (docs, at, what) in cases {
+            let err = PolicySet::parse(Path::new("p.yaml"), &docs)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("p.yaml: "), "{err}");
+            assert!(err.contains(at), "{at}: {err}");
+            assert!(err.contains(what), "{what}: {err}");
+        }
+    }
+}
