@@ -465,7 +465,8 @@ mod tests {
         let ns = pa("shop", "ns", None, "PERMISSIVE");
         let wl = pa("shop", "cart", Some(&[("app", "cart")]), "DISABLE");
         let cart = [("app", "cart")];
-        let cases: Vec<(String, &[(&str, &str)], Mode, &str, Level)> = vec![
+        type Labels<'a> = &'a [(&'a str, &'a str)];
+        let cases: Vec<(String, Labels, Mode, &str, Level)> = vec![
             (
                 mesh.clone(),
                 &cart,
