@@ -9,12 +9,15 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{error, info};
+use tracing::{debug, error, info, warn};
+
+use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::identity::{self, CredentialPaths, Credentials, Expected, SpiffeId};
 use crate::inbound::InboundConnection;
 use crate::outbound::{OutboundConnection, Routes};
+use crate::policy::{self, EffectiveMtls, PolicyError, PolicySet};
 use crate::tls::{self, TrustStore};
 
 /// Everything a connection needs, built once at start-up and shared.
@@ -23,6 +26,8 @@ pub struct ProxyInputs {
     pub identity: SpiffeId,
     pub acceptor: TlsAcceptor,
     pub routes: Routes,
+    /// The mTLS mode of each inbound port; replaced whole when the policy file changes.
+    pub policy: watch::Receiver<Arc<EffectiveMtls>>,
 }
 
 /// Loads and checks the credentials the config names.
@@ -40,8 +45,45 @@ pub fn load_credentials(config: &Config) -> Result<Credentials, identity::Identi
     identity::load(&paths, &expected)
 }
 
+/// Loads the policy file (if any) and resolves it for this workload. The workload's namespace
+/// is the configured one, else the one in its SPIFFE ID.
+pub fn load_policy(config: &Config, id: &SpiffeId) -> Result<EffectiveMtls, PolicyError> {
+    let set = match &config.policy.file {
+        Some(path) => PolicySet::load(path)?,
+        None => PolicySet::default(),
+    };
+    for (index, kind) in &set.ignored {
+        if kind == "AuthorizationPolicy" {
+            warn!(
+                document = index,
+                "AuthorizationPolicy is not enforced yet; ignoring it"
+            );
+        } else {
+            debug!(document = index, kind = %kind, "ignoring a resource of another kind");
+        }
+    }
+    let namespace = config.workload.namespace.clone().unwrap_or_else(|| {
+        id.namespace_and_service_account()
+            .map(|(ns, _)| ns.to_string())
+            .unwrap_or_default()
+    });
+    let workload = policy::Workload {
+        namespace,
+        labels: config.workload.labels.clone(),
+    };
+    let effective = EffectiveMtls::resolve(&set, &workload, &config.policy.root_namespace);
+    for w in &effective.warnings {
+        warn!("{w}");
+    }
+    Ok(effective)
+}
+
 impl ProxyInputs {
-    pub fn new(config: Config, creds: &Credentials) -> anyhow::Result<Self> {
+    pub fn new(
+        config: Config,
+        creds: &Credentials,
+        policy: watch::Receiver<Arc<EffectiveMtls>>,
+    ) -> anyhow::Result<Self> {
         let trust = Arc::new(
             TrustStore::new(&creds.roots, config.identity.trust_domain.as_str())
                 .map_err(|(i, e)| anyhow::anyhow!("trust bundle certificate #{i}: {e}"))?,
@@ -53,13 +95,32 @@ impl ProxyInputs {
             config,
             acceptor,
             routes,
+            policy,
         })
     }
 }
 
 /// Runs the sidecar until it is told to stop.
-pub async fn run(config: Config, creds: Credentials) -> anyhow::Result<()> {
-    let inputs = Arc::new(ProxyInputs::new(config, &creds)?);
+pub async fn run(config: Config, creds: Credentials, policy: EffectiveMtls) -> anyhow::Result<()> {
+    let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
+    if let Some(path) = config.policy.file.clone() {
+        let (config, id) = (config.clone(), creds.id.clone());
+        let interval = config.policy.reload_interval;
+        tokio::spawn(crate::watch::poll(
+            path,
+            interval,
+            move || match load_policy(&config, &id) {
+                Ok(policy) => {
+                    info!(default = %policy.default.0, ports = policy.ports.len(), "policy reloaded");
+                    policy_tx.send_replace(Arc::new(policy));
+                }
+                Err(e) => {
+                    error!(error = %e, "policy reload failed; keeping the previous policy")
+                }
+            },
+        ));
+    }
+    let inputs = Arc::new(ProxyInputs::new(config, &creds, policy_rx)?);
     let listeners = &inputs.config.listeners;
     let outbound = crate::socket::listen(listeners.outbound)
         .with_context(|| format!("binding the outbound listener {}", listeners.outbound))?;

@@ -34,6 +34,81 @@ pub struct Config {
     /// Bounds on the slow steps of a connection.
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// Where the mTLS mode of each inbound port comes from.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// How inbound connections are told apart (mesh mTLS, foreign TLS, plaintext).
+    #[serde(default)]
+    pub detection: Detection,
+}
+
+/// The policy file: Istio `PeerAuthentication` resources, watched and reloaded on change.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Multi-document YAML (e.g. a mounted ConfigMap); unset = no policies = PERMISSIVE.
+    pub file: Option<PathBuf>,
+    /// The namespace whose selector-less PeerAuthentication is mesh-wide.
+    pub root_namespace: String,
+    /// How often the file is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            file: None,
+            root_namespace: "istio-system".to_string(),
+            reload_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Inbound protocol detection bounds.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Detection {
+    /// How long to wait for a client's first bytes before treating it as plaintext.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Ports where the server speaks first (MySQL, SMTP, ...): a plaintext client sends
+    /// nothing, so detection gives up after `server_first_timeout` instead. Mesh clients always
+    /// speak first, so they still get mTLS. Seeded with Linkerd's default opaque ports.
+    pub server_first_ports: Vec<u16>,
+    /// The detect timeout on server-first ports.
+    #[serde(with = "humantime_serde")]
+    pub server_first_timeout: Duration,
+    /// Per-port detect timeouts, overriding both of the above.
+    pub port_timeouts: BTreeMap<u16, humantime_serde::Serde<Duration>>,
+    /// The most bytes buffered while deciding (a ClientHello larger than this is not ours).
+    pub max_bytes: usize,
+}
+
+impl Default for Detection {
+    fn default() -> Self {
+        Detection {
+            timeout: Duration::from_secs(5),
+            server_first_ports: vec![25, 587, 3306, 4444, 5432, 6379, 9300, 11211],
+            server_first_timeout: Duration::from_millis(200),
+            port_timeouts: BTreeMap::new(),
+            max_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl Detection {
+    /// The detect timeout for an inbound port.
+    pub fn timeout_for(&self, port: u16) -> Duration {
+        if let Some(t) = self.port_timeouts.get(&port) {
+            return **t;
+        }
+        if self.server_first_ports.contains(&port) {
+            self.server_first_timeout
+        } else {
+            self.timeout
+        }
+    }
 }
 
 /// Listener addresses; defaults follow Istio's port numbers.
@@ -156,8 +231,32 @@ pub struct Workload {
     pub name: Option<String>,
     /// Pod IP.
     pub pod_ip: Option<IpAddr>,
-    /// Pod labels.
+    /// Pod labels; PeerAuthentication selectors match against them.
     pub labels: BTreeMap<String, String>,
+    /// A Kubernetes downward-API labels file (`key="value"` lines); its labels override
+    /// `labels`.
+    pub labels_file: Option<PathBuf>,
+}
+
+/// Parses a downward-API labels file: one `key="value"` per line, values quoted Go-style.
+pub fn parse_labels_file(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut labels = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .ok_or_else(|| format!("line {}: expected key=\"value\"", i + 1))?;
+        let value = value.trim();
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .map(|v| v.replace("\\\"", "\"").replace("\\\\", "\\"))
+            .unwrap_or_else(|| value.to_string());
+        labels.insert(key.trim().to_string(), value);
+    }
+    Ok(labels)
 }
 
 /// Outbound routing: the first matching rule decides, else `default`.
@@ -369,6 +468,7 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.apply_env(|var| std::env::var(var).ok())?;
+        config.load_labels_file()?;
         Ok(config)
     }
 
@@ -402,15 +502,34 @@ impl Config {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
-        for p in [
+        let optional = [&mut self.policy.file, &mut self.workload.labels_file];
+        let required = [
             &mut self.identity.cert_chain,
             &mut self.identity.private_key,
             &mut self.identity.trust_bundle,
-        ] {
+        ];
+        for p in required.into_iter().chain(optional.into_iter().flatten()) {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
+    }
+
+    /// Reads `workload.labels_file`, if set, over `workload.labels`.
+    pub fn load_labels_file(&mut self) -> Result<(), ConfigError> {
+        let Some(path) = &self.workload.labels_file else {
+            return Ok(());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let labels = parse_labels_file(&text).map_err(|message| ConfigError::Invalid {
+            path: path.clone(),
+            message,
+        })?;
+        self.workload.labels.extend(labels);
+        Ok(())
     }
 
     /// Applies what Kubernetes injects through the downward API; `env` looks a variable up.
@@ -547,6 +666,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("POD_IP=\"10.1.2\""), "{err}");
+    }
+
+    #[test]
+    fn detection_timeouts_per_port() {
+        let c = parse(&format!(
+            "{MINIMAL}detection:\n  timeout: 3s\n  server_first_timeout: 50ms\n  port_timeouts:\n    3306: 1s\n"
+        ))
+        .unwrap();
+        assert_eq!(c.detection.timeout_for(8080), Duration::from_secs(3));
+        assert_eq!(c.detection.timeout_for(25), Duration::from_millis(50));
+        assert_eq!(c.detection.timeout_for(3306), Duration::from_secs(1));
+        assert_eq!(c.policy.root_namespace, "istio-system");
+    }
+
+    #[test]
+    fn downward_api_labels_file() {
+        let labels =
+            parse_labels_file("app=\"cart\"\nversion=\"v1\"\nquote=\"a\\\"b\"\n\n").unwrap();
+        assert_eq!(labels["app"], "cart");
+        assert_eq!(labels["version"], "v1");
+        assert_eq!(labels["quote"], "a\"b");
+        assert!(parse_labels_file("novalue\n")
+            .unwrap_err()
+            .contains("line 1"));
     }
 
     #[test]

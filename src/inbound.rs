@@ -1,19 +1,21 @@
 //! Inbound: connections to the pod, redirected by iptables to :15006.
-//! accept → original destination → loop guard → (detect: issue 3) → terminate mTLS → peer
-//! identity → connect to the application at the original destination → relay.
-//!
-//! This is the STRICT path: anything that is not mesh mTLS is refused.
+//! accept → original destination → loop guard → port's mTLS mode → detect the first bytes →
+//! mesh mTLS: terminate, identify the peer | anything else: forward (PERMISSIVE) or refuse
+//! (STRICT) → connect to the application at the original destination → relay.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::app::ProxyInputs;
+use crate::policy::{Mode, Source};
 use crate::relay::{self, RelayError};
+use crate::sniff::{self, Protocol};
 use crate::socket;
 use crate::tls;
 
@@ -26,7 +28,14 @@ pub enum InboundError {
     NotRedirected,
     #[error("refusing a connection from this sidecar's own application-side address (loop)")]
     Loop,
-    #[error("refused: not mesh mTLS (STRICT): {0}")]
+    #[error("client failed during detection: {0}")]
+    Detect(io::Error),
+    #[error("refused: {protocol} is not mesh mTLS (STRICT, from {decided_by})")]
+    Strict {
+        protocol: &'static str,
+        decided_by: Source,
+    },
+    #[error("refused: not mesh mTLS: {0}")]
     Handshake(tls::HandshakeError),
     #[error("refused: mTLS handshake timed out")]
     HandshakeTimeout,
@@ -73,34 +82,92 @@ impl InboundConnection {
             return Err(InboundError::Loop);
         }
 
-        let timeouts = &inputs.config.timeouts;
-        let tls = tokio::time::timeout(timeouts.handshake, inputs.acceptor.accept(client))
-            .await
-            .map_err(|_| InboundError::HandshakeTimeout)?
-            .map_err(|e| InboundError::Handshake(tls::HandshakeError(e)))?;
-        let conn = tls.get_ref().1;
-        if conn.alpn_protocol() != Some(tls::MESH_ALPN) {
-            return Err(InboundError::NotMesh);
+        // The policy in force when the connection arrived decides it, start to finish.
+        let (mode, source) = inputs.policy.borrow().mode_for(dst.port()).clone();
+        if mode == Mode::Disable {
+            debug!(src = %client_addr, %dst, %source, "inbound DISABLE: forwarding as is");
+            return forward(&inputs, client, client_addr, dst, "disable").await;
         }
-        let peer = tls::peer_id(conn);
-        let peer = peer.as_ref().map(ToString::to_string).unwrap_or_default();
-        info!(%peer, src = %client_addr, %dst, "inbound mTLS accepted, client identity verified");
 
-        // The application is reached at the address the client asked for (the pod IP), not
-        // 127.0.0.1, so an app bound only to localhost stays private.
-        let source = socket::inbound_passthrough_source(dst);
-        let app = socket::connect(dst, Some(source), timeouts.connect)
+        let detection = &inputs.config.detection;
+        let limits = sniff::Limits {
+            timeout: detection.timeout_for(dst.port()),
+            max_bytes: detection.max_bytes,
+        };
+        let (protocol, client) = sniff::detect(client, tls::MESH_ALPN, limits)
             .await
-            .map_err(|source| InboundError::ConnectApp { dst, source })?;
-        let (sent, result) = relay::relay(tls, app).await;
-        debug!(
-            %peer,
-            src = %client_addr,
-            %dst,
-            received = sent.client_to_upstream,
-            sent = sent.upstream_to_client,
-            "inbound connection closed"
-        );
-        result.map_or(Ok(()), |e| Err(e.into()))
+            .map_err(InboundError::Detect)?;
+        debug!(src = %client_addr, %dst, protocol = %protocol.name(), %mode, "detected");
+
+        match (protocol, mode) {
+            (Protocol::MeshTls, _) => terminate(&inputs, client, client_addr, dst).await,
+            (_, Mode::Strict) => Err(InboundError::Strict {
+                protocol: protocol.name(),
+                decided_by: source,
+            }),
+            (_, _) => {
+                info!(
+                    src = %client_addr,
+                    %dst,
+                    protocol = %protocol.name(),
+                    "inbound non-mesh connection forwarded (PERMISSIVE)"
+                );
+                forward(&inputs, client, client_addr, dst, protocol.name()).await
+            }
+        }
     }
+}
+
+/// Mesh mTLS: terminate, check the ALPN, identify the peer, then forward the plaintext.
+async fn terminate<S>(
+    inputs: &ProxyInputs,
+    client: S,
+    client_addr: SocketAddr,
+    dst: SocketAddr,
+) -> Result<(), InboundError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let timeouts = &inputs.config.timeouts;
+    let tls = tokio::time::timeout(timeouts.handshake, inputs.acceptor.accept(client))
+        .await
+        .map_err(|_| InboundError::HandshakeTimeout)?
+        .map_err(|e| InboundError::Handshake(tls::HandshakeError(e)))?;
+    let conn = tls.get_ref().1;
+    if conn.alpn_protocol() != Some(tls::MESH_ALPN) {
+        return Err(InboundError::NotMesh);
+    }
+    let peer = tls::peer_id(conn);
+    let peer = peer.as_ref().map(ToString::to_string).unwrap_or_default();
+    info!(%peer, src = %client_addr, %dst, "inbound mTLS accepted, client identity verified");
+    forward(inputs, tls, client_addr, dst, "mtls").await
+}
+
+/// Connects to the application and relays. The application is reached at the address the
+/// client asked for (the pod IP), not 127.0.0.1, so an app bound only to localhost stays
+/// private.
+async fn forward<S>(
+    inputs: &ProxyInputs,
+    client: S,
+    client_addr: SocketAddr,
+    dst: SocketAddr,
+    security: &'static str,
+) -> Result<(), InboundError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let source = socket::inbound_passthrough_source(dst);
+    let app = socket::connect(dst, Some(source), inputs.config.timeouts.connect)
+        .await
+        .map_err(|source| InboundError::ConnectApp { dst, source })?;
+    let (sent, result) = relay::relay(client, app).await;
+    debug!(
+        src = %client_addr,
+        %dst,
+        security = %security,
+        received = sent.client_to_upstream,
+        sent = sent.upstream_to_client,
+        "inbound connection closed"
+    );
+    result.map_or(Ok(()), |e| Err(e.into()))
 }

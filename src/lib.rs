@@ -30,3 +30,4 @@ pub mod relay;
 pub mod sniff;
 pub mod socket;
 pub mod tls;
+pub mod watch;

@@ -189,17 +189,40 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
         Cmd::Run { config } => {
             let config = Config::load(&config).map_err(bad)?;
             let creds = app::load_credentials(&config).map_err(bad)?;
+            let policy = app::load_policy(&config, &creds.id).map_err(bad)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .map_err(other)?;
-            runtime.block_on(app::run(config, creds)).map_err(other)
+            runtime
+                .block_on(app::run(config, creds, policy))
+                .map_err(other)
         }
         Cmd::Check { config } => {
             let config = Config::load(&config).map_err(bad)?;
             let creds = app::load_credentials(&config).map_err(bad)?;
-            app::ProxyInputs::new(config, &creds).map_err(bad)?;
+            let policy = app::load_policy(&config, &creds.id).map_err(bad)?;
             println!("ok: identity {}", creds.id);
+            match &config.policy.file {
+                Some(p) => println!("policy file: {}", p.display()),
+                None => println!("policy file: none"),
+            }
+            println!("inbound mTLS mode:");
+            for (port, (mode, source)) in &policy.ports {
+                println!("  port {port}: {mode} ({source})");
+            }
+            let (mode, source) = &policy.default;
+            let label = if policy.ports.is_empty() {
+                "all ports"
+            } else {
+                "other ports"
+            };
+            println!("  {label}: {mode} ({source})");
+            for w in &policy.warnings {
+                println!("warning: {w}");
+            }
+            let (_tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(policy));
+            app::ProxyInputs::new(config, &creds, rx).map_err(bad)?;
             Ok(())
         }
         Cmd::Iptables(IptablesCmd::Apply(args)) => {

@@ -168,7 +168,8 @@ fn strict_workload_refuses_a_plaintext_client() {
     }
     let mut c = Cluster::new("strict", 2);
     let ca = c.make_ca();
-    let b_log = c.mesh_sidecar(&ca, 1, "server", "");
+    let (_, strict) = c.policy("policy.yaml", &peer_authentication("STRICT"));
+    let b_log = c.mesh_sidecar(&ca, 1, "server", &strict);
 
     let server_addr = c.pod(1).addr(8080);
     let listener = c.pod(1).run(move || listen(server_addr));
@@ -188,7 +189,11 @@ fn strict_workload_refuses_a_plaintext_client() {
             "plaintext client got an answer: {got:?}"
         );
     }
-    wait_for_log(&b_log, "not mesh mTLS (STRICT)", Duration::from_secs(5));
+    wait_for_log(
+        &b_log,
+        "plaintext is not mesh mTLS (STRICT, from PeerAuthentication shop/shop",
+        Duration::from_secs(5),
+    );
     wait_for_log(
         &b_log,
         "dialled the inbound port directly",

@@ -278,6 +278,34 @@ impl Cluster {
         log
     }
 
+    /// Starts `args` inside pod `i` (as root), stopped when the cluster drops; output goes to
+    /// `<dir>/<name>.log`.
+    pub fn spawn_in(&mut self, i: usize, name: &str, args: &[&str]) -> PathBuf {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let out = fs::File::create(&log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.pods[i].netns])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        self.children.push(child);
+        log
+    }
+
+    /// Writes a policy file the sidecars can read and returns the config lines that use it.
+    pub fn policy(&self, name: &str, yaml: &str) -> (PathBuf, String) {
+        let path = self.dir.path().join(name);
+        write_policy(&path, yaml);
+        let extra = format!(
+            "policy:\n  file: {}\n  reload_interval: 200ms\n",
+            path.display()
+        );
+        (path, extra)
+    }
+
     /// Starts tcpdump on pod `i`'s eth0 writing every packet to `<dir>/<name>.pcap`.
     pub fn capture(&mut self, i: usize, name: &str) -> Capture {
         let pcap = self.dir.path().join(format!("{name}.pcap"));
@@ -375,6 +403,21 @@ impl Drop for Capture {
             let _ = child.wait();
         }
     }
+}
+
+/// Replaces a policy file atomically (write + rename), readable by the proxy user.
+pub fn write_policy(path: &Path, yaml: &str) {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, yaml).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+/// A PeerAuthentication for namespace `shop` (where the tests' workloads live).
+pub fn peer_authentication(mode: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: shop\n  namespace: shop\nspec:\n  mtls:\n    mode: {mode}\n"
+    )
 }
 
 pub fn make_proxy_readable(dir: &Path) {
