@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::identity::{self, CredentialPaths, Credentials, Expected, SpiffeId};
 use crate::inbound::InboundConnection;
+use crate::metrics::Metrics;
 use crate::outbound::{OutboundConnection, Routes};
 use crate::policy::{self, EffectiveMtls, PolicyError, PolicySet};
 use crate::tls::{self, TrustStore};
@@ -28,6 +29,7 @@ pub struct ProxyInputs {
     pub routes: Routes,
     /// The mTLS mode of each inbound port; replaced whole when the policy file changes.
     pub policy: watch::Receiver<Arc<EffectiveMtls>>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Loads and checks the credentials the config names.
@@ -83,6 +85,7 @@ impl ProxyInputs {
         config: Config,
         creds: &Credentials,
         policy: watch::Receiver<Arc<EffectiveMtls>>,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let trust = Arc::new(
             TrustStore::new(&creds.roots, config.identity.trust_domain.as_str())
@@ -96,15 +99,17 @@ impl ProxyInputs {
             acceptor,
             routes,
             policy,
+            metrics,
         })
     }
 }
 
 /// Runs the sidecar until it is told to stop.
 pub async fn run(config: Config, creds: Credentials, policy: EffectiveMtls) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
     let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
     if let Some(path) = config.policy.file.clone() {
-        let (config, id) = (config.clone(), creds.id.clone());
+        let (config, id, metrics) = (config.clone(), creds.id.clone(), metrics.clone());
         let interval = config.policy.reload_interval;
         tokio::spawn(crate::watch::poll(
             path,
@@ -112,15 +117,17 @@ pub async fn run(config: Config, creds: Credentials, policy: EffectiveMtls) -> a
             move || match load_policy(&config, &id) {
                 Ok(policy) => {
                     info!(default = %policy.default.0, ports = policy.ports.len(), "policy reloaded");
+                    metrics.policy_reloads.with_label_values(&["success"]).inc();
                     policy_tx.send_replace(Arc::new(policy));
                 }
                 Err(e) => {
-                    error!(error = %e, "policy reload failed; keeping the previous policy")
+                    error!(error = %e, "policy reload failed; keeping the previous policy");
+                    metrics.policy_reloads.with_label_values(&["failure"]).inc();
                 }
             },
         ));
     }
-    let inputs = Arc::new(ProxyInputs::new(config, &creds, policy_rx)?);
+    let inputs = Arc::new(ProxyInputs::new(config, &creds, policy_rx, metrics)?);
     let listeners = &inputs.config.listeners;
     let outbound = crate::socket::listen(listeners.outbound)
         .with_context(|| format!("binding the outbound listener {}", listeners.outbound))?;

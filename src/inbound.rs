@@ -99,12 +99,31 @@ impl InboundConnection {
             .map_err(InboundError::Detect)?;
         debug!(src = %client_addr, %dst, protocol = %protocol.name(), %mode, "detected");
 
+        let port = dst.port().to_string();
+        let refused = protocol != Protocol::MeshTls && mode == Mode::Strict;
+        let outcome = if refused {
+            "refused_strict"
+        } else {
+            protocol.name()
+        };
+        let metrics = &inputs.metrics;
+        metrics
+            .inbound_detections
+            .with_label_values(&[port.as_str(), outcome])
+            .inc();
+
         match (protocol, mode) {
             (Protocol::MeshTls, _) => terminate(&inputs, client, client_addr, dst).await,
-            (_, Mode::Strict) => Err(InboundError::Strict {
-                protocol: protocol.name(),
-                decided_by: source,
-            }),
+            (_, Mode::Strict) => {
+                metrics
+                    .strict_refusals
+                    .with_label_values(&[port.as_str(), protocol.name()])
+                    .inc();
+                Err(InboundError::Strict {
+                    protocol: protocol.name(),
+                    decided_by: source,
+                })
+            }
             (_, _) => {
                 info!(
                     src = %client_addr,

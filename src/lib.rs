@@ -24,6 +24,7 @@ pub mod config;
 pub mod identity;
 pub mod inbound;
 pub mod iptables;
+pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod relay;

@@ -222,7 +222,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                 println!("warning: {w}");
             }
             let (_tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(policy));
-            app::ProxyInputs::new(config, &creds, rx).map_err(bad)?;
+            app::ProxyInputs::new(config, &creds, rx, Default::default()).map_err(bad)?;
             Ok(())
         }
         Cmd::Iptables(IptablesCmd::Apply(args)) => {
