@@ -578,6 +578,28 @@ mod tests {
         assert_eq!(c.workload.labels["app"], "cart");
         assert_eq!(c.listeners, Listeners::default());
         assert_eq!(c.timeouts.handshake, Duration::from_secs(10));
+        assert_eq!(c.detection.timeout_for(8025), Duration::from_millis(100));
+        assert_eq!(c.policy.file.as_deref(), Some(Path::new("policy.yaml")));
+    }
+
+    #[test]
+    fn the_example_policy_gives_the_cart_what_its_comments_say() {
+        use crate::policy::{EffectiveMtls, Mode, PolicySet, Workload};
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/policy.yaml"));
+        let set = PolicySet::parse(path, include_str!("../config/policy.yaml")).unwrap();
+        let cart = Workload {
+            namespace: "shop".into(),
+            labels: [("app".to_string(), "cart".to_string())].into(),
+        };
+        let e = EffectiveMtls::resolve(&set, &cart, "istio-system");
+        assert_eq!(e.mode_for(8080).0, Mode::Strict);
+        assert_eq!(e.mode_for(9102).0, Mode::Permissive);
+        let elsewhere = Workload {
+            namespace: "web".into(),
+            ..Workload::default()
+        };
+        let e = EffectiveMtls::resolve(&set, &elsewhere, "istio-system");
+        assert_eq!(e.mode_for(8080).0, Mode::Permissive);
     }
 
     #[test]

@@ -316,3 +316,60 @@ fn the_command_exits_64_naming_the_problem() {
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("is not this workload's"), "{err}");
 }
+
+/// `l4mesh check` prints, for this workload, the mode of every port and where it came from;
+/// a broken policy file is bad input naming the document and field.
+#[test]
+fn check_prints_the_effective_mode_of_every_port() {
+    let pki = Pki::new();
+    let dir = pki.issue("a", |_| {});
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.yaml"),
+        dir.join("policy.yaml"),
+    )
+    .unwrap();
+    let cfg = dir.join("sidecar.yaml");
+    std::fs::write(
+        &cfg,
+        "identity:\n  cert_chain: cert-chain.pem\n  private_key: key.pem\n  trust_bundle: root-cert.pem\nworkload:\n  labels:\n    app: cart\npolicy:\n  file: policy.yaml\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(
+            "port 9102: PERMISSIVE (PeerAuthentication shop/cart, workload portLevelMtls 9102)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("other ports: STRICT (PeerAuthentication shop/default, namespace)"),
+        "{text}"
+    );
+
+    std::fs::write(dir.join("policy.yaml"), "kind: PeerAuthentication\napiVersion: security.istio.io/v1\nmetadata:\n  name: p\n  namespace: shop\nspec:\n  mtls:\n    mode: strict\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("policy.yaml: document 1 (PeerAuthentication shop/p): line 8"),
+        "{err}"
+    );
+    assert!(
+        err.contains("spec.mtls.mode: unknown variant `strict`"),
+        "{err}"
+    );
+}

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_l4mesh");
 pub const PROXY_UID: u32 = 1337;
 
-/// Whether privileged tests can run here. Without root, `ip`, `iptables`, `tcpdump` or
-/// `setpriv` they print a loud SKIPPED line, unless L4MESH_REQUIRE_PRIVILEGED=1 (CI), where a
+/// Whether privileged tests can run here. Without root, `ip`, `iptables`, `tcpdump`,
+/// `setpriv`, `openssl` or `curl` they print a loud SKIPPED line, unless L4MESH_REQUIRE_PRIVILEGED=1 (CI), where a
 /// missing prerequisite fails the test.
 pub fn privileged(test: &str) -> bool {
     let mut missing = Vec::new();
@@ -32,6 +32,8 @@ pub fn privileged(test: &str) -> bool {
         "ip6tables-restore",
         "tcpdump",
         "setpriv",
+        "openssl",
+        "curl",
     ] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
