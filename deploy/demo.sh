@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # l4mesh local demo: two pods (network namespaces on a bridge), an unmodified HTTP server and
-# client, first talking plaintext, then migrated to mutual TLS by adding the capture rules and
-# a sidecar to each pod, with no change to either application. A capture on the wire shows the
-# difference. Everything lives in namespaces this script makes and is removed on exit, Ctrl-C
+# client, first talking plaintext, then migrated to mutual TLS the way a platform team does it:
+# sidecars in PERMISSIVE mode (mesh clients get mTLS, others still get through), then STRICT
+# by editing the policy file, live. Neither application changes. A capture on the wire shows
+# the difference. Everything lives in namespaces this script makes and is removed on exit, Ctrl-C
 # or failure. Run as root:   sudo deploy/demo.sh
 set -euo pipefail
 
@@ -105,6 +106,9 @@ say "migrating both pods to the mesh: certificates, capture rules, sidecars (UID
 "$BIN" certs ca --out "$WORK/ca" >/dev/null
 "$BIN" certs issue --ca "$WORK/ca" --namespace shop --service-account frontend --out "$WORK/client" >/dev/null
 "$BIN" certs issue --ca "$WORK/ca" --namespace shop --service-account backend --out "$WORK/server" >/dev/null
+# The mesh's policy file (a ConfigMap in Kubernetes): nothing yet, which means PERMISSIVE.
+: >"$WORK/policy.yaml"
+chmod 644 "$WORK/policy.yaml"
 for pod in client server; do
     chown -R 1337:1337 "$WORK/$pod"
     cat >"$WORK/$pod.yaml" <<YAML
@@ -113,6 +117,8 @@ identity:
   cert_chain: $pod/cert-chain.pem
   private_key: $pod/key.pem
   trust_bundle: $pod/root-cert.pem
+policy:
+  file: policy.yaml
 YAML
 done
 start_sidecar() { # netns name
@@ -137,12 +143,34 @@ sleep 0.2
 grep -h -o 'outbound mTLS established.*' "$WORK/client.log" | head -1 | sed 's/^/     client sidecar: /'
 grep -h -o 'inbound mTLS accepted.*' "$WORK/server.log" | head -1 | sed 's/^/     server sidecar: /'
 
-say "a pod without a sidecar tries plaintext against the (STRICT) server"
+say "PERMISSIVE (no policy yet): a pod without a sidecar still gets through in plaintext"
+note "outsider got: $(ip netns exec "$OUTSIDER" curl -s --max-time 5 "http://$SERVER_IP:8080/")"
+sleep 0.2
+grep -h -o 'inbound non-mesh connection forwarded.*' "$WORK/server.log" | head -1 | sed 's/^/     server sidecar: /'
+note "so a workload can join the mesh before all of its clients have."
+
+say "going STRICT: one PeerAuthentication in the policy file, picked up live"
+cat >"$WORK/policy.yaml.new" <<'YAML'
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: shop
+spec:
+  mtls:
+    mode: STRICT
+YAML
+chmod 644 "$WORK/policy.yaml.new"
+mv "$WORK/policy.yaml.new" "$WORK/policy.yaml"
+sed 's/^/     /' "$WORK/policy.yaml"
+for _ in $(seq 50); do grep -q "policy reloaded" "$WORK/server.log" && break; sleep 0.1; done
+grep -h -o 'policy reloaded.*' "$WORK/server.log" | head -1 | sed 's/^/     server sidecar: /'
 if out=$(ip netns exec "$OUTSIDER" curl -s --max-time 5 "http://$SERVER_IP:8080/"); then
     note "UNEXPECTED: outsider got an answer: $out"; exit 1
 fi
-note "refused: the outsider got no answer."
+note "the outsider is refused now:"
 sleep 0.2
 grep -h -o 'inbound connection refused.*' "$WORK/server.log" | head -1 | sed 's/^/     server sidecar: /'
+note "and the mesh client is still served: $(ip netns exec "$CLIENT" curl -s --max-time 5 "http://$SERVER_IP:8080/")"
 
 say "done; tearing everything down"

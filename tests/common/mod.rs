@@ -19,8 +19,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_l4mesh");
 pub const PROXY_UID: u32 = 1337;
 
 /// Whether privileged tests can run here. Without root, `ip`, `iptables`, `tcpdump`,
-/// `setpriv`, `openssl` or `curl` they print a loud SKIPPED line, unless L4MESH_REQUIRE_PRIVILEGED=1 (CI), where a
-/// missing prerequisite fails the test.
+/// `setpriv`, `openssl` or `curl` they print a loud SKIPPED line, unless
+/// L4MESH_REQUIRE_PRIVILEGED=1 (CI), where a missing prerequisite fails the test.
 pub fn privileged(test: &str) -> bool {
     let mut missing = Vec::new();
     if !nix::unistd::Uid::effective().is_root() {
