@@ -18,7 +18,7 @@ use crate::identity::{self, CredentialPaths, Credentials, Expected, SpiffeId};
 use crate::inbound::InboundConnection;
 use crate::metrics::Metrics;
 use crate::outbound::{OutboundConnection, Routes};
-use crate::policy::{self, EffectiveMtls, PolicyError, PolicySet};
+use crate::policy::{self, PolicyError, PolicySet, WorkloadPolicy};
 use crate::tls::{self, TrustStore};
 
 /// Everything a connection needs, built once at start-up and shared.
@@ -28,7 +28,7 @@ pub struct ProxyInputs {
     pub acceptor: TlsAcceptor,
     pub routes: Routes,
     /// The mTLS mode of each inbound port; replaced whole when the policy file changes.
-    pub policy: watch::Receiver<Arc<EffectiveMtls>>,
+    pub policy: watch::Receiver<Arc<WorkloadPolicy>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -49,7 +49,7 @@ pub fn load_credentials(config: &Config) -> Result<Credentials, identity::Identi
 
 /// Loads the policy file (if any) and resolves it for this workload. The workload's namespace
 /// is the configured one, else the one in its SPIFFE ID.
-pub fn load_policy(config: &Config, id: &SpiffeId) -> Result<EffectiveMtls, PolicyError> {
+pub fn load_policy(config: &Config, id: &SpiffeId) -> Result<WorkloadPolicy, PolicyError> {
     let set = match &config.policy.file {
         Some(path) => PolicySet::load(path)?,
         None => PolicySet::default(),
@@ -73,18 +73,18 @@ pub fn load_policy(config: &Config, id: &SpiffeId) -> Result<EffectiveMtls, Poli
         namespace,
         labels: config.workload.labels.clone(),
     };
-    let effective = EffectiveMtls::resolve(&set, &workload, &config.policy.root_namespace);
-    for w in &effective.warnings {
+    let resolved = WorkloadPolicy::resolve(&set, &workload, &config.policy.root_namespace);
+    for w in resolved.warnings() {
         warn!("{w}");
     }
-    Ok(effective)
+    Ok(resolved)
 }
 
 impl ProxyInputs {
     pub fn new(
         config: Config,
         creds: &Credentials,
-        policy: watch::Receiver<Arc<EffectiveMtls>>,
+        policy: watch::Receiver<Arc<WorkloadPolicy>>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let trust = Arc::new(
@@ -105,7 +105,7 @@ impl ProxyInputs {
 }
 
 /// Runs the sidecar until it is told to stop.
-pub async fn run(config: Config, creds: Credentials, policy: EffectiveMtls) -> anyhow::Result<()> {
+pub async fn run(config: Config, creds: Credentials, policy: WorkloadPolicy) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
     if let Some(path) = config.policy.file.clone() {
@@ -116,7 +116,15 @@ pub async fn run(config: Config, creds: Credentials, policy: EffectiveMtls) -> a
             interval,
             move || match load_policy(&config, &id) {
                 Ok(policy) => {
-                    info!(default = %policy.default.0, ports = policy.ports.len(), "policy reloaded");
+                    let (allow, deny, audit) = policy.authz.counts();
+                    info!(
+                        default = %policy.mtls.default.0,
+                        ports = policy.mtls.ports.len(),
+                        allow,
+                        deny,
+                        audit,
+                        "policy reloaded"
+                    );
                     metrics.policy_reloads.with_label_values(&["success"]).inc();
                     policy_tx.send_replace(Arc::new(policy));
                 }

@@ -13,7 +13,9 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::app::ProxyInputs;
-use crate::policy::{Mode, Source};
+use crate::authz::{Decision, Peer};
+use crate::identity::SpiffeId;
+use crate::policy::{Mode, Source, WorkloadPolicy};
 use crate::relay::{self, RelayError};
 use crate::sniff::{self, Protocol};
 use crate::socket;
@@ -41,6 +43,12 @@ pub enum InboundError {
     HandshakeTimeout,
     #[error("refused: TLS without the mesh ALPN (STRICT)")]
     NotMesh,
+    #[error("denied by authorization: peer {peer} to port {port}, decided by {policy}")]
+    Denied {
+        peer: String,
+        port: u16,
+        policy: String,
+    },
     #[error("connecting to the application at {dst}: {source}")]
     ConnectApp { dst: SocketAddr, source: io::Error },
     #[error("relay: {0}")]
@@ -83,9 +91,11 @@ impl InboundConnection {
         }
 
         // The policy in force when the connection arrived decides it, start to finish.
-        let (mode, source) = inputs.policy.borrow().mode_for(dst.port()).clone();
+        let policy = inputs.policy.borrow().clone();
+        let (mode, source) = policy.mtls.mode_for(dst.port()).clone();
         if mode == Mode::Disable {
             debug!(src = %client_addr, %dst, %source, "inbound DISABLE: forwarding as is");
+            authorize(&inputs, &policy, None, client_addr, dst)?;
             return forward(&inputs, client, client_addr, dst, "disable").await;
         }
 
@@ -113,7 +123,7 @@ impl InboundConnection {
             .inc();
 
         match (protocol, mode) {
-            (Protocol::MeshTls, _) => terminate(&inputs, client, client_addr, dst).await,
+            (Protocol::MeshTls, _) => terminate(&inputs, &policy, client, client_addr, dst).await,
             (_, Mode::Strict) => {
                 metrics
                     .strict_refusals
@@ -125,6 +135,7 @@ impl InboundConnection {
                 })
             }
             (_, _) => {
+                authorize(&inputs, &policy, None, client_addr, dst)?;
                 info!(
                     src = %client_addr,
                     %dst,
@@ -137,9 +148,10 @@ impl InboundConnection {
     }
 }
 
-/// Mesh mTLS: terminate, check the ALPN, identify the peer, then forward the plaintext.
+/// Mesh mTLS: terminate, check the ALPN, identify the peer, authorize, then forward.
 async fn terminate<S>(
     inputs: &ProxyInputs,
+    policy: &WorkloadPolicy,
     client: S,
     client_addr: SocketAddr,
     dst: SocketAddr,
@@ -156,10 +168,56 @@ where
     if conn.alpn_protocol() != Some(tls::MESH_ALPN) {
         return Err(InboundError::NotMesh);
     }
-    let peer = tls::peer_id(conn);
-    let peer = peer.as_ref().map(ToString::to_string).unwrap_or_default();
+    let peer_id = tls::peer_id(conn);
+    let peer = peer_id
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
     info!(%peer, src = %client_addr, %dst, "inbound mTLS accepted, client identity verified");
+    // A denied peer learns it after the handshake: the connection is closed with nothing
+    // forwarded, which it can tell apart from a failed handshake.
+    authorize(inputs, policy, peer_id.as_ref(), client_addr, dst)?;
     forward(inputs, tls, client_addr, dst, "mtls").await
+}
+
+/// Applies the workload's AuthorizationPolicies to a connection; logs and counts the decision.
+fn authorize(
+    inputs: &ProxyInputs,
+    policy: &WorkloadPolicy,
+    peer: Option<&SpiffeId>,
+    client_addr: SocketAddr,
+    dst: SocketAddr,
+) -> Result<(), InboundError> {
+    // Istio principals are SPIFFE IDs without the scheme.
+    let principal = peer.map(|id| format!("{}{}", id.trust_domain(), id.path()));
+    let namespace = peer.and_then(|id| id.namespace_and_service_account().map(|(ns, _)| ns));
+    let (decision, audits) = policy.authz.decide(&Peer {
+        principal: principal.as_deref(),
+        namespace,
+        source_ip: client_addr.ip(),
+        destination: dst,
+    });
+    let metrics = &inputs.metrics.authorization_decisions;
+    let shown = principal.as_deref().unwrap_or("(plaintext: none)");
+    for audit in audits {
+        info!(principal = %shown, src = %client_addr, port = dst.port(), policy = %audit, "authorization AUDIT match");
+        metrics.with_label_values(&[audit, "audit"]).inc();
+    }
+    let label = decision.policy_label().to_string();
+    match decision {
+        Decision::Allow { .. } => {
+            metrics.with_label_values(&[label.as_str(), "allow"]).inc();
+            Ok(())
+        }
+        Decision::Deny { .. } => {
+            metrics.with_label_values(&[label.as_str(), "deny"]).inc();
+            Err(InboundError::Denied {
+                peer: shown.to_string(),
+                port: dst.port(),
+                policy: label,
+            })
+        }
+    }
 }
 
 /// Connects to the application and relays. The application is reached at the address the

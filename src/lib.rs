@@ -19,6 +19,7 @@
 #![deny(unsafe_code)]
 
 pub mod app;
+pub mod authz;
 pub mod certs;
 pub mod config;
 pub mod identity;

@@ -145,6 +145,31 @@ enum CertsCmd {
     },
 }
 
+/// What `check` says about the policies that apply to this workload.
+fn print_policy(policy: &l4mesh::policy::WorkloadPolicy) {
+    println!("inbound mTLS mode:");
+    for (port, (mode, source)) in &policy.mtls.ports {
+        println!("  port {port}: {mode} ({source})");
+    }
+    let (mode, source) = &policy.mtls.default;
+    let label = if policy.mtls.ports.is_empty() {
+        "all ports"
+    } else {
+        "other ports"
+    };
+    println!("  {label}: {mode} ({source})");
+    let (allow, deny, audit) = policy.authz.counts();
+    let open = if allow == 0 {
+        " (no ALLOW policy: every peer not denied is allowed)"
+    } else {
+        ""
+    };
+    println!("authorization: {allow} ALLOW, {deny} DENY, {audit} AUDIT policies apply{open}");
+    for w in policy.warnings() {
+        println!("warning: {w}");
+    }
+}
+
 /// Exit status for bad input (EX_USAGE), so scripts can tell it from a crash.
 const EXIT_BAD_INPUT: u8 = 64;
 
@@ -207,20 +232,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                 Some(p) => println!("policy file: {}", p.display()),
                 None => println!("policy file: none"),
             }
-            println!("inbound mTLS mode:");
-            for (port, (mode, source)) in &policy.ports {
-                println!("  port {port}: {mode} ({source})");
-            }
-            let (mode, source) = &policy.default;
-            let label = if policy.ports.is_empty() {
-                "all ports"
-            } else {
-                "other ports"
-            };
-            println!("  {label}: {mode} ({source})");
-            for w in &policy.warnings {
-                println!("warning: {w}");
-            }
+            print_policy(&policy);
             let (_tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(policy));
             app::ProxyInputs::new(config, &creds, rx, Default::default()).map_err(bad)?;
             Ok(())

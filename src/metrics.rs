@@ -15,6 +15,9 @@ pub struct Metrics {
     pub strict_refusals: IntCounterVec,
     /// Policy file reloads by result (`success`, `failure`).
     pub policy_reloads: IntCounterVec,
+    /// Authorization decisions by deciding policy (`ns/name`) and action (`allow`, `deny`,
+    /// `audit`).
+    pub authorization_decisions: IntCounterVec,
 }
 
 impl Metrics {
@@ -43,6 +46,11 @@ impl Metrics {
                 "l4mesh_policy_reloads_total",
                 "Policy file reloads by result; on failure the previous policy stays in force",
                 &["result"],
+            ),
+            authorization_decisions: counter(
+                "l4mesh_authorization_decisions_total",
+                "Inbound authorization decisions by deciding AuthorizationPolicy and action",
+                &["policy", "action"],
             ),
             registry,
         }

@@ -16,6 +16,8 @@ use std::time::SystemTime;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::authz::{self, AuthorizationPolicy, Authorizer};
+
 /// An mTLS mode as written in a resource.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -110,6 +112,7 @@ impl PeerAuthentication {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PolicySet {
     pub peer_authentications: Vec<PeerAuthentication>,
+    pub authorization_policies: Vec<AuthorizationPolicy>,
     /// Documents of other kinds, skipped: `(index, kind)`.
     pub ignored: Vec<(usize, String)>,
 }
@@ -169,6 +172,27 @@ struct RawMetadata {
     // labels, annotations, uid, ... are Kubernetes bookkeeping: accepted and ignored.
     #[serde(flatten)]
     _rest: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawAuthorizationPolicy {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    metadata: RawMetadata,
+    #[serde(default = "empty_spec")]
+    spec: authz::Spec,
+}
+
+fn empty_spec() -> authz::Spec {
+    authz::Spec {
+        selector: None,
+        action: authz::Action::Allow,
+        provider: None,
+        rules: Vec::new(),
+    }
 }
 
 fn default_namespace() -> String {
@@ -260,7 +284,7 @@ impl PolicySet {
                     .unwrap_or_else(default_namespace),
                 meta.and_then(|m| m.name.clone()).unwrap_or_default()
             );
-            if kind != "PeerAuthentication" {
+            if kind != "PeerAuthentication" && kind != "AuthorizationPolicy" {
                 set.ignored.push((index, kind));
                 continue;
             }
@@ -275,6 +299,22 @@ impl PolicySet {
                         API_VERSIONS.join(", ")
                     ),
                 });
+            }
+            if kind == "AuthorizationPolicy" {
+                let raw = RawAuthorizationPolicy::deserialize(doc)
+                    .map_err(|e| invalid(index, what.clone(), e))?;
+                authz::check_spec(&raw.spec).map_err(|message| PolicyError::Invalid {
+                    path: path.to_path_buf(),
+                    index,
+                    what: what.clone(),
+                    message,
+                })?;
+                set.authorization_policies.push(AuthorizationPolicy {
+                    name: raw.metadata.name,
+                    namespace: raw.metadata.namespace,
+                    spec: raw.spec,
+                });
+                continue;
             }
             let raw = RawPeerAuthentication::deserialize(doc)
                 .map_err(|e| invalid(index, what.clone(), e))?;
@@ -311,6 +351,32 @@ impl PolicySet {
             });
         }
         Ok(set)
+    }
+}
+
+/// Everything the policy file says about one workload, resolved once per reload.
+#[derive(Clone, Debug, Default)]
+pub struct WorkloadPolicy {
+    pub mtls: EffectiveMtls,
+    pub authz: Authorizer,
+}
+
+impl WorkloadPolicy {
+    pub fn resolve(set: &PolicySet, workload: &Workload, root_namespace: &str) -> WorkloadPolicy {
+        WorkloadPolicy {
+            mtls: EffectiveMtls::resolve(set, workload, root_namespace),
+            authz: Authorizer::compile(
+                &set.authorization_policies,
+                &workload.namespace,
+                &workload.labels,
+                root_namespace,
+            ),
+        }
+    }
+
+    /// Everything a person should be told about this workload's policies.
+    pub fn warnings(&self) -> impl Iterator<Item = &String> {
+        self.mtls.warnings.iter().chain(&self.authz.warnings)
     }
 }
 
@@ -606,12 +672,21 @@ mod tests {
     #[test]
     fn other_kinds_are_skipped_and_bad_documents_named() {
         let docs = format!(
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: a\nspec: {{}}\n---\n{}",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata: {{}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: a\nspec: {{}}\n---\n{}",
             pa("shop", "x", None, "STRICT")
         );
         let set = PolicySet::parse(Path::new("p.yaml"), &docs).unwrap();
-        assert_eq!(set.ignored, vec![(1, "AuthorizationPolicy".to_string())]);
+        assert_eq!(set.ignored, vec![(1, "ConfigMap".to_string())]);
         assert_eq!(set.peer_authentications.len(), 1);
+        assert_eq!(set.authorization_policies.len(), 1);
+        let custom = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: ext\n  namespace: shop\nspec:\n  action: CUSTOM\n";
+        let err = PolicySet::parse(Path::new("p.yaml"), custom)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("document 1 (AuthorizationPolicy shop/ext): spec.action: CUSTOM"),
+            "{err}"
+        );
 
         let cases = [
             (
