@@ -160,10 +160,18 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let timeouts = &inputs.config.timeouts;
+    let failures = &inputs.metrics.handshake_failures;
     let tls = tokio::time::timeout(timeouts.handshake, inputs.acceptor.accept(client))
         .await
-        .map_err(|_| InboundError::HandshakeTimeout)?
-        .map_err(|e| InboundError::Handshake(tls::HandshakeError(e)))?;
+        .map_err(|_| {
+            failures.with_label_values(&["inbound", "timeout"]).inc();
+            InboundError::HandshakeTimeout
+        })?
+        .map_err(|e| {
+            let e = tls::HandshakeError(e);
+            failures.with_label_values(&["inbound", e.reason()]).inc();
+            InboundError::Handshake(e)
+        })?;
     let conn = tls.get_ref().1;
     if conn.alpn_protocol() != Some(tls::MESH_ALPN) {
         return Err(InboundError::NotMesh);

@@ -18,6 +18,9 @@ pub struct Metrics {
     /// Authorization decisions by deciding policy (`ns/name`) and action (`allow`, `deny`,
     /// `audit`).
     pub authorization_decisions: IntCounterVec,
+    /// Failed mTLS handshakes by direction (`inbound`, `outbound`) and reason (`unknown_ca`,
+    /// `expired`, `bad_identity`, `timeout`, `protocol`, ...; see `tls::HandshakeError`).
+    pub handshake_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -51,6 +54,11 @@ impl Metrics {
                 "l4mesh_authorization_decisions_total",
                 "Inbound authorization decisions by deciding AuthorizationPolicy and action",
                 &["policy", "action"],
+            ),
+            handshake_failures: counter(
+                "l4mesh_tls_handshake_failures_total",
+                "Failed mTLS handshakes by direction and reason",
+                &["direction", "reason"],
             ),
             registry,
         }

@@ -142,14 +142,21 @@ impl OutboundConnection {
                 // SPIFFE identities are not DNS names: the verifier ignores the name, and an
                 // IP address name keeps rustls from sending SNI.
                 let name = ServerName::IpAddress(dst.ip().into());
-                let tls =
-                    tokio::time::timeout(timeouts.handshake, connector.connect(name, upstream))
-                        .await
-                        .map_err(|_| OutboundError::HandshakeTimeout { dst })?
-                        .map_err(|e| OutboundError::Handshake {
-                            dst,
-                            source: tls::HandshakeError(e),
-                        })?;
+                let failures = &inputs.metrics.handshake_failures;
+                let handshake = connector.connect(name, upstream);
+                let tls = tokio::time::timeout(timeouts.handshake, handshake)
+                    .await
+                    .map_err(|_| {
+                        failures.with_label_values(&["outbound", "timeout"]).inc();
+                        OutboundError::HandshakeTimeout { dst }
+                    })?
+                    .map_err(|e| {
+                        let source = tls::HandshakeError(e);
+                        failures
+                            .with_label_values(&["outbound", source.reason()])
+                            .inc();
+                        OutboundError::Handshake { dst, source }
+                    })?;
                 let peer = tls::peer_id(tls.get_ref().1);
                 info!(
                     src = %client_addr,

@@ -367,6 +367,40 @@ pub fn cert_error_reason(e: &rustls::Error) -> String {
 
 impl std::error::Error for HandshakeError {}
 
+impl HandshakeError {
+    /// Why the handshake failed, as a metric label: `unknown_ca`, `expired`, `not_yet_valid`,
+    /// `bad_identity`, `bad_usage`, `revoked`, `no_certificate`, `alert_received`, `protocol`
+    /// or `io`.
+    pub fn reason(&self) -> &'static str {
+        let Some(tls) = self
+            .0
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        else {
+            return "io";
+        };
+        reason_of(tls)
+    }
+}
+
+fn reason_of(e: &rustls::Error) -> &'static str {
+    use CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer | C::BadSignature => "unknown_ca",
+            C::Expired | C::ExpiredContext { .. } => "expired",
+            C::NotValidYet | C::NotValidYetContext { .. } => "not_yet_valid",
+            C::InvalidPurpose | C::InvalidPurposeContext { .. } => "bad_usage",
+            C::Revoked => "revoked",
+            C::Other(o) if o.0.downcast_ref::<PeerIdentityError>().is_some() => "bad_identity",
+            _ => "protocol",
+        },
+        rustls::Error::NoCertificatesPresented => "no_certificate",
+        rustls::Error::AlertReceived(_) => "alert_received",
+        _ => "protocol",
+    }
+}
+
 fn tls12_refused() -> rustls::Error {
     rustls::Error::General("TLS 1.2 is not accepted in the mesh".to_string())
 }
@@ -398,6 +432,35 @@ fn pki_error(e: webpki::Error) -> rustls::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handshake_failures_have_a_reason() {
+        let wrap = |e: rustls::Error| {
+            HandshakeError(std::io::Error::new(std::io::ErrorKind::InvalidData, e)).reason()
+        };
+        let id: SpiffeId = "spiffe://td/ns/a/sa/b".parse().unwrap();
+        let pinned = other(PeerIdentityError::NotPinned {
+            id,
+            allowed: "x".into(),
+        });
+        assert_eq!(wrap(pinned), "bad_identity");
+        assert_eq!(
+            wrap(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer
+            )),
+            "unknown_ca"
+        );
+        assert_eq!(
+            wrap(rustls::Error::InvalidCertificate(CertificateError::Expired)),
+            "expired"
+        );
+        assert_eq!(
+            wrap(rustls::Error::NoCertificatesPresented),
+            "no_certificate"
+        );
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(HandshakeError(reset).reason(), "io");
+    }
 
     #[test]
     fn identity_patterns_match_like_istio_principals() {
