@@ -356,6 +356,30 @@ fn check_prints_the_effective_mode_of_every_port() {
         "{text}"
     );
 
+    // An ALLOW rule on HTTP methods cannot be checked at L4: check says so.
+    let mut with_l7 = std::fs::read_to_string(dir.join("policy.yaml")).unwrap();
+    with_l7.push_str("---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: get-only\n  namespace: shop\nspec:\n  rules:\n  - to:\n    - operation:\n        methods: [\"GET\"]\n");
+    std::fs::write(dir.join("policy.yaml"), with_l7).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("authorization: 1 ALLOW, 0 DENY, 0 AUDIT policies apply"),
+        "{text}"
+    );
+    assert!(
+        text.contains("warning: AuthorizationPolicy shop/get-only rules[0] uses HTTP-only fields"),
+        "{text}"
+    );
+
     std::fs::write(dir.join("policy.yaml"), "kind: PeerAuthentication\napiVersion: security.istio.io/v1\nmetadata:\n  name: p\n  namespace: shop\nspec:\n  mtls:\n    mode: strict\n").unwrap();
     let out = Command::new(BIN)
         .args(["check", "--config"])
