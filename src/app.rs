@@ -13,7 +13,11 @@ use tracing::{debug, error, info, warn};
 
 use tokio::sync::watch;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::admin::{self, AdminState, Endpoints, LogControl};
 use crate::config::Config;
+use crate::drain::Drain;
 use crate::identity::{self, CredentialPaths, Credentials, Expected, SpiffeId};
 use crate::inbound::InboundConnection;
 use crate::metrics::Metrics;
@@ -30,6 +34,9 @@ pub struct ProxyInputs {
     /// The mTLS mode of each inbound port; replaced whole when the policy file changes.
     pub policy: watch::Receiver<Arc<WorkloadPolicy>>,
     pub metrics: Arc<Metrics>,
+    /// This workload as Istio's metrics name it.
+    pub workload_name: String,
+    pub namespace: String,
 }
 
 /// Loads and checks the credentials the config names.
@@ -64,13 +71,8 @@ pub fn load_policy(config: &Config, id: &SpiffeId) -> Result<WorkloadPolicy, Pol
             debug!(document = index, kind = %kind, "ignoring a resource of another kind");
         }
     }
-    let namespace = config.workload.namespace.clone().unwrap_or_else(|| {
-        id.namespace_and_service_account()
-            .map(|(ns, _)| ns.to_string())
-            .unwrap_or_default()
-    });
     let workload = policy::Workload {
-        namespace,
+        namespace: workload_namespace(config, id),
         labels: config.workload.labels.clone(),
     };
     let resolved = WorkloadPolicy::resolve(&set, &workload, &config.policy.root_namespace);
@@ -78,6 +80,15 @@ pub fn load_policy(config: &Config, id: &SpiffeId) -> Result<WorkloadPolicy, Pol
         warn!("{w}");
     }
     Ok(resolved)
+}
+
+/// The workload's namespace: configured, else the one in its SPIFFE ID.
+fn workload_namespace(config: &Config, id: &SpiffeId) -> String {
+    config.workload.namespace.clone().unwrap_or_else(|| {
+        id.namespace_and_service_account()
+            .map(|(ns, _)| ns.to_string())
+            .unwrap_or_default()
+    })
 }
 
 impl ProxyInputs {
@@ -93,7 +104,16 @@ impl ProxyInputs {
         );
         let acceptor = TlsAcceptor::from(tls::server_config(creds, trust.clone())?);
         let routes = Routes::new(&config.outbound, creds, &trust)?;
+        let namespace = workload_namespace(&config, &creds.id);
+        let workload_name = config
+            .workload
+            .workload_name
+            .clone()
+            .or_else(|| config.workload.labels.get("app").cloned())
+            .unwrap_or_else(|| "unknown".to_string());
         Ok(ProxyInputs {
+            workload_name,
+            namespace,
             identity: creds.id.clone(),
             config,
             acceptor,
@@ -104,9 +124,21 @@ impl ProxyInputs {
     }
 }
 
-/// Runs the sidecar until it is told to stop.
-pub async fn run(config: Config, creds: Credentials, policy: WorkloadPolicy) -> anyhow::Result<()> {
+/// Runs the sidecar until it is told to stop: SIGTERM, SIGINT or `POST /drain` start a drain
+/// (readiness false, listeners closed, in-flight connections get `timeouts.drain`), a second
+/// signal exits at once.
+pub async fn run(
+    config: Config,
+    creds: Credentials,
+    policy: WorkloadPolicy,
+    log: Arc<LogControl>,
+) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    let not_after = creds
+        .not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    metrics.certificate_expiry.set(not_after);
     let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
     if let Some(path) = config.policy.file.clone() {
         let (config, id, metrics) = (config.clone(), creds.id.clone(), metrics.clone());
@@ -135,23 +167,37 @@ pub async fn run(config: Config, creds: Credentials, policy: WorkloadPolicy) -> 
             },
         ));
     }
-    let inputs = Arc::new(ProxyInputs::new(config, &creds, policy_rx, metrics)?);
+    let inputs = Arc::new(ProxyInputs::new(
+        config,
+        &creds,
+        policy_rx,
+        metrics.clone(),
+    )?);
     let listeners = &inputs.config.listeners;
-    let outbound = crate::socket::listen(listeners.outbound)
-        .with_context(|| format!("binding the outbound listener {}", listeners.outbound))?;
-    let inbound = crate::socket::listen(listeners.inbound)
-        .with_context(|| format!("binding the inbound listener {}", listeners.inbound))?;
-    info!(
-        identity = %inputs.identity,
-        outbound = %outbound.local_addr()?,
-        inbound = %inbound.local_addr()?,
-        "l4mesh ready"
-    );
+    let bind = |addr, what: &str| {
+        crate::socket::listen(addr).with_context(|| format!("binding the {what} listener {addr}"))
+    };
+    let outbound = bind(listeners.outbound, "outbound")?;
+    let inbound = bind(listeners.inbound, "inbound")?;
+    let stats = bind(listeners.metrics, "metrics")?;
+    let admin = bind(listeners.admin, "admin")?;
+
+    let drain = Drain::new();
+    let state = Arc::new(AdminState {
+        inputs: inputs.clone(),
+        ready: AtomicBool::new(false),
+        drain: drain.clone(),
+        log,
+        not_after: creds.not_after,
+    });
+    tokio::spawn(admin::serve(stats, state.clone(), Endpoints::Stats));
+    tokio::spawn(admin::serve(admin, state.clone(), Endpoints::Admin));
 
     let out_inputs = inputs.clone();
     tokio::spawn(accept_loop(
         outbound,
         "outbound",
+        drain.clone(),
         move |client, client_addr| {
             OutboundConnection {
                 inputs: out_inputs.clone(),
@@ -165,6 +211,7 @@ pub async fn run(config: Config, creds: Credentials, policy: WorkloadPolicy) -> 
     tokio::spawn(accept_loop(
         inbound,
         "inbound",
+        drain.clone(),
         move |client, client_addr| {
             InboundConnection {
                 inputs: in_inputs.clone(),
@@ -174,24 +221,72 @@ pub async fn run(config: Config, creds: Credentials, policy: WorkloadPolicy) -> 
             .run()
         },
     ));
+    let sweep_metrics = metrics.clone();
+    let idle = inputs.config.telemetry.series_idle;
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(idle.min(Duration::from_secs(30))).await;
+            let dropped = sweep_metrics.sweep_idle(idle);
+            if dropped > 0 {
+                debug!(dropped, "dropped idle metric series");
+            }
+        }
+    });
 
-    shutdown_signal().await;
-    info!("l4mesh stopping");
+    state.ready.store(true, Ordering::Release);
+    info!(
+        identity = %inputs.identity,
+        outbound = %listeners.outbound,
+        inbound = %listeners.inbound,
+        metrics = %listeners.metrics,
+        admin = %listeners.admin,
+        "l4mesh ready"
+    );
+
+    tokio::select! {
+        _ = shutdown_signal() => drain.start(),
+        _ = drain.started() => {}
+    }
+    let deadline = inputs.config.timeouts.drain;
+    info!(
+        active = drain.active(),
+        ?deadline,
+        "draining: not ready, not accepting"
+    );
+    tokio::select! {
+        left = drain.finish(deadline) => {
+            if left > 0 {
+                warn!(left, "drain deadline passed; closing the connections still open");
+            }
+            info!("l4mesh stopped");
+        }
+        _ = shutdown_signal() => warn!("second signal: exiting now"),
+    }
     Ok(())
 }
 
-/// Accepts forever, one task per connection. Accept errors (such as running out of file
-/// descriptors) back off briefly instead of spinning.
-async fn accept_loop<F, Fut>(listener: TcpListener, name: &'static str, handle: F)
+/// Accepts until the drain starts, one task per connection, each holding a drain watcher.
+/// Accept errors (such as running out of file descriptors) back off briefly instead of
+/// spinning.
+async fn accept_loop<F, Fut>(listener: TcpListener, name: &'static str, drain: Drain, handle: F)
 where
     F: Fn(TcpStream, std::net::SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            _ = drain.started() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
             Ok((stream, addr)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, addr));
+                let watcher = drain.watcher();
+                let conn = handle(stream, addr);
+                tokio::spawn(async move {
+                    conn.await;
+                    drop(watcher);
+                });
             }
             Err(e) => {
                 error!(listener = name, error = %e, "accept failed; backing off");

@@ -40,6 +40,27 @@ pub struct Config {
     /// How inbound connections are told apart (mesh mTLS, foreign TLS, plaintext).
     #[serde(default)]
     pub detection: Detection,
+    /// Metrics housekeeping.
+    #[serde(default)]
+    pub telemetry: Telemetry,
+}
+
+/// Metrics housekeeping.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Telemetry {
+    /// Istio TCP series of a peer with no open connection for this long are dropped, so the
+    /// number of series stays bounded on a long-running sidecar.
+    #[serde(with = "humantime_serde")]
+    pub series_idle: Duration,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            series_idle: Duration::from_secs(600),
+        }
+    }
 }
 
 /// The policy file: Istio `PeerAuthentication` resources, watched and reloaded on change.
@@ -229,6 +250,9 @@ pub struct Workload {
     pub service_account: Option<String>,
     /// Pod name, for logs.
     pub name: Option<String>,
+    /// The workload (e.g. Deployment) name, as Istio's metrics label it; defaults to the
+    /// `app` label, else `unknown`.
+    pub workload_name: Option<String>,
     /// Pod IP.
     pub pod_ip: Option<IpAddr>,
     /// Pod labels; PeerAuthentication selectors match against them.
@@ -421,6 +445,9 @@ pub struct Timeouts {
     /// A TLS handshake, either side.
     #[serde(with = "humantime_serde")]
     pub handshake: Duration,
+    /// How long connections in flight may finish after SIGTERM or `POST /drain`.
+    #[serde(with = "humantime_serde")]
+    pub drain: Duration,
 }
 
 impl Default for Timeouts {
@@ -428,6 +455,7 @@ impl Default for Timeouts {
         Timeouts {
             connect: Duration::from_secs(5),
             handshake: Duration::from_secs(10),
+            drain: Duration::from_secs(5),
         }
     }
 }

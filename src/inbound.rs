@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 use crate::app::ProxyInputs;
 use crate::authz::{Decision, Peer};
 use crate::identity::SpiffeId;
+use crate::metrics::ConnectionLabels;
 use crate::policy::{Mode, Source, WorkloadPolicy};
 use crate::relay::{self, RelayError};
 use crate::sniff::{self, Protocol};
@@ -96,7 +97,7 @@ impl InboundConnection {
         if mode == Mode::Disable {
             debug!(src = %client_addr, %dst, %source, "inbound DISABLE: forwarding as is");
             authorize(&inputs, &policy, None, client_addr, dst)?;
-            return forward(&inputs, client, client_addr, dst, "disable").await;
+            return forward(&inputs, client, client_addr, dst, None).await;
         }
 
         let detection = &inputs.config.detection;
@@ -142,7 +143,7 @@ impl InboundConnection {
                     protocol = %protocol.name(),
                     "inbound non-mesh connection forwarded (PERMISSIVE)"
                 );
-                forward(&inputs, client, client_addr, dst, protocol.name()).await
+                forward(&inputs, client, client_addr, dst, None).await
             }
         }
     }
@@ -161,6 +162,7 @@ where
 {
     let timeouts = &inputs.config.timeouts;
     let failures = &inputs.metrics.handshake_failures;
+    let started = std::time::Instant::now();
     let tls = tokio::time::timeout(timeouts.handshake, inputs.acceptor.accept(client))
         .await
         .map_err(|_| {
@@ -172,6 +174,11 @@ where
             failures.with_label_values(&["inbound", e.reason()]).inc();
             InboundError::Handshake(e)
         })?;
+    inputs
+        .metrics
+        .handshake_duration
+        .with_label_values(&["inbound"])
+        .observe(started.elapsed().as_secs_f64());
     let conn = tls.get_ref().1;
     if conn.alpn_protocol() != Some(tls::MESH_ALPN) {
         return Err(InboundError::NotMesh);
@@ -185,7 +192,7 @@ where
     // A denied peer learns it after the handshake: the connection is closed with nothing
     // forwarded, which it can tell apart from a failed handshake.
     authorize(inputs, policy, peer_id.as_ref(), client_addr, dst)?;
-    forward(inputs, tls, client_addr, dst, "mtls").await
+    forward(inputs, tls, client_addr, dst, peer_id.as_ref()).await
 }
 
 /// Applies the workload's AuthorizationPolicies to a connection; logs and counts the decision.
@@ -228,15 +235,15 @@ fn authorize(
     }
 }
 
-/// Connects to the application and relays. The application is reached at the address the
-/// client asked for (the pod IP), not 127.0.0.1, so an app bound only to localhost stays
-/// private.
+/// Connects to the application and relays, recording the connection in Istio's TCP metrics.
+/// The application is reached at the address the client asked for (the pod IP), not
+/// 127.0.0.1, so an app bound only to localhost stays private.
 async fn forward<S>(
     inputs: &ProxyInputs,
     client: S,
     client_addr: SocketAddr,
     dst: SocketAddr,
-    security: &'static str,
+    peer: Option<&SpiffeId>,
 ) -> Result<(), InboundError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -245,7 +252,26 @@ where
     let app = socket::connect(dst, Some(source), inputs.config.timeouts.connect)
         .await
         .map_err(|source| InboundError::ConnectApp { dst, source })?;
-    let (sent, result) = relay::relay(client, app).await;
+    let unknown = || "unknown".to_string();
+    let labels = ConnectionLabels {
+        reporter: "destination",
+        source_workload: unknown(),
+        source_workload_namespace: peer
+            .and_then(|p| p.namespace_and_service_account())
+            .map_or_else(unknown, |(ns, _)| ns.to_string()),
+        source_principal: peer.map_or_else(unknown, ToString::to_string),
+        destination_workload: inputs.workload_name.clone(),
+        destination_workload_namespace: inputs.namespace.clone(),
+        destination_principal: match peer {
+            Some(_) => inputs.identity.to_string(),
+            None => unknown(),
+        },
+        destination_service: unknown(),
+        connection_security_policy: if peer.is_some() { "mutual_tls" } else { "none" },
+    };
+    let security = labels.connection_security_policy;
+    let recorder = inputs.metrics.connection(labels, "inbound");
+    let (sent, result) = relay::relay(client, app, &recorder).await;
     debug!(
         src = %client_addr,
         %dst,

@@ -18,10 +18,12 @@
 
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod certs;
 pub mod config;
+pub mod drain;
 pub mod identity;
 pub mod inbound;
 pub mod iptables;

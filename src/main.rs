@@ -8,6 +8,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
+use std::sync::Arc;
+
+use l4mesh::admin::LogControl;
 use l4mesh::{app, certs, config::Config, iptables};
 
 /// Transparent L4 service-mesh sidecar: iptables capture + mutual TLS with SPIFFE identities.
@@ -170,18 +173,37 @@ fn print_policy(policy: &l4mesh::policy::WorkloadPolicy) {
     }
 }
 
+/// Logs to stderr through a filter that `POST /logging` can change at run time.
+fn init_logging(filter: &str) -> Arc<LogControl> {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{fmt, reload, EnvFilter};
+    let initial = EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("l4mesh: log filter {filter:?}: {e}; using \"info\"");
+        EnvFilter::new("info")
+    });
+    let (filter_layer, handle) = reload::Layer::new(initial);
+    tracing_subscriber::registry()
+        .with(filter_layer)
+        .with(
+            fmt::layer()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr),
+        )
+        .init();
+    Arc::new(LogControl::new(filter, move |new| {
+        let parsed = EnvFilter::try_new(new).map_err(|e| format!("invalid log filter: {e}"))?;
+        handle.reload(parsed).map_err(|e| e.to_string())
+    }))
+}
+
 /// Exit status for bad input (EX_USAGE), so scripts can tell it from a crash.
 const EXIT_BAD_INPUT: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log_level.clone());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
-    match dispatch(cli.command) {
+    let log = init_logging(&filter);
+    match dispatch(cli.command, log) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::BadInput(e)) => {
             eprintln!("l4mesh: {e:#}");
@@ -209,7 +231,7 @@ fn other<E: Into<anyhow::Error>>(e: E) -> Failure {
     Failure::Other(e.into())
 }
 
-fn dispatch(cmd: Cmd) -> Result<(), Failure> {
+fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
     match cmd {
         Cmd::Run { config } => {
             let config = Config::load(&config).map_err(bad)?;
@@ -220,7 +242,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                 .build()
                 .map_err(other)?;
             runtime
-                .block_on(app::run(config, creds, policy))
+                .block_on(app::run(config, creds, policy, log))
                 .map_err(other)
         }
         Cmd::Check { config } => {

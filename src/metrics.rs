@@ -3,7 +3,115 @@
 //! of a connection record into it. Label values come from config and detection results, never
 //! from client addresses, so the number of series stays bounded.
 
-use prometheus::{IntCounterVec, Opts, Registry};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// Istio's standard TCP metric labels, in the order values are given.
+pub const TCP_LABELS: [&str; 11] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_service",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+];
+
+/// Who a proxied connection was between, as Istio's TCP metrics label it. Values Istio cannot
+/// know are `unknown`, as in Istio.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectionLabels {
+    /// `destination` (inbound side) or `source` (outbound side).
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    /// `mutual_tls` or `none`.
+    pub connection_security_policy: &'static str,
+}
+
+impl ConnectionLabels {
+    fn values(&self) -> [&str; 11] {
+        [
+            self.reporter,
+            &self.source_workload,
+            &self.source_workload_namespace,
+            &self.source_principal,
+            &self.destination_workload,
+            &self.destination_workload_namespace,
+            &self.destination_principal,
+            &self.destination_service,
+            "tcp",
+            "-",
+            self.connection_security_policy,
+        ]
+    }
+}
+
+/// One proxied connection's counters: `opened` counted when made, `closed` when dropped;
+/// the byte counters are handed to the relay, which adds to them as bytes move, so a
+/// long-lived connection shows up in `rate()` while it is open.
+pub struct ConnectionRecorder {
+    /// Request direction (client to server): Istio's `received` bytes.
+    pub received: IntCounter,
+    /// Response direction (server to client): Istio's `sent` bytes.
+    pub sent: IntCounter,
+    closed: IntCounter,
+    active: IntGauge,
+    series: Option<(SeriesBook, ConnectionLabels)>,
+}
+
+impl ConnectionRecorder {
+    /// Counters registered nowhere, for relays nobody measures (unit tests).
+    pub fn detached() -> ConnectionRecorder {
+        let c = |n: &str| IntCounter::new(n, n).expect("static metric name");
+        ConnectionRecorder {
+            received: c("received"),
+            sent: c("sent"),
+            closed: c("closed"),
+            active: IntGauge::new("active", "active").expect("static metric name"),
+            series: None,
+        }
+    }
+}
+
+impl Drop for ConnectionRecorder {
+    fn drop(&mut self) {
+        self.closed.inc();
+        self.active.dec();
+        if let Some((series, labels)) = &self.series {
+            if let Ok(mut map) = series.lock() {
+                if let Some(s) = map.get_mut(labels) {
+                    s.open = s.open.saturating_sub(1);
+                    s.last_used = Instant::now();
+                }
+            }
+        }
+    }
+}
+
+/// Open connections and last use per label set, shared by the recorders.
+type SeriesBook = std::sync::Arc<Mutex<HashMap<ConnectionLabels, Series>>>;
+
+/// Book-keeping for dropping idle series.
+#[derive(Debug)]
+struct Series {
+    open: usize,
+    last_used: Instant,
+}
 
 /// The l4mesh counters.
 pub struct Metrics {
@@ -21,6 +129,18 @@ pub struct Metrics {
     /// Failed mTLS handshakes by direction (`inbound`, `outbound`) and reason (`unknown_ca`,
     /// `expired`, `bad_identity`, `timeout`, `protocol`, ...; see `tls::HandshakeError`).
     pub handshake_failures: IntCounterVec,
+    /// Successful mTLS handshake durations by direction.
+    pub handshake_duration: HistogramVec,
+    /// Connections being proxied now, by direction and security (`mutual_tls`, `none`).
+    pub active_connections: IntGaugeVec,
+    /// This workload's certificate's notAfter, as a Unix timestamp.
+    pub certificate_expiry: IntGauge,
+    /// Istio's standard TCP metrics.
+    pub tcp_opened: IntCounterVec,
+    pub tcp_closed: IntCounterVec,
+    pub tcp_sent_bytes: IntCounterVec,
+    pub tcp_received_bytes: IntCounterVec,
+    series: SeriesBook,
 }
 
 impl Metrics {
@@ -60,8 +180,122 @@ impl Metrics {
                 "Failed mTLS handshakes by direction and reason",
                 &["direction", "reason"],
             ),
+            handshake_duration: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "l4mesh_tls_handshake_duration_seconds",
+                        "Successful mTLS handshake durations by direction",
+                    )
+                    .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+                    &["direction"],
+                )
+                .expect("static histogram");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("registered once");
+                h
+            },
+            active_connections: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "l4mesh_active_connections",
+                        "Connections being proxied now by direction and security",
+                    ),
+                    &["direction", "security"],
+                )
+                .expect("static gauge");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("registered once");
+                g
+            },
+            certificate_expiry: {
+                let g = IntGauge::new(
+                    "l4mesh_certificate_expiry_timestamp_seconds",
+                    "notAfter of this workload's certificate, Unix time",
+                )
+                .expect("static gauge");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("registered once");
+                g
+            },
+            tcp_opened: counter(
+                "istio_tcp_connections_opened_total",
+                "TCP connections opened (Istio standard metric)",
+                &TCP_LABELS,
+            ),
+            tcp_closed: counter(
+                "istio_tcp_connections_closed_total",
+                "TCP connections closed (Istio standard metric)",
+                &TCP_LABELS,
+            ),
+            tcp_sent_bytes: counter(
+                "istio_tcp_sent_bytes_total",
+                "Bytes sent in the response direction, server to client (Istio standard metric)",
+                &TCP_LABELS,
+            ),
+            tcp_received_bytes: counter(
+                "istio_tcp_received_bytes_total",
+                "Bytes received in the request direction, client to server (Istio standard metric)",
+                &TCP_LABELS,
+            ),
+            series: Default::default(),
             registry,
         }
+    }
+
+    /// Records a proxied connection from now until the returned recorder drops.
+    pub fn connection(&self, labels: ConnectionLabels, direction: &str) -> ConnectionRecorder {
+        let values = labels.values();
+        self.tcp_opened.with_label_values(&values).inc();
+        let active = self
+            .active_connections
+            .with_label_values(&[direction, labels.connection_security_policy]);
+        active.inc();
+        let recorder = ConnectionRecorder {
+            received: self.tcp_received_bytes.with_label_values(&values),
+            sent: self.tcp_sent_bytes.with_label_values(&values),
+            closed: self.tcp_closed.with_label_values(&values),
+            active,
+            series: Some((self.series.clone(), labels.clone())),
+        };
+        if let Ok(mut map) = self.series.lock() {
+            let s = map.entry(labels).or_insert(Series {
+                open: 0,
+                last_used: Instant::now(),
+            });
+            s.open += 1;
+            s.last_used = Instant::now();
+        }
+        recorder
+    }
+
+    /// Drops the Istio TCP series of peers with no open connection for `idle`, so that a
+    /// long-running sidecar talking to many short-lived peers keeps a bounded number of series.
+    /// Returns how many label sets were dropped.
+    pub fn sweep_idle(&self, idle: Duration) -> usize {
+        let Ok(mut map) = self.series.lock() else {
+            return 0;
+        };
+        let stale: Vec<ConnectionLabels> = map
+            .iter()
+            .filter(|(_, s)| s.open == 0 && s.last_used.elapsed() >= idle)
+            .map(|(l, _)| l.clone())
+            .collect();
+        for labels in &stale {
+            let values = labels.values();
+            for vec in [
+                &self.tcp_opened,
+                &self.tcp_closed,
+                &self.tcp_sent_bytes,
+                &self.tcp_received_bytes,
+            ] {
+                let _ = vec.remove_label_values(&values);
+            }
+            map.remove(labels);
+        }
+        stale.len()
     }
 
     /// The Prometheus text exposition of every metric.
@@ -108,5 +342,67 @@ mod tests {
         );
         // Two apps in one process: separate registries, no collision.
         let _second = Metrics::new();
+    }
+
+    fn labels(principal: &str) -> ConnectionLabels {
+        ConnectionLabels {
+            reporter: "destination",
+            source_workload: "unknown".into(),
+            source_workload_namespace: "shop".into(),
+            source_principal: principal.into(),
+            destination_workload: "orders".into(),
+            destination_workload_namespace: "shop".into(),
+            destination_principal: "spiffe://cluster.local/ns/shop/sa/orders".into(),
+            destination_service: "unknown".into(),
+            connection_security_policy: "mutual_tls",
+        }
+    }
+
+    #[test]
+    fn a_connection_is_opened_counted_while_open_and_closed_on_drop() {
+        let m = Metrics::new();
+        let c = m.connection(labels("spiffe://cluster.local/ns/shop/sa/a"), "inbound");
+        c.received.inc_by(100);
+        c.sent.inc_by(7);
+        let text = m.render();
+        assert!(
+            text.contains(
+                "l4mesh_active_connections{direction=\"inbound\",security=\"mutual_tls\"} 1"
+            ),
+            "{text}"
+        );
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+                .to_string()
+        };
+        assert!(line("istio_tcp_received_bytes_total{").ends_with(" 100"));
+        assert!(line("istio_tcp_sent_bytes_total{").ends_with(" 7"));
+        assert!(line("istio_tcp_connections_opened_total{")
+            .contains("connection_security_policy=\"mutual_tls\""));
+        assert!(line("istio_tcp_connections_opened_total{").contains("request_protocol=\"tcp\""));
+        assert!(line("istio_tcp_connections_closed_total{").ends_with(" 0"));
+        drop(c);
+        let text = m.render();
+        assert!(text.contains(
+            "l4mesh_active_connections{direction=\"inbound\",security=\"mutual_tls\"} 0"
+        ));
+        let closed = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_closed_total{"));
+        assert!(closed.unwrap().ends_with(" 1"), "{text}");
+    }
+
+    #[test]
+    fn idle_series_are_dropped_and_open_ones_kept() {
+        let m = Metrics::new();
+        let open = m.connection(labels("spiffe://cluster.local/ns/shop/sa/open"), "inbound");
+        drop(m.connection(labels("spiffe://cluster.local/ns/shop/sa/gone"), "inbound"));
+        assert_eq!(m.sweep_idle(Duration::ZERO), 1);
+        let text = m.render();
+        assert!(!text.contains("sa/gone"), "{text}");
+        assert!(text.contains("sa/open"), "{text}");
+        drop(open);
     }
 }

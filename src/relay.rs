@@ -4,8 +4,11 @@
 
 use std::io;
 
+use prometheus::IntCounter;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::metrics::ConnectionRecorder;
 
 /// Per-direction buffer. On the heap, so an idle connection's future stays small.
 const BUF_SIZE: usize = 16 * 1024;
@@ -28,10 +31,14 @@ pub enum RelayError {
     Upstream(io::Error),
 }
 
-/// Copies `client` ⇄ `upstream` until both directions have ended. On an error in either
-/// direction the other is abandoned (both sockets are closed when the streams drop) and the
-/// error says which side failed.
-pub async fn relay<C, U>(client: C, upstream: U) -> (Transferred, Option<RelayError>)
+/// Copies `client` ⇄ `upstream` until both directions have ended, adding to `meter`'s byte
+/// counters as bytes move. On an error in either direction the other is abandoned (both
+/// sockets are closed when the streams drop) and the error says which side failed.
+pub async fn relay<C, U>(
+    client: C,
+    upstream: U,
+    meter: &ConnectionRecorder,
+) -> (Transferred, Option<RelayError>)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -45,12 +52,14 @@ where
             &mut client_rd,
             &mut upstream_wr,
             &mut up_count,
+            &meter.received,
             Side::Client,
         );
         let down = copy_one_way(
             &mut upstream_rd,
             &mut client_wr,
             &mut down_count,
+            &meter.sent,
             Side::Upstream,
         );
         tokio::pin!(up, down);
@@ -96,6 +105,7 @@ async fn copy_one_way<R, W>(
     from: &mut R,
     to: &mut W,
     count: &mut u64,
+    meter: &IntCounter,
     from_side: Side,
 ) -> Result<(), RelayError>
 where
@@ -112,6 +122,7 @@ where
             .await
             .map_err(|e| from_side.other().error(e))?;
         *count += n as u64;
+        meter.inc_by(n as u64);
     }
     to.shutdown().await.map_err(|e| from_side.other().error(e))
 }
@@ -124,7 +135,11 @@ mod tests {
     async fn bytes_arrive_intact_and_half_close_passes_through() {
         let (client, mut app_client) = tokio::io::duplex(1024);
         let (upstream, mut app_server) = tokio::io::duplex(1024);
-        let relay = tokio::spawn(relay(client, upstream));
+        let meter = ConnectionRecorder::detached();
+        let relay = tokio::spawn(async move {
+            let result = relay(client, upstream, &meter).await;
+            (result, meter.received.get(), meter.sent.get())
+        });
 
         let request: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let req = request.clone();
@@ -143,10 +158,11 @@ mod tests {
         app_server.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"the whole answer");
 
-        let (sent, err) = relay.await.unwrap();
+        let ((sent, err), received_metric, sent_metric) = relay.await.unwrap();
         assert!(err.is_none(), "{err:?}");
         assert_eq!(sent.client_to_upstream, 100_000);
         assert_eq!(sent.upstream_to_client, 16);
+        assert_eq!((received_metric, sent_metric), (100_000, 16));
     }
 
     struct Broken;
@@ -186,11 +202,12 @@ mod tests {
         // The upstream resets while the client is idle: the relay ends, blaming upstream,
         // instead of waiting on the client forever.
         let (client, _keep) = tokio::io::duplex(64);
-        let (_, err) = relay(client, Broken).await;
+        let meter = ConnectionRecorder::detached();
+        let (_, err) = relay(client, Broken, &meter).await;
         assert!(matches!(err, Some(RelayError::Upstream(_))), "{err:?}");
 
         let (upstream, _keep) = tokio::io::duplex(64);
-        let (_, err) = relay(Broken, upstream).await;
+        let (_, err) = relay(Broken, upstream, &meter).await;
         assert!(matches!(err, Some(RelayError::Client(_))), "{err:?}");
     }
 }

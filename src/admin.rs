@@ -1,0 +1,235 @@
+//! Admin: the sidecar's own HTTP endpoints, beside the data path (hyper, HTTP/1.1).
+//!
+//! - the stats listener (:15020, pod IP, for Prometheus and the kubelet): `GET /metrics`,
+//!   `GET /healthz/ready` (200 once credentials are loaded and every listener is bound, 503
+//!   while draining);
+//! - the admin listener (127.0.0.1:15000): `GET /config_dump` (effective config, the policies
+//!   that apply, identity and certificate validity; never key material), `POST /drain`,
+//!   `GET /logging` and `POST /logging?level=FILTER`.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+use crate::app::ProxyInputs;
+use crate::drain::Drain;
+
+/// Changes the log filter at run time (a tracing-subscriber reload handle, behind a closure so
+/// this module does not care how the subscriber is built).
+pub struct LogControl {
+    current: Mutex<String>,
+    set: Box<SetFilter>,
+}
+
+type SetFilter = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
+impl LogControl {
+    pub fn new(
+        initial: &str,
+        set: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static,
+    ) -> LogControl {
+        LogControl {
+            current: Mutex::new(initial.to_string()),
+            set: Box::new(set),
+        }
+    }
+
+    /// A control that accepts nothing (for `check` and tests).
+    pub fn fixed(level: &str) -> LogControl {
+        LogControl::new(level, |_| {
+            Err("the log level cannot be changed here".to_string())
+        })
+    }
+
+    pub fn current(&self) -> String {
+        self.current
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn set(&self, filter: &str) -> Result<(), String> {
+        (self.set)(filter)?;
+        if let Ok(mut c) = self.current.lock() {
+            *c = filter.to_string();
+        }
+        Ok(())
+    }
+}
+
+/// What the endpoints read and act on.
+pub struct AdminState {
+    pub inputs: Arc<ProxyInputs>,
+    /// True once credentials are loaded and every listener is bound.
+    pub ready: AtomicBool,
+    pub drain: Drain,
+    pub log: Arc<LogControl>,
+    /// The certificate's validity, for `/config_dump`.
+    pub not_after: std::time::SystemTime,
+}
+
+/// Which set of endpoints a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoints {
+    Stats,
+    Admin,
+}
+
+/// Serves HTTP/1.1 on `listener` until the process exits.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, endpoints: Endpoints) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, endpoints, req)) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn handle(
+    state: &AdminState,
+    endpoints: Endpoints,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let method = req.method();
+    match (endpoints, method, path) {
+        (_, &Method::GET, "/metrics") => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            state.inputs.metrics.render(),
+        ),
+        (Endpoints::Stats, &Method::GET, "/healthz/ready") => {
+            if state.drain.is_draining() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "draining\n".into(),
+                )
+            } else if state.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "starting\n".into(),
+                )
+            }
+        }
+        (Endpoints::Admin, &Method::GET, "/config_dump") => {
+            text(StatusCode::OK, "application/json", config_dump(state))
+        }
+        (Endpoints::Admin, &Method::POST, "/drain") => {
+            info!("drain requested over the admin endpoint");
+            state.drain.start();
+            text(StatusCode::ACCEPTED, "text/plain", "draining\n".into())
+        }
+        (Endpoints::Admin, &Method::GET, "/logging") => text(
+            StatusCode::OK,
+            "text/plain",
+            format!("{}\n", state.log.current()),
+        ),
+        (Endpoints::Admin, &Method::POST, "/logging") => {
+            let level = req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("level="));
+            match level {
+                None => text(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    "expected ?level=FILTER, e.g. ?level=debug or ?level=info,l4mesh::inbound=debug\n".into(),
+                ),
+                Some(level) => match state.log.set(level) {
+                    Ok(()) => {
+                        info!(level, "log level changed");
+                        text(StatusCode::OK, "text/plain", format!("{level}\n"))
+                    }
+                    Err(e) => text(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+                },
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+/// The effective configuration and policy of this sidecar, as JSON. Paths to key files
+/// appear; key material never does.
+fn config_dump(state: &AdminState) -> String {
+    let inputs = &state.inputs;
+    let policy = inputs.policy.borrow().clone();
+    let ports: serde_json::Map<String, serde_json::Value> = policy
+        .mtls
+        .ports
+        .iter()
+        .map(|(port, (mode, source))| {
+            (
+                port.to_string(),
+                serde_json::json!({"mode": mode.to_string(), "source": source.to_string()}),
+            )
+        })
+        .collect();
+    let (allow, deny, audit) = policy.authz.counts();
+    let dump = serde_json::json!({
+        "identity": {
+            "spiffe_id": inputs.identity.to_string(),
+            "certificate_not_after": humantime::format_rfc3339_seconds(state.not_after).to_string(),
+        },
+        "workload": {
+            "name": inputs.workload_name,
+            "namespace": inputs.namespace,
+        },
+        "config": inputs.config,
+        "mtls": {
+            "default": {
+                "mode": policy.mtls.default.0.to_string(),
+                "source": policy.mtls.default.1.to_string(),
+            },
+            "ports": ports,
+        },
+        "authorization": {
+            "allow_policies": allow,
+            "deny_policies": deny,
+            "audit_policies": audit,
+        },
+        "warnings": policy.warnings().collect::<Vec<_>>(),
+        "draining": state.drain.is_draining(),
+        "active_connections": state.drain.active(),
+    });
+    serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
