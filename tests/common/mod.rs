@@ -447,7 +447,7 @@ pub fn wait_for_log(log: &Path, needle: &str, timeout: Duration) {
 /// The sidecar config for a workload whose certificates are in `certs`.
 pub fn sidecar_config(certs: &Path, extra: &str) -> String {
     format!(
-        "identity:\n  trust_domain: cluster.local\n  cert_chain: {c}/cert-chain.pem\n  private_key: {c}/key.pem\n  trust_bundle: {c}/root-cert.pem\ntimeouts:\n  handshake: 5s\n{extra}",
+        "identity:\n  trust_domain: cluster.local\n  cert_chain: {c}/cert-chain.pem\n  private_key: {c}/key.pem\n  trust_bundle: {c}/root-cert.pem\n{extra}",
         c = certs.display()
     )
 }

@@ -1,0 +1,379 @@
+//! Telemetry between real pods: known traffic through real sidecars, then the exact counter
+//! values and labels from `/metrics` on both reporters; readiness, config dump, log level and
+//! drain over the admin endpoints.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::time::Duration;
+
+use common::*;
+
+const CLIENT: usize = 0;
+const SERVER: usize = 1;
+const OUTSIDER: usize = 2;
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/client";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/shop/sa/server";
+
+/// `curl` inside a pod; returns (HTTP status, body).
+fn http(c: &Cluster, pod: usize, method: &str, url: &str) -> (u16, String) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &c.pod(pod).netns])
+        .args([
+            "curl",
+            "-s",
+            "--max-time",
+            "10",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+            url,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn metrics(c: &Cluster, pod: usize) -> String {
+    let (status, body) = http(c, pod, "GET", "http://127.0.0.1:15020/metrics");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The sum of the samples of `name` whose labels include all of `labels`.
+fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn echo_server(c: &Cluster, addr: SocketAddr) {
+    let listener: TcpListener = c.pod(SERVER).run(move || listen(addr));
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = s.shutdown(Shutdown::Write);
+            });
+        }
+    });
+}
+
+/// Sends `len` bytes, half-closes, reads the echo; returns how many bytes came back.
+fn exchange(c: &Cluster, from: usize, addr: SocketAddr, len: usize) -> usize {
+    c.pod(from).run(move || {
+        let Ok(mut s) = connect(addr) else { return 0 };
+        let _ = s.write_all(&vec![b'x'; len]);
+        let _ = s.shutdown(Shutdown::Write);
+        read_all(&mut s).0.len()
+    })
+}
+
+#[test]
+fn known_traffic_gives_exact_counters_on_both_reporters() {
+    if !privileged("known_traffic_gives_exact_counters") {
+        return;
+    }
+    let mut c = Cluster::new("telem", 3);
+    let ca = c.make_ca();
+    // Port 9000 of the server is STRICT; everything else PERMISSIVE (the default).
+    let (_, policy) = c.policy(
+        "policy.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: server\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: server\n  portLevelMtls:\n    9000:\n      mode: STRICT\n",
+    );
+    c.mesh_sidecar(
+        &ca,
+        CLIENT,
+        "client",
+        "workload:\n  labels:\n    app: client\n",
+    );
+    c.mesh_sidecar(
+        &ca,
+        SERVER,
+        "server",
+        &format!("{policy}workload:\n  labels:\n    app: server\n"),
+    );
+    let (port_8080, port_9000) = (c.pod(SERVER).addr(8080), c.pod(SERVER).addr(9000));
+    echo_server(&c, port_8080);
+    echo_server(&c, port_9000);
+
+    // N = 3 mTLS connections of 1,000 bytes each way; M = 2 plaintext of 500; K = 1 refused.
+    for _ in 0..3 {
+        assert_eq!(exchange(&c, CLIENT, port_8080, 1000), 1000);
+    }
+    for _ in 0..2 {
+        assert_eq!(exchange(&c, OUTSIDER, port_8080, 500), 500);
+    }
+    assert_eq!(exchange(&c, OUTSIDER, port_9000, 10), 0);
+    // The sidecars record a close after the client has seen EOF: give them a moment.
+    std::thread::sleep(Duration::from_millis(300));
+
+    let server = metrics(&c, SERVER);
+    let mtls_in = [
+        ("reporter", "destination"),
+        ("source_principal", CLIENT_ID),
+        ("source_workload_namespace", "shop"),
+        ("destination_principal", SERVER_ID),
+        ("destination_workload", "server"),
+        ("destination_workload_namespace", "shop"),
+        ("request_protocol", "tcp"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(
+        value(&server, "istio_tcp_connections_opened_total", &mtls_in),
+        3.0,
+        "{server}"
+    );
+    assert_eq!(
+        value(&server, "istio_tcp_connections_closed_total", &mtls_in),
+        3.0,
+        "{server}"
+    );
+    assert_eq!(
+        value(&server, "istio_tcp_received_bytes_total", &mtls_in),
+        3000.0
+    );
+    assert_eq!(
+        value(&server, "istio_tcp_sent_bytes_total", &mtls_in),
+        3000.0
+    );
+    let plain_in = [
+        ("reporter", "destination"),
+        ("source_principal", "unknown"),
+        ("destination_principal", "unknown"),
+        ("connection_security_policy", "none"),
+    ];
+    assert_eq!(
+        value(&server, "istio_tcp_connections_opened_total", &plain_in),
+        2.0,
+        "{server}"
+    );
+    assert_eq!(
+        value(&server, "istio_tcp_received_bytes_total", &plain_in),
+        1000.0
+    );
+    assert_eq!(
+        value(&server, "istio_tcp_sent_bytes_total", &plain_in),
+        1000.0
+    );
+    let detections = |outcome| {
+        value(
+            &server,
+            "l4mesh_inbound_detections_total",
+            &[("port", "8080"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!((detections("mtls"), detections("plaintext")), (3.0, 2.0));
+    assert_eq!(
+        value(
+            &server,
+            "l4mesh_inbound_detections_total",
+            &[("port", "9000"), ("outcome", "refused_strict")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &server,
+            "l4mesh_strict_refusals_total",
+            &[("port", "9000"), ("protocol", "plaintext")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &server,
+            "l4mesh_active_connections",
+            &[("direction", "inbound")]
+        ),
+        0.0
+    );
+    assert!(value(&server, "l4mesh_certificate_expiry_timestamp_seconds", &[]) > 1.7e9);
+
+    let client = metrics(&c, CLIENT);
+    let mtls_out = [
+        ("reporter", "source"),
+        ("source_principal", CLIENT_ID),
+        ("source_workload", "client"),
+        ("source_workload_namespace", "shop"),
+        ("destination_principal", SERVER_ID),
+        ("destination_workload_namespace", "shop"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(
+        value(&client, "istio_tcp_connections_opened_total", &mtls_out),
+        3.0,
+        "{client}"
+    );
+    assert_eq!(
+        value(&client, "istio_tcp_received_bytes_total", &mtls_out),
+        3000.0
+    );
+    assert_eq!(
+        value(&client, "istio_tcp_sent_bytes_total", &mtls_out),
+        3000.0
+    );
+    assert_eq!(
+        value(
+            &client,
+            "l4mesh_tls_handshake_duration_seconds_count",
+            &[("direction", "outbound")]
+        ),
+        3.0
+    );
+}
+
+#[test]
+fn bytes_show_up_while_a_connection_is_open() {
+    if !privileged("bytes_show_up_while_a_connection_is_open") {
+        return;
+    }
+    let mut c = Cluster::new("live", 2);
+    let ca = c.make_ca();
+    c.mesh_sidecar(&ca, CLIENT, "client", "");
+    c.mesh_sidecar(&ca, SERVER, "server", "");
+    let addr = c.pod(SERVER).addr(8080);
+    echo_server(&c, addr);
+    let (to_conn, from_test) = std::sync::mpsc::channel::<()>();
+    let (to_test, sent) = std::sync::mpsc::channel::<()>();
+    let conn = c.pod(CLIENT).spawn(move || {
+        let mut s = connect(addr).unwrap();
+        s.write_all(&[b'y'; 10_000]).unwrap();
+        let mut back = vec![0u8; 10_000];
+        s.read_exact(&mut back).unwrap();
+        to_test.send(()).unwrap();
+        // Hold the connection open until the test has looked.
+        let _ = from_test.recv();
+    });
+    sent.recv().unwrap();
+    let server = metrics(&c, SERVER);
+    let open = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(
+        value(&server, "istio_tcp_received_bytes_total", &open),
+        10_000.0,
+        "{server}"
+    );
+    assert_eq!(
+        value(&server, "istio_tcp_connections_closed_total", &open),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &server,
+            "l4mesh_active_connections",
+            &[("direction", "inbound"), ("security", "mutual_tls")]
+        ),
+        1.0
+    );
+    to_conn.send(()).unwrap();
+    conn.join().unwrap();
+}
+
+#[test]
+fn admin_endpoints_ready_config_dump_logging_and_drain() {
+    if !privileged("admin_endpoints") {
+        return;
+    }
+    let mut c = Cluster::new("admin", 2);
+    let ca = c.make_ca();
+    let log = c.mesh_sidecar(&ca, SERVER, "server", "timeouts:\n  drain: 30s\n");
+    let pod = SERVER;
+
+    assert_eq!(
+        http(&c, pod, "GET", "http://127.0.0.1:15020/healthz/ready").0,
+        200
+    );
+    let (status, dump) = http(&c, pod, "GET", "http://127.0.0.1:15000/config_dump");
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("config_dump is JSON");
+    assert_eq!(dump["identity"]["spiffe_id"], SERVER_ID);
+    assert_eq!(dump["mtls"]["default"]["mode"], "PERMISSIVE");
+    assert!(dump["config"]["identity"]["private_key"].is_string());
+    let key = std::fs::read_to_string(c.dir.path().join("certs-1/key.pem")).unwrap();
+    let key_body = key.lines().nth(1).unwrap();
+    assert!(
+        !dump.to_string().contains(key_body),
+        "config_dump leaked key material"
+    );
+    // The admin port is not reachable from another pod (bound to 127.0.0.1).
+    let admin_from_outside = format!("http://{}:15000/config_dump", c.pod(pod).ip4);
+    assert_eq!(http(&c, 0, "GET", &admin_from_outside).0, 0);
+
+    assert_eq!(
+        http(&c, pod, "GET", "http://127.0.0.1:15000/logging")
+            .1
+            .trim(),
+        "debug"
+    );
+    assert_eq!(
+        http(&c, pod, "POST", "http://127.0.0.1:15000/logging?level=warn").0,
+        200
+    );
+    assert_eq!(
+        http(&c, pod, "GET", "http://127.0.0.1:15000/logging")
+            .1
+            .trim(),
+        "warn"
+    );
+    assert_eq!(
+        http(
+            &c,
+            pod,
+            "POST",
+            "http://127.0.0.1:15000/logging?level=l4mesh=loud"
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        http(&c, pod, "POST", "http://127.0.0.1:15000/logging?level=info").0,
+        200
+    );
+
+    // Drain with a connection in flight: not ready, no new connections, the open one still
+    // works, and the sidecar exits once it closes.
+    let addr = c.pod(SERVER).addr(8080);
+    echo_server(&c, addr);
+    c.mesh_sidecar(&ca, CLIENT, "client", "");
+    let (to_conn, from_test) = std::sync::mpsc::channel::<()>();
+    let (to_test, ready) = std::sync::mpsc::channel::<()>();
+    let conn = c.pod(CLIENT).spawn(move || {
+        let mut s = connect(addr).unwrap();
+        s.write_all(b"before").unwrap();
+        let mut b = [0u8; 6];
+        s.read_exact(&mut b).unwrap();
+        to_test.send(()).unwrap();
+        from_test.recv().unwrap();
+        s.write_all(b"during").unwrap();
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"during");
+    });
+    ready.recv().unwrap();
+    assert_eq!(http(&c, pod, "POST", "http://127.0.0.1:15000/drain").0, 202);
+    assert_eq!(
+        http(&c, pod, "GET", "http://127.0.0.1:15020/healthz/ready").0,
+        503
+    );
+    to_conn.send(()).unwrap();
+    conn.join().unwrap();
+    wait_for_log(&log, "l4mesh stopped", Duration::from_secs(20));
+}
