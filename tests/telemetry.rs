@@ -377,3 +377,184 @@ fn admin_endpoints_ready_config_dump_logging_and_drain() {
     conn.join().unwrap();
     wait_for_log(&log, "l4mesh stopped", Duration::from_secs(20));
 }
+
+/// `curl` a Prometheus instant query inside a pod; returns the result vector.
+fn prom_query(c: &Cluster, pod: usize, query: &str) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &c.pod(pod).netns])
+        .args([
+            "curl",
+            "-s",
+            "--max-time",
+            "10",
+            "http://127.0.0.1:19090/api/v1/query",
+        ])
+        .args(["--data-urlencode", &format!("query={query}")])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{query}: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(v["status"], "success", "{query}: {v}");
+    v["data"]["result"].as_array().cloned().unwrap_or_default()
+}
+
+/// A real Prometheus (Debian's package) scrapes a sidecar carrying known traffic; every query
+/// of the Grafana dashboard returns the series that traffic should produce; `/metrics` passes
+/// `promtool check metrics`.
+#[test]
+fn dashboard_queries_return_the_expected_series_from_prometheus() {
+    if !privileged("dashboard_queries_return_the_expected_series") {
+        return;
+    }
+    let mut c = Cluster::new("prom", 3);
+    let ca = c.make_ca();
+    let policy = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: server\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: server\n  portLevelMtls:\n    9000:\n      mode: STRICT\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-7000\n  namespace: shop\nspec:\n  action: DENY\n  rules:\n  - to:\n    - operation:\n        ports: [\"7000\"]\n";
+    let (_, policy_lines) = c.policy("policy.yaml", policy);
+    c.mesh_sidecar(&ca, CLIENT, "client", "");
+    c.mesh_sidecar(
+        &ca,
+        SERVER,
+        "server",
+        &format!("{policy_lines}workload:\n  labels:\n    app: server\n"),
+    );
+    for port in [8080, 9000, 7000] {
+        echo_server(&c, c.pod(SERVER).addr(port));
+    }
+    let (p8080, p9000, p7000) = (
+        c.pod(SERVER).addr(8080),
+        c.pod(SERVER).addr(9000),
+        c.pod(SERVER).addr(7000),
+    );
+    assert_eq!(exchange(&c, CLIENT, p8080, 100), 100);
+    assert_eq!(exchange(&c, OUTSIDER, p8080, 100), 100);
+    assert_eq!(exchange(&c, OUTSIDER, p9000, 100), 0);
+    assert_eq!(exchange(&c, CLIENT, p7000, 100), 0);
+    // A TLS client claiming the mesh ALPN without a client certificate.
+    let target = format!("{}:8080", c.pod(SERVER).ip4);
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "exec", &c.pod(OUTSIDER).netns])
+        .args([
+            "timeout", "5", "openssl", "s_client", "-alpn", "l4mesh/1", "-connect", &target,
+        ])
+        .stdin(std::process::Stdio::null())
+        .output();
+
+    // promtool lints the exposition format.
+    let exposition = c.dir.path().join("metrics.txt");
+    std::fs::write(&exposition, metrics(&c, SERVER)).unwrap();
+    let lint = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("promtool check metrics < {}", exposition.display()))
+        .output()
+        .expect("promtool");
+    assert!(
+        lint.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+
+    // Prometheus in the server pod, scraping its sidecar every second.
+    let prom_dir = c.dir.path().join("prometheus");
+    std::fs::create_dir_all(&prom_dir).unwrap();
+    let prom_config = prom_dir.join("prometheus.yml");
+    std::fs::write(
+        &prom_config,
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: l4mesh\n    static_configs:\n      - targets: [\"127.0.0.1:15020\"]\n        labels: {namespace: shop, pod: server-0}\n",
+    )
+    .unwrap();
+    let prom_log = c.spawn_in(
+        SERVER,
+        "prometheus",
+        &[
+            "prometheus",
+            &format!("--config.file={}", prom_config.display()),
+            &format!("--storage.tsdb.path={}", prom_dir.join("data").display()),
+            "--web.listen-address=127.0.0.1:19090",
+        ],
+    );
+    wait_for_log(
+        &prom_log,
+        "Server is ready to receive web requests",
+        Duration::from_secs(30),
+    );
+    // Enough scrapes for rate() to have two samples in every window.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while prom_query(&c, SERVER, "count_over_time(up[1m])")
+        .first()
+        .and_then(|r| r["value"][1].as_str()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        < 4.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Prometheus never scraped the sidecar"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/grafana/l4mesh-encryption.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    // What each panel must show for this traffic: a label and the value it must have.
+    let expected: &[(&str, &str, &str)] = &[
+        (
+            "Inbound connections over mTLS, per workload",
+            "destination_workload",
+            "server",
+        ),
+        (
+            "Inbound bytes over mTLS, per workload",
+            "destination_workload",
+            "server",
+        ),
+        (
+            "Non-mTLS inbound connections by pod and port (what blocks STRICT)",
+            "port",
+            "8080",
+        ),
+        ("STRICT refusals", "port", "9000"),
+        (
+            "Authorization denials by policy",
+            "policy",
+            "shop/deny-7000",
+        ),
+        (
+            "mTLS handshake failures by reason",
+            "reason",
+            "no_certificate",
+        ),
+        ("Certificate time left", "pod", "server-0"),
+        ("Active proxied connections", "direction", "inbound"),
+    ];
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert_eq!(
+        panels.len(),
+        expected.len(),
+        "a panel without an expectation"
+    );
+    for panel in panels {
+        let title = panel["title"].as_str().unwrap();
+        let (_, label, want) = expected
+            .iter()
+            .find(|(t, _, _)| *t == title)
+            .unwrap_or_else(|| panic!("no expectation for panel {title:?}"));
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m")
+                .replace("$__range", "5m");
+            let result = prom_query(&c, SERVER, &expr);
+            assert!(
+                result.iter().any(|r| r["metric"][*label] == *want),
+                "panel {title:?}: no series with {label}={want:?} from {expr}: {result:?}"
+            );
+        }
+    }
+}

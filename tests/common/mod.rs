@@ -19,7 +19,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_l4mesh");
 pub const PROXY_UID: u32 = 1337;
 
 /// Whether privileged tests can run here. Without root, `ip`, `iptables`, `tcpdump`,
-/// `setpriv`, `openssl` or `curl` they print a loud SKIPPED line, unless
+/// `setpriv`, `openssl`, `curl` or `prometheus` they print a loud SKIPPED line, unless
 /// L4MESH_REQUIRE_PRIVILEGED=1 (CI), where a missing prerequisite fails the test.
 pub fn privileged(test: &str) -> bool {
     let mut missing = Vec::new();
@@ -34,6 +34,8 @@ pub fn privileged(test: &str) -> bool {
         "setpriv",
         "openssl",
         "curl",
+        "prometheus",
+        "promtool",
     ] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
