@@ -2,7 +2,8 @@
 //!
 //! - the stats listener (:15020, pod IP, for Prometheus and the kubelet): `GET /metrics`,
 //!   `GET /healthz/ready` (200 once credentials are loaded and every listener is bound, 503
-//!   while draining);
+//!   while draining), `GET /plaintext_sources` (recent non-mTLS clients per port, for
+//!   `l4mesh migration-report`);
 //! - the admin listener (127.0.0.1:15000): `GET /config_dump` (effective config, the policies
 //!   that apply, identity and certificate validity; never key material), `POST /drain`,
 //!   `GET /logging` and `POST /logging?level=FILTER`.
@@ -122,6 +123,11 @@ fn handle(
             StatusCode::OK,
             "text/plain; version=0.0.4",
             state.inputs.metrics.render(),
+        ),
+        (Endpoints::Stats, &Method::GET, "/plaintext_sources") => text(
+            StatusCode::OK,
+            "application/json",
+            state.inputs.metrics.plaintext_sources.to_json(),
         ),
         (Endpoints::Stats, &Method::GET, "/healthz/ready") => {
             if state.drain.is_draining() {

@@ -173,6 +173,14 @@ pub async fn run(
         policy_rx,
         metrics.clone(),
     )?);
+    metrics
+        .workload_info
+        .with_label_values(&[
+            inputs.workload_name.as_str(),
+            inputs.namespace.as_str(),
+            inputs.identity.to_string().as_str(),
+        ])
+        .set(1);
     let listeners = &inputs.config.listeners;
     let bind = |addr, what: &str| {
         crate::socket::listen(addr).with_context(|| format!("binding the {what} listener {addr}"))

@@ -137,6 +137,9 @@ impl InboundConnection {
             }
             (_, _) => {
                 authorize(&inputs, &policy, None, client_addr, dst)?;
+                metrics
+                    .plaintext_sources
+                    .record(dst.port(), client_addr.ip(), protocol.name());
                 info!(
                     src = %client_addr,
                     %dst,

@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod relay;
+pub mod report;
 pub mod sniff;
 pub mod socket;
 pub mod tls;

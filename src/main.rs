@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use std::sync::Arc;
 
 use l4mesh::admin::LogControl;
-use l4mesh::{app, certs, config::Config, iptables};
+use l4mesh::{app, certs, config::Config, iptables, report};
 
 /// Transparent L4 service-mesh sidecar: iptables capture + mutual TLS with SPIFFE identities.
 #[derive(Parser)]
@@ -43,6 +43,29 @@ enum Cmd {
     /// A throwaway dev PKI: a CA and SPIFFE workload certificates.
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// Per workload and port: did anything but mTLS arrive lately, from where, and so is
+    /// STRICT safe? Reads sidecars' stats endpoints or Prometheus.
+    MigrationReport {
+        /// A sidecar's stats base URL, e.g. http://10.1.2.3:15020 (repeatable); it is scraped
+        /// twice, --window apart.
+        #[arg(long = "sidecar", required_unless_present = "prometheus")]
+        sidecars: Vec<String>,
+        /// A Prometheus base URL, e.g. http://prometheus:9090; counts over the last --window.
+        #[arg(long, conflicts_with = "sidecars")]
+        prometheus: Option<String>,
+        /// The window: how far back (Prometheus) or how long to watch (sidecars).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        window: Option<std::time::Duration>,
+        /// text or json.
+        #[arg(long, default_value = "text")]
+        output: ReportFormat,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ReportFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -267,6 +290,36 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
         }
         Cmd::Iptables(IptablesCmd::Print(args)) => {
             print!("{}", iptables::print(&args.options().map_err(bad)?));
+            Ok(())
+        }
+        Cmd::MigrationReport {
+            sidecars,
+            prometheus,
+            window,
+            output,
+        } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(other)?;
+            let (reports, window) = runtime
+                .block_on(async {
+                    match &prometheus {
+                        Some(url) => {
+                            let w = window.unwrap_or(std::time::Duration::from_secs(3600));
+                            report::from_prometheus(url, w).await.map(|r| (r, w))
+                        }
+                        None => {
+                            let w = window.unwrap_or(std::time::Duration::from_secs(30));
+                            report::from_sidecars(&sidecars, w).await.map(|r| (r, w))
+                        }
+                    }
+                })
+                .map_err(other)?;
+            match output {
+                ReportFormat::Text => print!("{}", report::render_text(&reports, window)),
+                ReportFormat::Json => println!("{}", report::render_json(&reports, window)),
+            }
             Ok(())
         }
         Cmd::Certs(CertsCmd::Ca { out, name, ttl }) => {

@@ -141,6 +141,77 @@ pub struct Metrics {
     pub tcp_sent_bytes: IntCounterVec,
     pub tcp_received_bytes: IntCounterVec,
     series: SeriesBook,
+    /// `1`, labelled with who this sidecar is, so reports and dashboards can name it.
+    pub workload_info: IntGaugeVec,
+    /// Recent sources of non-mTLS inbound connections, per port (bounded; not a metric,
+    /// because addresses must never become label values).
+    pub plaintext_sources: PlaintextSources,
+}
+
+/// How many ports, and sources per port, `PlaintextSources` remembers.
+const MAX_PORTS: usize = 64;
+const MAX_SOURCES_PER_PORT: usize = 32;
+
+/// Who is still talking to this workload without mTLS: the last few source addresses per port
+/// with counts, for `l4mesh migration-report`. Bounded: when full, the least recently seen
+/// entry is replaced.
+#[derive(Default)]
+pub struct PlaintextSources {
+    ports: Mutex<HashMap<u16, Vec<SourceSeen>>>,
+}
+
+/// One source address seen on a port.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SourceSeen {
+    pub address: std::net::IpAddr,
+    pub connections: u64,
+    /// Seconds since the Unix epoch.
+    pub last_seen: u64,
+    /// `plaintext`, `foreign_tls` or `timeout`.
+    pub protocol: &'static str,
+}
+
+impl PlaintextSources {
+    pub fn record(&self, port: u16, address: std::net::IpAddr, protocol: &'static str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let Ok(mut ports) = self.ports.lock() else {
+            return;
+        };
+        if !ports.contains_key(&port) && ports.len() >= MAX_PORTS {
+            return;
+        }
+        let seen = ports.entry(port).or_default();
+        if let Some(s) = seen.iter_mut().find(|s| s.address == address) {
+            s.connections += 1;
+            s.last_seen = now;
+            s.protocol = protocol;
+            return;
+        }
+        let entry = SourceSeen {
+            address,
+            connections: 1,
+            last_seen: now,
+            protocol,
+        };
+        if seen.len() < MAX_SOURCES_PER_PORT {
+            seen.push(entry);
+        } else if let Some(oldest) = seen.iter_mut().min_by_key(|s| s.last_seen) {
+            *oldest = entry;
+        }
+    }
+
+    /// Everything remembered, as JSON: `{"8080": [{"address": ..., ...}], ...}`.
+    pub fn to_json(&self) -> String {
+        let ports = match self.ports.lock() {
+            Ok(p) => p.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let map: std::collections::BTreeMap<String, Vec<SourceSeen>> =
+            ports.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        serde_json::to_string_pretty(&map).unwrap_or_else(|_| "{}".to_string())
+    }
 }
 
 impl Metrics {
@@ -241,6 +312,18 @@ impl Metrics {
                 &TCP_LABELS,
             ),
             series: Default::default(),
+            workload_info: {
+                let g = IntGaugeVec::new(
+                    Opts::new("l4mesh_workload_info", "Who this sidecar serves (value is always 1)"),
+                    &["workload", "namespace", "principal"],
+                )
+                .expect("static gauge");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("registered once");
+                g
+            },
+            plaintext_sources: PlaintextSources::default(),
             registry,
         }
     }
@@ -392,6 +475,25 @@ mod tests {
             .lines()
             .find(|l| l.starts_with("istio_tcp_connections_closed_total{"));
         assert!(closed.unwrap().ends_with(" 1"), "{text}");
+    }
+
+    #[test]
+    fn plaintext_sources_are_bounded() {
+        let p = PlaintextSources::default();
+        for i in 0..100u8 {
+            p.record(8080, std::net::IpAddr::from([10, 0, 0, i]), "plaintext");
+        }
+        p.record(8080, std::net::IpAddr::from([10, 0, 0, 99]), "plaintext");
+        let v: serde_json::Value = serde_json::from_str(&p.to_json()).unwrap();
+        let seen = v["8080"].as_array().unwrap();
+        assert_eq!(seen.len(), MAX_SOURCES_PER_PORT);
+        let last = seen.iter().find(|s| s["address"] == "10.0.0.99").unwrap();
+        assert_eq!(last["connections"], 2);
+        for port in 0..200u16 {
+            p.record(port, std::net::IpAddr::from([10, 0, 0, 1]), "timeout");
+        }
+        let v: serde_json::Value = serde_json::from_str(&p.to_json()).unwrap();
+        assert_eq!(v.as_object().unwrap().len(), MAX_PORTS);
     }
 
     #[test]

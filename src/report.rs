@@ -1,0 +1,541 @@
+//! Migration report: `l4mesh migration-report`. Not on the data path: it reads what sidecars
+//! counted (their `/metrics`, or Prometheus' HTTP API) and says, per workload and port,
+//! whether anything other than mesh mTLS arrived during a window, and from where, and so
+//! whether switching that workload to STRICT would refuse somebody.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use serde::Serialize;
+use thiserror::Error;
+
+/// Why a report could not be made.
+#[derive(Debug, Error)]
+pub enum ReportError {
+    #[error("{url}: {reason}")]
+    Fetch { url: String, reason: String },
+    #[error("{url}: unexpected answer: {reason}")]
+    Answer { url: String, reason: String },
+}
+
+/// One sample of the Prometheus text format.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses the Prometheus text exposition format (the subset sidecars emit: no timestamps
+/// needed, comments skipped). Lines that do not parse are skipped.
+pub fn parse_exposition(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(parse_line)
+        .collect()
+}
+
+fn parse_line(line: &str) -> Option<Sample> {
+    let (series, value) = line.rsplit_once(' ')?;
+    let value = value.parse().ok()?;
+    let (name, labels) = match series.split_once('{') {
+        None => (series.to_string(), BTreeMap::new()),
+        Some((name, rest)) => (name.to_string(), parse_labels(rest.strip_suffix('}')?)?),
+    };
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+fn parse_labels(mut s: &str) -> Option<BTreeMap<String, String>> {
+    let mut labels = BTreeMap::new();
+    while !s.is_empty() {
+        let (key, rest) = s.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = rest.char_indices();
+        let end = loop {
+            let (i, c) = chars.next()?;
+            match c {
+                '\\' => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                '"' => break i,
+                c => value.push(c),
+            }
+        };
+        labels.insert(key.trim_start_matches(',').to_string(), value);
+        s = rest[end + 1..].trim_start_matches(',');
+    }
+    Some(labels)
+}
+
+/// What arrived on one port during the window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PortTraffic {
+    pub port: u16,
+    pub mtls: u64,
+    pub plaintext: u64,
+    pub foreign_tls: u64,
+    /// Clients that sent nothing before the detect timeout (server-first protocols).
+    pub timeout: u64,
+    /// Already refused because the port is STRICT.
+    pub refused_strict: u64,
+    /// Recent non-mTLS sources, when the sidecar was asked directly.
+    pub sources: Vec<Source>,
+    pub verdict: Verdict,
+}
+
+/// A non-mTLS client seen on a port.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct Source {
+    pub address: String,
+    pub connections: u64,
+    pub protocol: String,
+    pub last_seen: u64,
+}
+
+/// Whether STRICT would refuse somebody.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Only mesh mTLS arrived.
+    Safe,
+    /// Something else arrived: STRICT would refuse it.
+    NotSafe,
+    /// Nothing arrived: no evidence either way.
+    #[default]
+    NoTraffic,
+}
+
+impl PortTraffic {
+    pub fn non_mtls(&self) -> u64 {
+        self.plaintext + self.foreign_tls + self.timeout
+    }
+
+    fn judge(&mut self) {
+        self.verdict = if self.non_mtls() > 0 {
+            Verdict::NotSafe
+        } else if self.mtls > 0 {
+            Verdict::Safe
+        } else {
+            Verdict::NoTraffic
+        };
+    }
+}
+
+/// The report for one sidecar.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct WorkloadReport {
+    pub workload: String,
+    pub namespace: String,
+    pub principal: String,
+    /// Where the numbers came from (a sidecar URL or a Prometheus instance label).
+    pub target: String,
+    pub ports: Vec<PortTraffic>,
+    pub verdict: Verdict,
+}
+
+impl WorkloadReport {
+    /// Builds the report from detection counts by `(port, outcome)`.
+    pub fn new(
+        target: &str,
+        info: Option<&BTreeMap<String, String>>,
+        counts: &BTreeMap<(u16, String), u64>,
+    ) -> WorkloadReport {
+        let label = |k: &str| {
+            info.and_then(|i| i.get(k))
+                .cloned()
+                .unwrap_or_else(|| "unknown".to_string())
+        };
+        let mut ports: BTreeMap<u16, PortTraffic> = BTreeMap::new();
+        for ((port, outcome), n) in counts {
+            let p = ports.entry(*port).or_insert_with(|| PortTraffic {
+                port: *port,
+                ..PortTraffic::default()
+            });
+            match outcome.as_str() {
+                "mtls" => p.mtls += n,
+                "plaintext" => p.plaintext += n,
+                "foreign_tls" => p.foreign_tls += n,
+                "timeout" => p.timeout += n,
+                "refused_strict" => p.refused_strict += n,
+                _ => {}
+            }
+        }
+        let mut ports: Vec<PortTraffic> = ports.into_values().collect();
+        for p in &mut ports {
+            p.judge();
+        }
+        let verdict = if ports.iter().any(|p| p.verdict == Verdict::NotSafe) {
+            Verdict::NotSafe
+        } else if ports.iter().any(|p| p.verdict == Verdict::Safe) {
+            Verdict::Safe
+        } else {
+            Verdict::NoTraffic
+        };
+        WorkloadReport {
+            workload: label("workload"),
+            namespace: label("namespace"),
+            principal: label("principal"),
+            target: target.to_string(),
+            ports,
+            verdict,
+        }
+    }
+}
+
+/// Detection counts by `(port, outcome)` in `after` minus `before` (a counter that went down
+/// was reset: its new value is what happened since).
+pub fn detection_deltas(before: &[Sample], after: &[Sample]) -> BTreeMap<(u16, String), u64> {
+    let counts = |samples: &[Sample]| {
+        samples
+            .iter()
+            .filter(|s| s.name == "l4mesh_inbound_detections_total")
+            .filter_map(|s| {
+                let port = s.labels.get("port")?.parse::<u16>().ok()?;
+                Some(((port, s.labels.get("outcome")?.clone()), s.value))
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (b, a) = (counts(before), counts(after));
+    a.into_iter()
+        .map(|(k, after)| {
+            let before = b.get(&k).copied().unwrap_or(0.0);
+            let delta = if after >= before {
+                after - before
+            } else {
+                after
+            };
+            (k, delta.round() as u64)
+        })
+        .collect()
+}
+
+/// The labels of `l4mesh_workload_info` in a scrape.
+pub fn workload_info(samples: &[Sample]) -> Option<&BTreeMap<String, String>> {
+    samples
+        .iter()
+        .find(|s| s.name == "l4mesh_workload_info")
+        .map(|s| &s.labels)
+}
+
+/// The report as a person reads it.
+pub fn render_text(reports: &[WorkloadReport], window: Duration) -> String {
+    let mut out = format!(
+        "Inbound traffic during the last {}:\n",
+        humantime::format_duration(window)
+    );
+    for r in reports {
+        out.push_str(&format!(
+            "\n{}/{} ({}) at {}\n",
+            r.namespace, r.workload, r.principal, r.target
+        ));
+        if r.ports.is_empty() {
+            out.push_str("  no inbound connections\n");
+        }
+        for p in &r.ports {
+            let what = match p.verdict {
+                Verdict::Safe => format!("safe: {} mTLS connections, nothing else", p.mtls),
+                Verdict::NoTraffic => "no traffic: nothing to go on".to_string(),
+                Verdict::NotSafe => {
+                    let mut parts = Vec::new();
+                    for (n, kind) in [
+                        (p.plaintext, "plaintext"),
+                        (p.foreign_tls, "foreign TLS"),
+                        (p.timeout, "silent (server-first)"),
+                    ] {
+                        if n > 0 {
+                            parts.push(format!("{n} {kind}"));
+                        }
+                    }
+                    let mut s = format!(
+                        "NOT SAFE: {} connections ({} mTLS)",
+                        parts.join(", "),
+                        p.mtls
+                    );
+                    if !p.sources.is_empty() {
+                        let from: Vec<String> = p
+                            .sources
+                            .iter()
+                            .map(|s| format!("{} ({} {})", s.address, s.connections, s.protocol))
+                            .collect();
+                        s.push_str(&format!(" from {}", from.join(", ")));
+                    }
+                    s
+                }
+            };
+            out.push_str(&format!("  port {}: {what}\n", p.port));
+        }
+        out.push_str(&match r.verdict {
+            Verdict::Safe => format!(
+                "  => safe to switch {}/{} to STRICT\n",
+                r.namespace, r.workload
+            ),
+            Verdict::NotSafe => format!(
+                "  => not safe: STRICT on {}/{} would refuse the clients above\n",
+                r.namespace, r.workload
+            ),
+            Verdict::NoTraffic => "  => no traffic in the window: widen it to decide\n".into(),
+        });
+    }
+    out
+}
+
+/// The report for machines.
+pub fn render_json(reports: &[WorkloadReport], window: Duration) -> String {
+    let doc = serde_json::json!({
+        "window_seconds": window.as_secs(),
+        "workloads": reports,
+    });
+    serde_json::to_string_pretty(&doc).unwrap_or_else(|_| "{}".into())
+}
+
+/// GETs `url` (plain HTTP/1.1) and returns the body.
+pub async fn http_get(url: &str) -> Result<String, ReportError> {
+    let fail = |reason: String| ReportError::Fetch {
+        url: url.to_string(),
+        reason,
+    };
+    let uri: hyper::Uri = url.parse().map_err(|e| fail(format!("not a URL: {e}")))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(fail("only http:// URLs are supported".into()));
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| fail("no host".into()))?
+        .to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let host_port = match host.parse::<std::net::Ipv6Addr>() {
+        Ok(_) => format!("[{host}]:{port}"),
+        Err(_) => format!("{}:{port}", host.trim_matches(['[', ']'])),
+    };
+    let stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(host_port.as_str()),
+    )
+    .await
+    .map_err(|_| fail("connect timed out".into()))?
+    .map_err(|e| fail(e.to_string()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+    tokio::spawn(conn);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, host_port.as_str())
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| fail(e.to_string()))?;
+    let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+        .await
+        .map_err(|_| fail("no answer within 30s".into()))?
+        .map_err(|e| fail(e.to_string()))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .to_bytes();
+    let body = String::from_utf8_lossy(&body).into_owned();
+    if !status.is_success() {
+        return Err(ReportError::Answer {
+            url: url.to_string(),
+            reason: format!("HTTP {status}: {body}"),
+        });
+    }
+    Ok(body)
+}
+
+/// Scrapes each sidecar (its stats base URL, e.g. `http://10.1.2.3:15020`) twice, `window`
+/// apart, and reports what arrived in between, with the non-mTLS sources it remembers.
+pub async fn from_sidecars(
+    sidecars: &[String],
+    window: Duration,
+) -> Result<Vec<WorkloadReport>, ReportError> {
+    let base = |s: &String| s.trim_end_matches('/').to_string();
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut before = Vec::new();
+    for s in sidecars {
+        before.push(parse_exposition(
+            &http_get(&format!("{}/metrics", base(s))).await?,
+        ));
+    }
+    tokio::time::sleep(window).await;
+    let mut reports = Vec::new();
+    for (s, before) in sidecars.iter().zip(before) {
+        let after = parse_exposition(&http_get(&format!("{}/metrics", base(s))).await?);
+        let mut report =
+            WorkloadReport::new(s, workload_info(&after), &detection_deltas(&before, &after));
+        let sources_url = format!("{}/plaintext_sources", base(s));
+        let sources: BTreeMap<String, Vec<Source>> =
+            serde_json::from_str(&http_get(&sources_url).await?).map_err(|e| {
+                ReportError::Answer {
+                    url: sources_url.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+        for p in &mut report.ports {
+            if let Some(seen) = sources.get(&p.port.to_string()) {
+                // Only sources seen during the window (clocks: the sidecar's and ours).
+                p.sources = seen
+                    .iter()
+                    .filter(|s| s.last_seen + 1 >= start)
+                    .cloned()
+                    .collect();
+            }
+        }
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+/// Asks Prometheus (its base URL) what every sidecar counted over `window`. Prometheus holds
+/// no source addresses (they are never label values), so ask sidecars for those.
+pub async fn from_prometheus(
+    prometheus: &str,
+    window: Duration,
+) -> Result<Vec<WorkloadReport>, ReportError> {
+    let base = prometheus.trim_end_matches('/');
+    let query = |q: String| async move {
+        let url = format!(
+            "{base}/api/v1/query?query={}",
+            percent_encoding::utf8_percent_encode(&q, percent_encoding::NON_ALPHANUMERIC)
+        );
+        let body = http_get(&url).await?;
+        let v: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| ReportError::Answer {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+        if v["status"] != "success" {
+            return Err(ReportError::Answer { url, reason: body });
+        }
+        Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+    };
+    let secs = window.as_secs().max(1);
+    let counts = query(format!(
+        "increase(l4mesh_inbound_detections_total[{secs}s])"
+    ))
+    .await?;
+    let infos = query("l4mesh_workload_info".to_string()).await?;
+    let labels_of = |r: &serde_json::Value| -> BTreeMap<String, String> {
+        r["metric"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut by_instance: BTreeMap<String, BTreeMap<(u16, String), u64>> = BTreeMap::new();
+    for r in &counts {
+        let l = labels_of(r);
+        let (Some(instance), Some(port), Some(outcome)) =
+            (l.get("instance"), l.get("port"), l.get("outcome"))
+        else {
+            continue;
+        };
+        let Ok(port) = port.parse::<u16>() else {
+            continue;
+        };
+        let n = r["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            .round() as u64;
+        *by_instance
+            .entry(instance.clone())
+            .or_default()
+            .entry((port, outcome.clone()))
+            .or_default() += n;
+    }
+    let info: BTreeMap<String, BTreeMap<String, String>> = infos
+        .iter()
+        .map(labels_of)
+        .filter_map(|l| Some((l.get("instance")?.clone(), l)))
+        .collect();
+    for instance in info.keys() {
+        by_instance.entry(instance.clone()).or_default();
+    }
+    Ok(by_instance
+        .iter()
+        .map(|(instance, counts)| WorkloadReport::new(instance, info.get(instance), counts))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BEFORE: &str = "# HELP l4mesh_inbound_detections_total x\n# TYPE l4mesh_inbound_detections_total counter\nl4mesh_inbound_detections_total{outcome=\"mtls\",port=\"8080\"} 10\nl4mesh_inbound_detections_total{outcome=\"plaintext\",port=\"8080\"} 4\nl4mesh_workload_info{namespace=\"shop\",principal=\"spiffe://cluster.local/ns/shop/sa/orders\",workload=\"orders\"} 1\n";
+
+    #[test]
+    fn parses_the_text_format_with_escapes() {
+        let s = parse_exposition(
+            "a_total{x=\"q\\\"uote\",y=\"b\\\\s\"} 3\nplain 1.5\n# c\nbroken{ 1\n",
+        );
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].labels["x"], "q\"uote");
+        assert_eq!(s[0].labels["y"], "b\\s");
+        assert_eq!(s[1].value, 1.5);
+    }
+
+    #[test]
+    fn plaintext_in_the_window_is_not_safe_and_mtls_only_is_safe() {
+        let before = parse_exposition(BEFORE);
+        let after = parse_exposition(&BEFORE.replace("} 10", "} 15").replace("} 4", "} 6"));
+        let r = WorkloadReport::new(
+            "t",
+            workload_info(&after),
+            &detection_deltas(&before, &after),
+        );
+        assert_eq!(r.workload, "orders");
+        assert_eq!(r.ports[0].mtls, 5);
+        assert_eq!(r.ports[0].plaintext, 2);
+        assert_eq!(r.verdict, Verdict::NotSafe);
+        let text = render_text(std::slice::from_ref(&r), Duration::from_secs(60));
+        assert!(
+            text.contains("port 8080: NOT SAFE: 2 plaintext connections (5 mTLS)"),
+            "{text}"
+        );
+        assert!(text.contains("not safe: STRICT on shop/orders"), "{text}");
+
+        // Plaintext happened before the window only: safe now.
+        let after = parse_exposition(&BEFORE.replace("} 10", "} 12"));
+        let r = WorkloadReport::new(
+            "t",
+            workload_info(&after),
+            &detection_deltas(&before, &after),
+        );
+        assert_eq!(r.verdict, Verdict::Safe);
+        let json: serde_json::Value =
+            serde_json::from_str(&render_json(&[r], Duration::from_secs(60))).unwrap();
+        assert_eq!(json["workloads"][0]["verdict"], "safe");
+        assert_eq!(json["workloads"][0]["ports"][0]["plaintext"], 0);
+
+        // Nothing at all: no verdict.
+        let r = WorkloadReport::new("t", None, &detection_deltas(&before, &before));
+        assert_eq!(r.verdict, Verdict::NoTraffic);
+    }
+
+    #[test]
+    fn a_reset_counter_counts_from_zero() {
+        let before = parse_exposition(BEFORE);
+        let after = parse_exposition(
+            "l4mesh_inbound_detections_total{outcome=\"plaintext\",port=\"8080\"} 1\n",
+        );
+        assert_eq!(
+            detection_deltas(&before, &after)[&(8080, "plaintext".to_string())],
+            1
+        );
+    }
+}
