@@ -557,4 +557,139 @@ fn dashboard_queries_return_the_expected_series_from_prometheus() {
             );
         }
     }
+    // The migration report reads the same numbers from Prometheus: plaintext that arrives
+    // while Prometheus watches (increase() needs the counter to move between scrapes).
+    assert_eq!(exchange(&c, OUTSIDER, p8080, 100), 100);
+    std::thread::sleep(Duration::from_millis(2500));
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.pod(SERVER).netns,
+            BIN,
+            "migration-report",
+        ])
+        .args([
+            "--prometheus",
+            "http://127.0.0.1:19090",
+            "--window",
+            "10m",
+            "--output",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let w = &report["workloads"][0];
+    assert_eq!(w["workload"], "server", "{report}");
+    assert_eq!(w["verdict"], "not_safe", "{report}");
+    let p8080 = w["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["port"] == 8080)
+        .unwrap();
+    assert!(p8080["plaintext"].as_u64().unwrap() >= 1, "{report}");
+}
+
+/// Runs `l4mesh migration-report` inside the server pod against its sidecar, while `from`
+/// keeps calling the server; returns the JSON report.
+fn report_while_calling(c: &Cluster, from: usize, addr: SocketAddr) -> (serde_json::Value, String) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let caller = c.pod(from).spawn(move || {
+        while !s.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = exchange_here(addr, 50);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let run = |format: &str| {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &c.pod(SERVER).netns,
+                BIN,
+                "migration-report",
+            ])
+            .args([
+                "--sidecar",
+                "http://127.0.0.1:15020",
+                "--window",
+                "2s",
+                "--output",
+                format,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let json = run("json");
+    let text = run("text");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    caller.join().unwrap();
+    (serde_json::from_str(&json).expect("report JSON"), text)
+}
+
+fn exchange_here(addr: SocketAddr, len: usize) -> usize {
+    let Ok(mut s) = connect(addr) else { return 0 };
+    let _ = s.write_all(&vec![b'x'; len]);
+    let _ = s.shutdown(Shutdown::Write);
+    read_all(&mut s).0.len()
+}
+
+#[test]
+fn migration_report_is_not_safe_until_the_plaintext_client_moves_to_mtls() {
+    if !privileged("migration_report_on_live_sidecars") {
+        return;
+    }
+    let mut c = Cluster::new("report", 3);
+    let ca = c.make_ca();
+    c.mesh_sidecar(
+        &ca,
+        SERVER,
+        "server",
+        "workload:\n  labels:\n    app: server\n",
+    );
+    let addr = c.pod(SERVER).addr(8080);
+    echo_server(&c, addr);
+
+    let (report, text) = report_while_calling(&c, OUTSIDER, addr);
+    let w = &report["workloads"][0];
+    assert_eq!(w["workload"], "server");
+    assert_eq!(w["verdict"], "not_safe", "{report}");
+    let port = &w["ports"][0];
+    assert_eq!(port["port"], 8080);
+    assert!(port["plaintext"].as_u64().unwrap() > 0);
+    assert_eq!(
+        port["sources"][0]["address"],
+        c.pod(OUTSIDER).ip4.to_string()
+    );
+    assert!(text.contains("port 8080: NOT SAFE"), "{text}");
+    assert!(
+        text.contains(&format!("from {}", c.pod(OUTSIDER).ip4)),
+        "{text}"
+    );
+
+    // The client's pod joins the mesh: the same calls now arrive as mTLS.
+    c.mesh_sidecar(&ca, OUTSIDER, "legacy", "");
+    let (report, text) = report_while_calling(&c, OUTSIDER, addr);
+    let w = &report["workloads"][0];
+    assert_eq!(w["verdict"], "safe", "{report}");
+    assert_eq!(w["ports"][0]["plaintext"], 0);
+    assert!(w["ports"][0]["mtls"].as_u64().unwrap() > 0);
+    assert!(
+        text.contains("safe to switch shop/server to STRICT"),
+        "{text}"
+    );
 }
