@@ -119,6 +119,9 @@ identity:
   trust_bundle: $pod/root-cert.pem
 policy:
   file: policy.yaml
+workload:
+  labels:
+    app: $pod
 YAML
 done
 start_sidecar() { # netns name
@@ -148,6 +151,18 @@ note "outsider got: $(ip netns exec "$OUTSIDER" curl -s --max-time 5 "http://$SE
 sleep 0.2
 grep -h -o 'inbound non-mesh connection forwarded.*' "$WORK/server.log" | head -1 | sed 's/^/     server sidecar: /'
 note "so a workload can join the mesh before all of its clients have."
+
+say "is the server ready for STRICT? l4mesh migration-report watches its sidecar for 2s"
+( for _ in $(seq 15); do
+      ip netns exec "$OUTSIDER" curl -s --max-time 1 "http://$SERVER_IP:8080/" >/dev/null
+      ip netns exec "$CLIENT" curl -s --max-time 1 "http://$SERVER_IP:8080/" >/dev/null
+      sleep 0.1
+  done ) &
+ip netns exec "$SERVER" "$BIN" migration-report --sidecar http://127.0.0.1:15020 --window 2s \
+    | sed 's/^/     /'
+wait $! 2>/dev/null || true
+note "not yet: the outsider still speaks plaintext. Suppose the platform team accepts that and"
+note "cuts it off (in real life: give it a sidecar first, and the report says safe)."
 
 say "going STRICT: one PeerAuthentication in the policy file, picked up live"
 cat >"$WORK/policy.yaml.new" <<'YAML'
