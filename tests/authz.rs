@@ -3,8 +3,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::io::Write;
+use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,22 +29,7 @@ fn policy(allowed: &[&str]) -> String {
 
 /// An app that counts the bytes that reach it and echoes them.
 fn counting_echo(c: &Cluster, addr: SocketAddr, seen: Arc<AtomicUsize>) {
-    let listener: TcpListener = c.pod(ORDERS).run(move || listen(addr));
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(mut s) = s else { return };
-            let seen = seen.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf) {
-                    seen.fetch_add(n, Ordering::SeqCst);
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    echo_server(c.pod(ORDERS), addr, Some(seen));
 }
 
 fn call(c: &Cluster, from: usize, addr: SocketAddr) -> Vec<u8> {

@@ -5,28 +5,14 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::net::{Shutdown, SocketAddr};
 use std::time::Duration;
 
 use common::*;
 
-/// An echo server on `addr` in pod 1 that serves every connection until it closes.
+/// An echo server on `addr` in pod 1.
 fn echo_server(c: &Cluster, addr: SocketAddr) {
-    let listener: TcpListener = c.pod(1).run(move || listen(addr));
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-                let _ = s.shutdown(Shutdown::Write);
-            });
-        }
-    });
+    common::echo_server(c.pod(1), addr, None);
 }
 
 /// Sends `msg` from pod `from` to `addr`, half-closes, and returns what came back (empty when

@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
@@ -58,31 +58,12 @@ fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 fn echo_server(c: &Cluster, addr: SocketAddr) {
-    let listener: TcpListener = c.pod(SERVER).run(move || listen(addr));
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-                let _ = s.shutdown(Shutdown::Write);
-            });
-        }
-    });
+    common::echo_server(c.pod(SERVER), addr, None);
 }
 
 /// Sends `len` bytes, half-closes, reads the echo; returns how many bytes came back.
 fn exchange(c: &Cluster, from: usize, addr: SocketAddr, len: usize) -> usize {
-    c.pod(from).run(move || {
-        let Ok(mut s) = connect(addr) else { return 0 };
-        let _ = s.write_all(&vec![b'x'; len]);
-        let _ = s.shutdown(Shutdown::Write);
-        read_all(&mut s).0.len()
-    })
+    c.pod(from).run(move || exchange_here(addr, len))
 }
 
 #[test]
@@ -639,13 +620,6 @@ fn report_while_calling(c: &Cluster, from: usize, addr: SocketAddr) -> (serde_js
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     caller.join().unwrap();
     (serde_json::from_str(&json).expect("report JSON"), text)
-}
-
-fn exchange_here(addr: SocketAddr, len: usize) -> usize {
-    let Ok(mut s) = connect(addr) else { return 0 };
-    let _ = s.write_all(&vec![b'x'; len]);
-    let _ = s.shutdown(Shutdown::Write);
-    read_all(&mut s).0.len()
 }
 
 #[test]

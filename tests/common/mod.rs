@@ -454,6 +454,39 @@ pub fn sidecar_config(certs: &Path, extra: &str) -> String {
     )
 }
 
+/// Starts an echo server on `addr` in `pod` that serves every connection until it closes;
+/// `seen` (when given) counts the bytes that reach it.
+pub fn echo_server(pod: &Pod, addr: SocketAddr, seen: Option<std::sync::Arc<AtomicUsize>>) {
+    let listener = pod.run(move || listen(addr));
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if let Some(seen) = &seen {
+                        seen.fetch_add(n, Ordering::SeqCst);
+                    }
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+}
+
+/// From the calling thread's netns: sends `len` bytes, half-closes, and returns how many
+/// bytes came back (0 when refused).
+pub fn exchange_here(addr: SocketAddr, len: usize) -> usize {
+    let Ok(mut s) = connect(addr) else { return 0 };
+    let _ = s.write_all(&vec![b'x'; len]);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    read_all(&mut s).0.len()
+}
+
 /// `len` bytes of deterministic data with `marker` every 4 KiB, so any plaintext leak shows.
 pub fn payload(len: usize, seed: u64, marker: &[u8]) -> Vec<u8> {
     let mut x = seed | 1;
