@@ -73,8 +73,6 @@ pub struct AdminState {
     pub ready: AtomicBool,
     pub drain: Drain,
     pub log: Arc<LogControl>,
-    /// The certificate's validity, for `/config_dump`.
-    pub not_after: std::time::SystemTime,
 }
 
 /// Which set of endpoints a listener serves.
@@ -199,6 +197,7 @@ fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<B
 fn config_dump(state: &AdminState) -> String {
     let inputs = &state.inputs;
     let policy = inputs.policy.borrow().clone();
+    let creds = inputs.tls.borrow().creds.clone();
     let ports: serde_json::Map<String, serde_json::Value> = policy
         .mtls
         .ports
@@ -214,7 +213,8 @@ fn config_dump(state: &AdminState) -> String {
     let dump = serde_json::json!({
         "identity": {
             "spiffe_id": inputs.identity.to_string(),
-            "certificate_not_after": humantime::format_rfc3339_seconds(state.not_after).to_string(),
+            "certificate_serial": creds.serial,
+            "certificate_not_after": humantime::format_rfc3339_seconds(creds.not_after).to_string(),
         },
         "workload": {
             "name": inputs.workload_name,

@@ -23,14 +23,15 @@ use crate::inbound::InboundConnection;
 use crate::metrics::Metrics;
 use crate::outbound::{OutboundConnection, Routes};
 use crate::policy::{self, PolicyError, PolicySet, WorkloadPolicy};
-use crate::tls::{self, TrustStore};
+use crate::tls;
 
 /// Everything a connection needs, built once at start-up and shared.
 pub struct ProxyInputs {
     pub config: Config,
+    /// The workload's identity (rotation keeps it: a new certificate must carry the same).
     pub identity: SpiffeId,
-    pub acceptor: TlsAcceptor,
-    pub routes: Routes,
+    /// The credentials and TLS configurations in force; replaced whole on rotation.
+    pub tls: watch::Receiver<Arc<TlsState>>,
     /// The mTLS mode of each inbound port; replaced whole when the policy file changes.
     pub policy: watch::Receiver<Arc<WorkloadPolicy>>,
     pub metrics: Arc<Metrics>,
@@ -39,19 +40,50 @@ pub struct ProxyInputs {
     pub namespace: String,
 }
 
-/// Loads and checks the credentials the config names.
-pub fn load_credentials(config: &Config) -> Result<Credentials, identity::IdentityError> {
-    let paths = CredentialPaths {
+/// The credentials in force and the TLS configurations built from them: an immutable
+/// snapshot, replaced whole on rotation. A connection keeps the snapshot it started with, so
+/// rotation never touches an established connection.
+pub struct TlsState {
+    pub creds: Arc<Credentials>,
+    pub acceptor: TlsAcceptor,
+    pub routes: Routes,
+}
+
+impl TlsState {
+    pub fn new(config: &Config, creds: Credentials) -> Result<TlsState, tls::ConfigError> {
+        let acceptor = TlsAcceptor::from(tls::server_config(&creds, creds.trust.clone())?);
+        let routes = Routes::new(&config.outbound, &creds, &creds.trust)?;
+        Ok(TlsState {
+            creds: Arc::new(creds),
+            acceptor,
+            routes,
+        })
+    }
+}
+
+/// Where the config says the credentials are.
+pub fn credential_paths(config: &Config) -> CredentialPaths {
+    CredentialPaths {
         cert_chain: config.identity.cert_chain.clone(),
         private_key: config.identity.private_key.clone(),
         trust_bundle: config.identity.trust_bundle.clone(),
-    };
+        crls: config.identity.crls.clone(),
+    }
+}
+
+/// Loads and checks the credentials the config names; `id`, when given, is the identity they
+/// must carry (a rotation must not change who the workload is).
+pub fn load_credentials(
+    config: &Config,
+    id: Option<&SpiffeId>,
+) -> Result<Credentials, identity::IdentityError> {
     let expected = Expected {
         trust_domain: config.identity.trust_domain.as_str().to_string(),
         namespace: config.workload.namespace.clone(),
         service_account: config.workload.service_account.clone(),
+        id: id.cloned(),
     };
-    identity::load(&paths, &expected)
+    identity::load(&credential_paths(config), &expected)
 }
 
 /// Loads the policy file (if any) and resolves it for this workload. The workload's namespace
@@ -62,14 +94,7 @@ pub fn load_policy(config: &Config, id: &SpiffeId) -> Result<WorkloadPolicy, Pol
         None => PolicySet::default(),
     };
     for (index, kind) in &set.ignored {
-        if kind == "AuthorizationPolicy" {
-            warn!(
-                document = index,
-                "AuthorizationPolicy is not enforced yet; ignoring it"
-            );
-        } else {
-            debug!(document = index, kind = %kind, "ignoring a resource of another kind");
-        }
+        debug!(document = index, kind = %kind, "ignoring a resource of another kind");
     }
     let workload = policy::Workload {
         namespace: workload_namespace(config, id),
@@ -94,33 +119,27 @@ fn workload_namespace(config: &Config, id: &SpiffeId) -> String {
 impl ProxyInputs {
     pub fn new(
         config: Config,
-        creds: &Credentials,
+        tls: watch::Receiver<Arc<TlsState>>,
         policy: watch::Receiver<Arc<WorkloadPolicy>>,
         metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Self> {
-        let trust = Arc::new(
-            TrustStore::new(&creds.roots, config.identity.trust_domain.as_str())
-                .map_err(|(i, e)| anyhow::anyhow!("trust bundle certificate #{i}: {e}"))?,
-        );
-        let acceptor = TlsAcceptor::from(tls::server_config(creds, trust.clone())?);
-        let routes = Routes::new(&config.outbound, creds, &trust)?;
-        let namespace = workload_namespace(&config, &creds.id);
+    ) -> ProxyInputs {
+        let identity = tls.borrow().creds.id.clone();
+        let namespace = workload_namespace(&config, &identity);
         let workload_name = config
             .workload
             .workload_name
             .clone()
             .or_else(|| config.workload.labels.get("app").cloned())
             .unwrap_or_else(|| "unknown".to_string());
-        Ok(ProxyInputs {
+        ProxyInputs {
             workload_name,
             namespace,
-            identity: creds.id.clone(),
+            identity,
             config,
-            acceptor,
-            routes,
+            tls,
             policy,
             metrics,
-        })
+        }
     }
 }
 
@@ -134,17 +153,31 @@ pub async fn run(
     log: Arc<LogControl>,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let not_after = creds
-        .not_after
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    metrics.certificate_expiry.set(not_after);
+    metrics
+        .certificate_expiry
+        .set(unix_seconds(creds.not_after));
+    let id = creds.id.clone();
+    let (tls_tx, tls_rx) = watch::channel(Arc::new(TlsState::new(&config, creds)?));
+    tokio::spawn(crate::watch::poll(
+        credential_paths(&config).all(),
+        config.identity.reload_interval,
+        rotate(config.clone(), id.clone(), metrics.clone(), tls_tx),
+    ));
+    tokio::spawn(watch_expiry(
+        tls_rx.clone(),
+        config
+            .identity
+            .expiry_warnings
+            .iter()
+            .map(|d| **d)
+            .collect(),
+    ));
     let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
     if let Some(path) = config.policy.file.clone() {
-        let (config, id, metrics) = (config.clone(), creds.id.clone(), metrics.clone());
+        let (config, id, metrics) = (config.clone(), id.clone(), metrics.clone());
         let interval = config.policy.reload_interval;
         tokio::spawn(crate::watch::poll(
-            path,
+            vec![path],
             interval,
             move || match load_policy(&config, &id) {
                 Ok(policy) => {
@@ -167,12 +200,7 @@ pub async fn run(
             },
         ));
     }
-    let inputs = Arc::new(ProxyInputs::new(
-        config,
-        &creds,
-        policy_rx,
-        metrics.clone(),
-    )?);
+    let inputs = Arc::new(ProxyInputs::new(config, tls_rx, policy_rx, metrics.clone()));
     metrics
         .workload_info
         .with_label_values(&[
@@ -196,7 +224,6 @@ pub async fn run(
         ready: AtomicBool::new(false),
         drain: drain.clone(),
         log,
-        not_after: creds.not_after,
     });
     tokio::spawn(admin::serve(stats, state.clone(), Endpoints::Stats));
     tokio::spawn(admin::serve(admin, state.clone(), Endpoints::Admin));
@@ -244,6 +271,7 @@ pub async fn run(
     state.ready.store(true, Ordering::Release);
     info!(
         identity = %inputs.identity,
+        serial = %inputs.tls.borrow().creds.serial,
         outbound = %listeners.outbound,
         inbound = %listeners.inbound,
         metrics = %listeners.metrics,
@@ -271,6 +299,84 @@ pub async fn run(
         _ = shutdown_signal() => warn!("second signal: exiting now"),
     }
     Ok(())
+}
+
+/// What to do when a credential file changes: load and check the new set; if good, publish a
+/// new TLS snapshot for new handshakes; if not (half-written, mismatched, another identity),
+/// keep the current one, say exactly why, and count it. The next change is tried again.
+fn rotate(
+    config: Config,
+    id: SpiffeId,
+    metrics: Arc<Metrics>,
+    tls_tx: watch::Sender<Arc<TlsState>>,
+) -> impl FnMut() {
+    move || {
+        let loaded = load_credentials(&config, Some(&id))
+            .map_err(|e| e.to_string())
+            .and_then(|creds| TlsState::new(&config, creds).map_err(|e| e.to_string()));
+        match loaded {
+            Ok(state) => {
+                let creds = &state.creds;
+                info!(
+                    serial = %creds.serial,
+                    not_after = %humantime::format_rfc3339_seconds(creds.not_after),
+                    "credentials rotated; new handshakes use them"
+                );
+                metrics
+                    .certificate_expiry
+                    .set(unix_seconds(creds.not_after));
+                metrics
+                    .certificate_reloads
+                    .with_label_values(&["success"])
+                    .inc();
+                tls_tx.send_replace(Arc::new(state));
+            }
+            Err(e) => {
+                error!(error = %e, "certificate reload failed; keeping the current credentials");
+                metrics
+                    .certificate_reloads
+                    .with_label_values(&["failure"])
+                    .inc();
+            }
+        }
+    }
+}
+
+/// Warns as the certificate in force nears expiry (once per threshold and certificate), and
+/// says so loudly when it has expired: from then on the sidecar is not ready (see `admin`) and
+/// peers refuse its handshakes, until a valid certificate is rotated in.
+async fn watch_expiry(tls: watch::Receiver<Arc<TlsState>>, mut thresholds: Vec<Duration>) {
+    thresholds.sort_unstable_by(|a, b| b.cmp(a));
+    let mut warned: (String, usize) = (String::new(), 0);
+    loop {
+        let creds = tls.borrow().creds.clone();
+        if warned.0 != creds.serial {
+            warned = (creds.serial.clone(), 0);
+        }
+        let now = std::time::SystemTime::now();
+        let at = humantime::format_rfc3339_seconds(creds.not_after).to_string();
+        match creds.not_after.duration_since(now) {
+            Err(_) => {
+                if warned.1 <= thresholds.len() {
+                    error!(serial = %creds.serial, expired_at = %at, "certificate expired: not ready; rotate the certificate");
+                    warned.1 = thresholds.len() + 1;
+                }
+            }
+            Ok(left) => {
+                while warned.1 < thresholds.len() && left <= thresholds[warned.1] {
+                    let rounded = Duration::from_secs(left.as_secs());
+                    warn!(serial = %creds.serial, expires_at = %at, left = %humantime::format_duration(rounded), "certificate expires soon");
+                    warned.1 += 1;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn unix_seconds(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Accepts until the drain starts, one task per connection, each holding a drain watcher.

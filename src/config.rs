@@ -168,8 +168,28 @@ pub struct IdentityConfig {
     pub cert_chain: PathBuf,
     /// PEM: the workload's private key (ECDSA P-256, Ed25519 or RSA; PKCS#8, SEC1 or PKCS#1).
     pub private_key: PathBuf,
-    /// PEM: one or more root certificates peers must chain to.
+    /// PEM: one or more root certificates peers must chain to (several during a CA rollover).
     pub trust_bundle: PathBuf,
+    /// PEM certificate revocation lists: peers (or intermediates) listed are refused.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    /// How often the files above are checked for a rotation.
+    #[serde(default = "default_reload", with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// Log a warning when the certificate has less than each of these left.
+    #[serde(default = "default_expiry_warnings")]
+    pub expiry_warnings: Vec<humantime_serde::Serde<Duration>>,
+}
+
+fn default_reload() -> Duration {
+    Duration::from_millis(500)
+}
+
+fn default_expiry_warnings() -> Vec<humantime_serde::Serde<Duration>> {
+    [24 * 3600, 3600, 600]
+        .into_iter()
+        .map(|s| Duration::from_secs(s).into())
+        .collect()
 }
 
 fn default_trust_domain() -> TrustDomain {
@@ -536,7 +556,12 @@ impl Config {
             &mut self.identity.private_key,
             &mut self.identity.trust_bundle,
         ];
-        for p in required.into_iter().chain(optional.into_iter().flatten()) {
+        let crls = self.identity.crls.iter_mut();
+        for p in required
+            .into_iter()
+            .chain(crls)
+            .chain(optional.into_iter().flatten())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }

@@ -160,12 +160,40 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, CertIdentityE
     found.ok_or(CertIdentityError::NoSpiffeId)
 }
 
+/// A certificate's serial number, as its bytes.
+pub fn serial_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, String> {
+    let (_, x509) = X509Certificate::from_der(cert.as_ref()).map_err(|e| e.to_string())?;
+    Ok(x509.tbs_certificate.raw_serial().to_vec())
+}
+
+/// A certificate's serial number in lowercase hex (for logs; `?` if unreadable).
+pub fn serial_hex(cert: &CertificateDer<'_>) -> String {
+    serial_of(cert)
+        .map(|s| s.iter().map(|b| format!("{b:02x}")).collect())
+        .unwrap_or_else(|_| "?".to_string())
+}
+
 /// Where the three PEM files live.
 #[derive(Clone, Debug)]
 pub struct CredentialPaths {
     pub cert_chain: PathBuf,
     pub private_key: PathBuf,
     pub trust_bundle: PathBuf,
+    /// PEM certificate revocation lists (optional).
+    pub crls: Vec<PathBuf>,
+}
+
+impl CredentialPaths {
+    /// Every file the credentials are read from, for the rotation watch.
+    pub fn all(&self) -> Vec<PathBuf> {
+        let mut v = vec![
+            self.cert_chain.clone(),
+            self.private_key.clone(),
+            self.trust_bundle.clone(),
+        ];
+        v.extend(self.crls.iter().cloned());
+        v
+    }
 }
 
 /// What the workload expects its own identity to be; empty fields are not checked.
@@ -174,6 +202,8 @@ pub struct Expected {
     pub trust_domain: String,
     pub namespace: Option<String>,
     pub service_account: Option<String>,
+    /// The exact identity (on rotation: the one the workload already has).
+    pub id: Option<SpiffeId>,
 }
 
 /// This workload's checked credentials: an immutable snapshot, shared by `Arc`.
@@ -186,6 +216,10 @@ pub struct Credentials {
     pub roots: Vec<CertificateDer<'static>>,
     pub id: SpiffeId,
     pub not_after: SystemTime,
+    /// The leaf's serial number, hex, for logs.
+    pub serial: String,
+    /// The bundle and CRLs, ready to verify peers with.
+    pub trust: std::sync::Arc<crate::tls::TrustStore>,
 }
 
 /// Why credentials were refused; every variant names the file it is about.
@@ -237,6 +271,12 @@ pub enum IdentityError {
     },
     #[error("{path}: trust bundle certificate #{index} is not a usable CA: {reason}")]
     BadRoot {
+        path: PathBuf,
+        index: usize,
+        reason: String,
+    },
+    #[error("{path}: not a usable certificate revocation list (#{index}): {reason}")]
+    BadCrl {
         path: PathBuf,
         index: usize,
         reason: String,
@@ -324,13 +364,33 @@ pub fn load(paths: &CredentialPaths, expected: &Expected) -> Result<Credentials,
         }
     }
 
-    let trust = crate::tls::TrustStore::new(&roots, id.trust_domain()).map_err(|(index, e)| {
-        IdentityError::BadRoot {
-            path: paths.trust_bundle.clone(),
-            index,
-            reason: e.to_string(),
+    if let Some(want) = &expected.id {
+        if *want != id {
+            return Err(IdentityError::WrongWorkload {
+                path: paths.cert_chain.clone(),
+                expected: want.to_string(),
+                id,
+            });
         }
-    })?;
+    }
+    let mut trust =
+        crate::tls::TrustStore::new(&roots, id.trust_domain()).map_err(|(index, e)| {
+            IdentityError::BadRoot {
+                path: paths.trust_bundle.clone(),
+                index,
+                reason: e.to_string(),
+            }
+        })?;
+    for path in &paths.crls {
+        let crls = read_crls(path)?;
+        trust = trust
+            .with_crls(&crls)
+            .map_err(|(index, e)| IdentityError::BadCrl {
+                path: path.clone(),
+                index,
+                reason: e.to_string(),
+            })?;
+    }
     // Our own certificate must work in both directions: we present it as a client (outbound)
     // and as a server (inbound). Checking both here turns a confusing handshake failure on the
     // peer into a start-up error that names the cause.
@@ -347,12 +407,34 @@ pub fn load(paths: &CredentialPaths, expected: &Expected) -> Result<Credentials,
     }
 
     Ok(Credentials {
+        serial: serial_hex(leaf),
         chain,
         key,
         roots,
         id,
         not_after,
+        trust: std::sync::Arc::new(trust),
     })
+}
+
+fn read_crls(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, IdentityError> {
+    let bytes = read(path)?;
+    let crls = rustls_pemfile::crls(&mut bytes.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| IdentityError::Pem {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if crls.is_empty() {
+        return Err(IdentityError::BadCrl {
+            path: path.to_path_buf(),
+            index: 0,
+            reason: "no X509 CRL PEM block found".to_string(),
+        });
+    }
+    Ok(crls)
 }
 
 fn unix_seconds(t: SystemTime) -> i64 {

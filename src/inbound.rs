@@ -166,7 +166,8 @@ where
     let timeouts = &inputs.config.timeouts;
     let failures = &inputs.metrics.handshake_failures;
     let started = std::time::Instant::now();
-    let tls = tokio::time::timeout(timeouts.handshake, inputs.acceptor.accept(client))
+    let acceptor = inputs.tls.borrow().acceptor.clone();
+    let tls = tokio::time::timeout(timeouts.handshake, acceptor.accept(client))
         .await
         .map_err(|_| {
             failures.with_label_values(&["inbound", "timeout"]).inc();
@@ -191,7 +192,8 @@ where
         .as_ref()
         .map(ToString::to_string)
         .unwrap_or_default();
-    info!(%peer, src = %client_addr, %dst, "inbound mTLS accepted, client identity verified");
+    let peer_serial = tls::peer_serial(conn);
+    info!(%peer, %peer_serial, src = %client_addr, %dst, "inbound mTLS accepted, client identity verified");
     // A denied peer learns it after the handshake: the connection is closed with nothing
     // forwarded, which it can tell apart from a failed handshake.
     authorize(inputs, policy, peer_id.as_ref(), client_addr, dst)?;

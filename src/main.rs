@@ -147,6 +147,29 @@ enum CertsCmd {
         #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
     },
+    /// Create an intermediate CA in DIR signed by the CA in --ca (ca-cert.pem, ca-key.pem,
+    /// ca-chain.pem, root-cert.pem); certificates issued from it carry the chain.
+    Intermediate {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "l4mesh dev intermediate CA")]
+        name: String,
+        #[arg(long, default_value = "180d", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
+    /// Write a CRL, signed by the CA in --ca, revoking the certificates in the --revoke files.
+    Crl {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        revoke: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print subject, SPIFFE ID, issuer, serial, validity and key type of each certificate.
+    Inspect { file: PathBuf },
     /// Issue a workload certificate (cert-chain.pem, key.pem, root-cert.pem) into DIR.
     Issue {
         /// Folder holding the CA made by `certs ca`.
@@ -258,7 +281,7 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
     match cmd {
         Cmd::Run { config } => {
             let config = Config::load(&config).map_err(bad)?;
-            let creds = app::load_credentials(&config).map_err(bad)?;
+            let creds = app::load_credentials(&config, None).map_err(bad)?;
             let policy = app::load_policy(&config, &creds.id).map_err(bad)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -270,16 +293,21 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
         }
         Cmd::Check { config } => {
             let config = Config::load(&config).map_err(bad)?;
-            let creds = app::load_credentials(&config).map_err(bad)?;
+            let creds = app::load_credentials(&config, None).map_err(bad)?;
             let policy = app::load_policy(&config, &creds.id).map_err(bad)?;
-            println!("ok: identity {}", creds.id);
+            println!(
+                "ok: identity {} (certificate serial {}, valid until {})",
+                creds.id,
+                creds.serial,
+                humantime::format_rfc3339_seconds(creds.not_after)
+            );
             match &config.policy.file {
                 Some(p) => println!("policy file: {}", p.display()),
                 None => println!("policy file: none"),
             }
             print_policy(&policy);
-            let (_tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(policy));
-            app::ProxyInputs::new(config, &creds, rx, Default::default()).map_err(bad)?;
+            // Building the TLS configurations is the last thing `run` does before binding.
+            app::TlsState::new(&config, creds).map_err(bad)?;
             Ok(())
         }
         Cmd::Iptables(IptablesCmd::Apply(args)) => {
@@ -322,6 +350,24 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Cmd::Certs(CertsCmd::Intermediate { ca, out, name, ttl }) => {
+            certs::make_intermediate(&ca, &out, &name, ttl).map_err(bad)?;
+            println!("wrote {}", out.join(certs::CA_CERT).display());
+            Ok(())
+        }
+        Cmd::Certs(CertsCmd::Crl { ca, revoke, out }) => {
+            certs::make_crl(&ca, &revoke, &out).map_err(bad)?;
+            println!(
+                "wrote {} revoking {} certificate(s)",
+                out.display(),
+                revoke.len()
+            );
+            Ok(())
+        }
+        Cmd::Certs(CertsCmd::Inspect { file }) => {
+            print!("{}", certs::inspect(&file).map_err(bad)?);
+            Ok(())
+        }
         Cmd::Certs(CertsCmd::Ca { out, name, ttl }) => {
             certs::make_ca(&out, &name, ttl).map_err(bad)?;
             println!("wrote {}", out.join(certs::CA_CERT).display());
@@ -338,7 +384,8 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
             out,
         }) => {
             let mut req = certs::IssueRequest::new(&trust_domain, &namespace, &service_account);
-            req.ttl = ttl;
+            req.ttl =
+                time::Duration::try_from(ttl).map_err(|e| bad(anyhow::anyhow!("--ttl: {e}")))?;
             req.key_type = key_type;
             req.key = key;
             certs::issue(&ca, &req, &out).map_err(bad)?;

@@ -123,6 +123,8 @@ pub struct Metrics {
     pub strict_refusals: IntCounterVec,
     /// Policy file reloads by result (`success`, `failure`).
     pub policy_reloads: IntCounterVec,
+    /// Certificate rotations by result (`success`, `failure`).
+    pub certificate_reloads: IntCounterVec,
     /// Authorization decisions by deciding policy (`ns/name`) and action (`allow`, `deny`,
     /// `audit`).
     pub authorization_decisions: IntCounterVec,
@@ -239,6 +241,11 @@ impl Metrics {
             policy_reloads: counter(
                 "l4mesh_policy_reloads_total",
                 "Policy file reloads by result; on failure the previous policy stays in force",
+                &["result"],
+            ),
+            certificate_reloads: counter(
+                "l4mesh_certificate_reloads_total",
+                "Certificate rotations by result; on failure the current credentials stay in force",
                 &["result"],
             ),
             authorization_decisions: counter(

@@ -128,7 +128,9 @@ impl OutboundConnection {
         if socket::is_self(dst, &client) {
             return Err(OutboundError::NotRedirected);
         }
-        let route = inputs.routes.route(dst);
+        // The credentials in force now; a rotation during this connection does not touch it.
+        let tls_state = inputs.tls.borrow().clone();
+        let route = tls_state.routes.route(dst);
         let timeouts = &inputs.config.timeouts;
         let upstream = socket::connect(dst, None, timeouts.connect)
             .await
@@ -168,11 +170,13 @@ impl OutboundConnection {
                     .with_label_values(&["outbound"])
                     .observe(started.elapsed().as_secs_f64());
                 let peer = tls::peer_id(tls.get_ref().1);
+                let peer_serial = tls::peer_serial(tls.get_ref().1);
                 info!(
                     src = %client_addr,
                     %dst,
                     rule = %route.name,
                     peer = %peer.as_ref().map(ToString::to_string).unwrap_or_default(),
+                    %peer_serial,
                     "outbound mTLS established, server identity verified"
                 );
                 let labels = outbound_labels(&inputs, Some(peer.as_ref()));

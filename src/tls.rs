@@ -39,6 +39,8 @@ pub struct TrustStore {
     anchors: Vec<TrustAnchor<'static>>,
     trust_domain: String,
     algorithms: WebPkiSupportedAlgorithms,
+    /// Revocation lists; a peer whose certificate (or an intermediate) is listed is refused.
+    crls: Vec<webpki::CertRevocationList<'static>>,
 }
 
 /// Why a peer's certificate was refused by the SPIFFE check (after the chain verified).
@@ -71,7 +73,21 @@ impl TrustStore {
             anchors,
             trust_domain: trust_domain.to_string(),
             algorithms: provider().signature_verification_algorithms,
+            crls: Vec::new(),
         })
+    }
+
+    /// Adds revocation lists (DER); on a bad one returns its index and the reason.
+    pub fn with_crls(
+        mut self,
+        crls: &[rustls::pki_types::CertificateRevocationListDer<'_>],
+    ) -> Result<Self, (usize, webpki::Error)> {
+        for (i, der) in crls.iter().enumerate() {
+            let owned =
+                webpki::OwnedCertRevocationList::from_der(der.as_ref()).map_err(|e| (i, e))?;
+            self.crls.push(owned.into());
+        }
+        Ok(self)
     }
 
     /// Verifies the chain for `usage` and returns the peer's SPIFFE ID, which must be in our
@@ -88,13 +104,23 @@ impl TrustStore {
             Usage::Client => webpki::KeyUsage::client_auth(),
             Usage::Server => webpki::KeyUsage::server_auth(),
         };
+        let crls: Vec<&webpki::CertRevocationList<'_>> = self.crls.iter().collect();
+        // Unknown status (a CRL from another issuer) allows: CRLs here are an extra deny list,
+        // not a requirement. An old CRL still counts (nextUpdate ignored): revocations never
+        // expire, and a stale list is better than none.
+        let revocation = webpki::RevocationOptionsBuilder::new(&crls).ok().map(|b| {
+            b.with_depth(webpki::RevocationCheckDepth::Chain)
+                .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+                .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
+                .build()
+        });
         cert.verify_for_usage(
             self.algorithms.all,
             &self.anchors,
             intermediates,
             now,
             eku,
-            None,
+            revocation,
             None,
         )
         .map_err(pki_error)?;
@@ -213,6 +239,14 @@ pub fn peer_id(conn: &rustls::CommonState) -> Option<SpiffeId> {
     conn.peer_certificates()
         .and_then(|certs| certs.first())
         .and_then(|leaf| spiffe_id_of(leaf).ok())
+}
+
+/// The serial number (hex) of the peer's certificate, for logs.
+pub fn peer_serial(conn: &rustls::CommonState) -> String {
+    conn.peer_certificates()
+        .and_then(|certs| certs.first())
+        .map(crate::identity::serial_hex)
+        .unwrap_or_default()
 }
 
 /// Verifies servers: SPIFFE identities are URIs, not DNS names, so the server name is ignored

@@ -22,17 +22,20 @@ pub fn fingerprint(path: &Path) -> Fingerprint {
     )
 }
 
-/// Calls `on_change` each time `path` changes, checking every `interval`, forever. The first
-/// state seen is the one at the call; a file that disappears is not a change until it returns.
-pub async fn poll(path: PathBuf, interval: Duration, mut on_change: impl FnMut()) {
-    let mut last = fingerprint(&path);
+/// Calls `on_change` each time any of `paths` changes, checking every `interval`, forever. The
+/// first state seen is the one at the call; while a file is missing (being replaced) nothing is
+/// reported, and its return is a change.
+pub async fn poll(paths: Vec<PathBuf>, interval: Duration, mut on_change: impl FnMut()) {
+    let all = |paths: &[PathBuf]| paths.iter().map(|p| fingerprint(p)).collect::<Vec<_>>();
+    let mut last = all(&paths);
     loop {
         tokio::time::sleep(interval).await;
-        let now = fingerprint(&path);
-        if now.0.is_some() && now != last {
-            on_change();
+        let now = all(&paths);
+        if now.iter().any(|f| f.0.is_none()) {
+            continue;
         }
-        if now.0.is_some() {
+        if now != last {
+            on_change();
             last = now;
         }
     }

@@ -40,6 +40,7 @@ fn paths(dir: &Path) -> CredentialPaths {
         cert_chain: dir.join(certs::CERT_CHAIN),
         private_key: dir.join(certs::KEY),
         trust_bundle: dir.join(certs::ROOT_CERT),
+        crls: Vec::new(),
     }
 }
 
@@ -48,6 +49,7 @@ fn expected() -> Expected {
         trust_domain: "cluster.local".into(),
         namespace: Some("shop".into()),
         service_account: Some("cart".into()),
+        id: None,
     }
 }
 
@@ -111,7 +113,7 @@ fn expired_and_not_yet_valid_certificates() {
     let pki = Pki::new();
     let expired = pki.issue("expired", |r| {
         r.not_before_offset = time::Duration::hours(-48);
-        r.ttl = std::time::Duration::from_secs(3600);
+        r.ttl = time::Duration::hours(-1);
     });
     let p = paths(&expired);
     assert_names(
