@@ -355,7 +355,9 @@ async fn watch_expiry(tls: watch::Receiver<Arc<TlsState>>, mut thresholds: Vec<D
         }
         let now = std::time::SystemTime::now();
         let at = humantime::format_rfc3339_seconds(creds.not_after).to_string();
-        match creds.not_after.duration_since(now) {
+        // Certificates are valid through the whole second of notAfter (as webpki checks it).
+        let end = creds.not_after + Duration::from_secs(1);
+        match end.duration_since(now) {
             Err(_) => {
                 if warned.1 <= thresholds.len() {
                     error!(serial = %creds.serial, expired_at = %at, "certificate expired: not ready; rotate the certificate");
@@ -363,10 +365,12 @@ async fn watch_expiry(tls: watch::Receiver<Arc<TlsState>>, mut thresholds: Vec<D
                 }
             }
             Ok(left) => {
-                while warned.1 < thresholds.len() && left <= thresholds[warned.1] {
+                // One warning per threshold crossed, however many are crossed at once.
+                let crossed = thresholds.iter().filter(|t| left <= **t).count();
+                if crossed > warned.1 {
                     let rounded = Duration::from_secs(left.as_secs());
                     warn!(serial = %creds.serial, expires_at = %at, left = %humantime::format_duration(rounded), "certificate expires soon");
-                    warned.1 += 1;
+                    warned.1 = crossed;
                 }
             }
         }

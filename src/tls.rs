@@ -214,6 +214,10 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(creds.chain.clone(), creds.key.clone_key())?;
     config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    // No session resumption: a resumed session skips certificate verification, so a client
+    // whose certificate has since expired, been revoked or rotated away would still get in.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -231,6 +235,8 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())?;
     config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    // See server_config: every connection verifies the server's current certificate.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 

@@ -399,3 +399,49 @@ fn check_prints_the_effective_mode_of_every_port() {
         "{err}"
     );
 }
+
+/// A workload certificate issued from an intermediate CA carries the chain and verifies
+/// against the root alone; `certs inspect` describes each certificate in the chain.
+#[test]
+fn intermediate_ca_chains_verify_and_inspect_describes_them() {
+    let pki = Pki::new();
+    let intermediate = pki.dir.path().join("intermediate");
+    certs::make_intermediate(
+        &pki.ca,
+        &intermediate,
+        "test intermediate",
+        std::time::Duration::from_secs(3600),
+    )
+    .unwrap();
+    let out = pki.dir.path().join("w");
+    certs::issue(
+        &intermediate,
+        &IssueRequest::new("cluster.local", "shop", "cart"),
+        &out,
+    )
+    .unwrap();
+    let creds = identity::load(&paths(&out), &expected()).unwrap();
+    assert_eq!(creds.chain.len(), 2, "leaf + intermediate");
+    assert_eq!(creds.roots.len(), 1, "the bundle is the root alone");
+
+    let text = Command::new(BIN)
+        .args(["certs", "inspect"])
+        .arg(out.join(certs::CERT_CHAIN))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("SPIFFE ID:  spiffe://cluster.local/ns/shop/sa/cart"),
+        "{text}"
+    );
+    assert!(text.contains("issuer:     CN=test intermediate"), "{text}");
+    assert!(
+        text.contains(&format!("serial:     {}", creds.serial)),
+        "{text}"
+    );
+    assert!(text.contains("key type:   ECDSA"), "{text}");
+    assert!(
+        text.contains("certificate #1") && text.contains("CA:         true"),
+        "{text}"
+    );
+}

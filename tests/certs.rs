@@ -1,0 +1,408 @@
+//! Certificate lifecycle between real pods: rotation under load, bad new certificates, CA
+//! rollover, revocation and expiry. Certificates are mounted the way Kubernetes mounts a
+//! Secret: files are links into `..data`, a link swapped atomically to a new version folder.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const A: usize = 0;
+const B: usize = 1;
+const FILES: [&str; 3] = ["cert-chain.pem", "key.pem", "root-cert.pem"];
+
+/// A Secret-style mount: `<dir>/<file>` -> `..data/<file>`, `..data` -> `..vN`.
+struct Mount {
+    dir: PathBuf,
+    version: u32,
+}
+
+impl Mount {
+    fn new(dir: PathBuf, first: &Path) -> Mount {
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut m = Mount { dir, version: 0 };
+        m.publish(first);
+        for f in FILES {
+            symlink(format!("..data/{f}"), m.dir.join(f)).unwrap();
+        }
+        m
+    }
+
+    /// Publishes the files in `from` as the next version, atomically.
+    fn publish(&mut self, from: &Path) {
+        self.version += 1;
+        let v = self.dir.join(format!("..v{}", self.version));
+        std::fs::create_dir_all(&v).unwrap();
+        for f in FILES {
+            std::fs::copy(from.join(f), v.join(f)).unwrap();
+        }
+        make_proxy_readable(&v);
+        let tmp = self.dir.join("..data_tmp");
+        symlink(format!("..v{}", self.version), &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+
+    /// Replaces one file of the current set in place (a broken or partial update).
+    fn overwrite(&self, file: &str, contents: &[u8]) {
+        let target = self.dir.join("..data").join(file);
+        let tmp = target.with_extension("tmp");
+        std::fs::write(&tmp, contents).unwrap();
+        std::os::unix::fs::chown(&tmp, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+        std::fs::rename(&tmp, target).unwrap();
+    }
+
+    fn config(&self, extra: &str) -> String {
+        let d = self.dir.display();
+        format!(
+            "identity:\n  cert_chain: {d}/cert-chain.pem\n  private_key: {d}/key.pem\n  trust_bundle: {d}/root-cert.pem\n  reload_interval: 200ms\n{extra}"
+        )
+    }
+}
+
+fn issue(c: &Cluster, ca: &Path, name: &str, sa: &str, ttl: &str) -> PathBuf {
+    let out = c.dir.path().join(name);
+    sh(&[
+        BIN,
+        "certs",
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--namespace",
+        "shop",
+        "--service-account",
+        sa,
+        "--ttl",
+        ttl,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    out
+}
+
+fn serial(certs: &Path) -> String {
+    let der = l4mesh::identity::read_certs(&certs.join("cert-chain.pem")).unwrap();
+    l4mesh::identity::serial_hex(&der[0])
+}
+
+/// The value of `peer_serial=` on the last log line containing `marker`.
+fn last_peer_serial(log: &Path, marker: &str) -> String {
+    let text = std::fs::read_to_string(log).unwrap();
+    let line = text.lines().rfind(|l| l.contains(marker)).unwrap_or("");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("peer_serial="))
+        .unwrap_or("")
+        .to_string()
+}
+
+fn start(c: &mut Cluster, pod: usize, name: &str, config: &str) -> PathBuf {
+    c.pods[pod].exec(&[BIN, "iptables", "apply"]);
+    c.start_sidecar(pod, name, config)
+}
+
+/// Waits until `needle` appears on `n` lines of `log`.
+fn wait_for_count(log: &Path, needle: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(log, needle) < n {
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {needle:?} {n} times",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Counts lines containing `needle`.
+fn count(log: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+#[test]
+fn rotation_every_second_keeps_a_long_transfer_and_new_connections_use_new_certificates() {
+    if !privileged("rotation_keeps_a_long_transfer") {
+        return;
+    }
+    let mut c = Cluster::new("rotate", 2);
+    let ca = c.make_ca();
+    let mut mount_a = Mount::new(
+        c.dir.path().join("mount-a"),
+        &issue(&c, &ca, "a0", "client", "1h"),
+    );
+    let mut mount_b = Mount::new(
+        c.dir.path().join("mount-b"),
+        &issue(&c, &ca, "b0", "server", "1h"),
+    );
+    let log_a = start(&mut c, A, "sidecar-a", &mount_a.config(""));
+    let log_b = start(&mut c, B, "sidecar-b", &mount_b.config(""));
+    let addr = c.pod(B).addr(8080);
+    echo_server(c.pod(B), addr, None);
+
+    // A 30-second transfer on one connection: 64 KiB every 50 ms, echoed back.
+    let transfer = c.pod(A).spawn(move || {
+        let mut s = connect(addr).unwrap();
+        let mut reader = s.try_clone().unwrap();
+        let echo = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).unwrap();
+            sha256(&got)
+        });
+        let data = payload(64 * 1024 * 600, 9, b"ROTATION");
+        let start = Instant::now();
+        for chunk in data.chunks(64 * 1024) {
+            s.write_all(chunk).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s.shutdown(Shutdown::Write).unwrap();
+        (sha256(&data), echo.join().unwrap(), start.elapsed())
+    });
+    let mut rotations = 0;
+    while !transfer.is_finished() {
+        std::thread::sleep(Duration::from_secs(1));
+        rotations += 1;
+        mount_a.publish(&issue(&c, &ca, &format!("a{rotations}"), "client", "1h"));
+        mount_b.publish(&issue(&c, &ca, &format!("b{rotations}"), "server", "1h"));
+    }
+    let (sent, echoed, took) = transfer.join().unwrap();
+    assert_eq!(sent, echoed, "the transfer was not byte-identical");
+    assert!(
+        took >= Duration::from_secs(30) && rotations >= 25,
+        "{rotations} rotations in {took:?}"
+    );
+    assert_eq!(
+        count(&log_b, "inbound mTLS accepted"),
+        1,
+        "the transfer reconnected"
+    );
+    assert!(
+        count(&log_a, "credentials rotated") >= 20,
+        "client sidecar rotated too few times"
+    );
+    assert!(
+        count(&log_b, "credentials rotated") >= 20,
+        "server sidecar rotated too few times"
+    );
+
+    // New connections present the newest certificates, each way.
+    let (serial_a, serial_b) = (
+        serial(&c.dir.path().join(format!("a{rotations}"))),
+        serial(&c.dir.path().join(format!("b{rotations}"))),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.pod(A).run(move || exchange_here(addr, 10)), 10);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(last_peer_serial(&log_b, "inbound mTLS accepted"), serial_a);
+    assert_eq!(
+        last_peer_serial(&log_a, "outbound mTLS established"),
+        serial_b
+    );
+}
+
+#[test]
+fn bad_new_certificates_are_refused_and_the_old_ones_keep_working() {
+    if !privileged("bad_new_certificates_are_refused") {
+        return;
+    }
+    let mut c = Cluster::new("badcert", 2);
+    let ca = c.make_ca();
+    let first_b = issue(&c, &ca, "b0", "server", "1h");
+    let mount_a = Mount::new(
+        c.dir.path().join("mount-a"),
+        &issue(&c, &ca, "a0", "client", "1h"),
+    );
+    let mut mount_b = Mount::new(c.dir.path().join("mount-b"), &first_b);
+    let log_a = start(&mut c, A, "sidecar-a", &mount_a.config(""));
+    let log_b = start(&mut c, B, "sidecar-b", &mount_b.config(""));
+    let addr = c.pod(B).addr(8080);
+    echo_server(c.pod(B), addr, None);
+    let good = std::fs::read(first_b.join("cert-chain.pem")).unwrap();
+    let other_key = std::fs::read(issue(&c, &ca, "other", "server", "1h").join("key.pem")).unwrap();
+    let impostor = issue(&c, &ca, "impostor", "checkout", "1h");
+
+    // A truncated certificate and a key that does not match: one file of the set rewritten.
+    let cases: [(&str, Vec<u8>, &str); 2] = [
+        (
+            "cert-chain.pem",
+            good[..good.len() / 2].to_vec(),
+            "cert-chain.pem: not valid PEM",
+        ),
+        (
+            "key.pem",
+            other_key,
+            "private key does not match the certificate",
+        ),
+    ];
+    let check_old_set_serves = |case: &str| {
+        assert_eq!(c.pod(A).run(move || exchange_here(addr, 10)), 10, "{case}");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            last_peer_serial(&log_a, "outbound mTLS established"),
+            serial(&first_b),
+            "{case}"
+        );
+    };
+    for (i, (file, contents, message)) in cases.into_iter().enumerate() {
+        mount_b.overwrite(file, &contents);
+        wait_for_log(&log_b, message, Duration::from_secs(10));
+        assert_eq!(count(&log_b, "certificate reload failed"), i + 1);
+        check_old_set_serves(message);
+        // Put the good file back.
+        let restore = std::fs::read(first_b.join(file)).unwrap();
+        mount_b.overwrite(file, &restore);
+        wait_for_count(&log_b, "credentials rotated", i + 1);
+    }
+    // A whole, valid set for another SPIFFE ID.
+    mount_b.publish(&impostor);
+    wait_for_log(
+        &log_b,
+        "SPIFFE ID spiffe://cluster.local/ns/shop/sa/checkout is not this workload's",
+        Duration::from_secs(10),
+    );
+    check_old_set_serves("another identity");
+    let text = std::fs::read_to_string(&log_b).unwrap();
+    assert!(
+        text.contains("cert-chain.pem"),
+        "messages name the file: {text}"
+    );
+}
+
+#[test]
+fn ca_rollover_works_while_both_roots_are_trusted_and_stops_when_the_old_one_goes() {
+    if !privileged("ca_rollover") {
+        return;
+    }
+    let mut c = Cluster::new("rollover", 2);
+    let old_ca = c.make_ca();
+    let new_ca = c.dir.path().join("new-ca");
+    sh(&[
+        BIN,
+        "certs",
+        "ca",
+        "--out",
+        new_ca.to_str().unwrap(),
+        "--name",
+        "new root",
+    ]);
+    let both = format!(
+        "{}{}",
+        std::fs::read_to_string(old_ca.join("ca-cert.pem")).unwrap(),
+        std::fs::read_to_string(new_ca.join("ca-cert.pem")).unwrap()
+    );
+    let with_bundle = |dir: &Path, bundle: &str| {
+        std::fs::write(dir.join("root-cert.pem"), bundle).unwrap();
+        dir.to_path_buf()
+    };
+    // A still has a certificate from the old CA; B already moved to the new one.
+    let a = with_bundle(&issue(&c, &old_ca, "a0", "client", "1h"), &both);
+    let b = with_bundle(&issue(&c, &new_ca, "b0", "server", "1h"), &both);
+    let mount_a = Mount::new(c.dir.path().join("mount-a"), &a);
+    let mut mount_b = Mount::new(c.dir.path().join("mount-b"), &b);
+    start(&mut c, A, "sidecar-a", &mount_a.config(""));
+    let log_b = start(&mut c, B, "sidecar-b", &mount_b.config(""));
+    let addr = c.pod(B).addr(8080);
+    echo_server(c.pod(B), addr, None);
+    assert_eq!(
+        c.pod(A).run(move || exchange_here(addr, 10)),
+        10,
+        "old-CA client to new-CA server"
+    );
+
+    // The old root leaves B's bundle: A's old-CA certificate is no longer trusted.
+    let new_only = std::fs::read_to_string(new_ca.join("ca-cert.pem")).unwrap();
+    mount_b.publish(&with_bundle(&b, &new_only));
+    wait_for_log(&log_b, "credentials rotated", Duration::from_secs(10));
+    assert_eq!(
+        c.pod(A).run(move || exchange_here(addr, 10)),
+        0,
+        "old-CA client still accepted"
+    );
+    wait_for_log(
+        &log_b,
+        "its issuer is not in the trust bundle",
+        Duration::from_secs(5),
+    );
+}
+
+#[test]
+fn revoked_and_expired_client_certificates_are_refused_with_their_reason() {
+    if !privileged("revoked_and_expired_clients") {
+        return;
+    }
+    let mut c = Cluster::new("revoke", 3);
+    let ca = c.make_ca();
+    let revoked = issue(&c, &ca, "revoked", "client", "1h");
+    let short = issue(&c, &ca, "short", "client", "6s");
+    let crl = c.dir.path().join("crl.pem");
+    sh(&[
+        BIN,
+        "certs",
+        "crl",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--revoke",
+        revoked.join("cert-chain.pem").to_str().unwrap(),
+        "--out",
+        crl.to_str().unwrap(),
+    ]);
+    let mount_b = Mount::new(
+        c.dir.path().join("mount-b"),
+        &issue(&c, &ca, "b0", "server", "1h"),
+    );
+    let log_b = start(
+        &mut c,
+        B,
+        "sidecar-b",
+        &mount_b.config(&format!("  crls: [{}]\n", crl.display())),
+    );
+    let mount_a = Mount::new(c.dir.path().join("mount-a"), &revoked);
+    start(&mut c, A, "sidecar-a", &mount_a.config(""));
+    let mount_c = Mount::new(c.dir.path().join("mount-c"), &short);
+    let log_c = start(&mut c, 2, "sidecar-c", &mount_c.config(""));
+    let addr = c.pod(B).addr(8080);
+    echo_server(c.pod(B), addr, None);
+
+    assert_eq!(
+        c.pod(A).run(move || exchange_here(addr, 10)),
+        0,
+        "revoked client accepted"
+    );
+    wait_for_log(
+        &log_b,
+        "invalid peer certificate: revoked",
+        Duration::from_secs(5),
+    );
+
+    // C's certificate is good for a few seconds, then expires.
+    assert_eq!(c.pod(2).run(move || exchange_here(addr, 10)), 10);
+    wait_for_log(
+        &log_c,
+        "certificate expired: not ready",
+        Duration::from_secs(15),
+    );
+    assert_eq!(
+        c.pod(2).run(move || exchange_here(addr, 10)),
+        0,
+        "expired client accepted"
+    );
+    let metrics = c.pods[B].exec(&["curl", "-s", "http://127.0.0.1:15020/metrics"]);
+    let has = |reason: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("l4mesh_tls_handshake_failures_total{")
+                && l.contains("direction=\"inbound\"")
+                && l.contains(&format!("reason=\"{reason}\""))
+                && !l.ends_with(" 0")
+        })
+    };
+    assert!(has("revoked"), "{metrics}");
+    assert!(has("expired"), "{metrics}");
+    let ready = c.pods[2].exec(&["curl", "-s", "http://127.0.0.1:15020/healthz/ready"]);
+    assert!(ready.contains("certificate expired at"), "{ready}");
+}
