@@ -283,6 +283,10 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
             let config = Config::load(&config).map_err(bad)?;
             let creds = app::load_credentials(&config, None).map_err(bad)?;
             let policy = app::load_policy(&config, &creds.id).map_err(bad)?;
+            match l4mesh::socket::raise_fd_limit() {
+                Ok(limit) => tracing::debug!(limit, "file descriptor limit"),
+                Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -94,6 +94,18 @@ pub async fn connect(
     Ok(stream)
 }
 
+/// Raises the soft file-descriptor limit to the hard limit, so one sidecar can hold tens of
+/// thousands of connections (two descriptors each) instead of the usual 1,024. Returns the
+/// limit now in force.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
+    }
+    Ok(hard.max(soft))
+}
+
 /// The source IP the inbound side uses to reach the application at `app`.
 pub fn inbound_passthrough_source(app: SocketAddr) -> IpAddr {
     match app {
