@@ -296,7 +296,11 @@ pub async fn run(
             }
             info!("l4mesh stopped");
         }
-        _ = shutdown_signal() => warn!("second signal: exiting now"),
+        _ = shutdown_signal() => {
+            warn!(left = drain.active(), "second signal: exiting now");
+            // At once: not even the runtime's orderly shutdown, which waits on tasks in flight.
+            std::process::exit(0);
+        }
     }
     Ok(())
 }

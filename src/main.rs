@@ -291,9 +291,10 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
                 .enable_all()
                 .build()
                 .map_err(other)?;
-            runtime
-                .block_on(app::run(config, creds, policy, log))
-                .map_err(other)
+            let result = runtime.block_on(app::run(config, creds, policy, log));
+            // Connections still open after the drain deadline are cut here, without waiting.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+            result.map_err(other)
         }
         Cmd::Check { config } => {
             let config = Config::load(&config).map_err(bad)?;

@@ -253,12 +253,24 @@ impl Cluster {
     /// Applies capture in pod `i` and starts its sidecar with `config` (YAML written to
     /// `<dir>/<name>.yaml`); returns the path of its log once it says it is ready.
     pub fn start_sidecar(&mut self, i: usize, name: &str, config: &str) -> PathBuf {
+        self.start_sidecar_wrapped(i, name, config, &[])
+    }
+
+    /// `start_sidecar`, with `wrapper` (e.g. `prlimit --nofile=64:64`) run around it.
+    pub fn start_sidecar_wrapped(
+        &mut self,
+        i: usize,
+        name: &str,
+        config: &str,
+        wrapper: &[&str],
+    ) -> PathBuf {
         self.pods[i].exec(&[BIN, "iptables", "apply"]);
         let cfg = self.dir.path().join(format!("{name}.yaml"));
         fs::write(&cfg, config).unwrap();
         let log = self.dir.path().join(format!("{name}.log"));
         let child = Command::new("ip")
             .args(["netns", "exec", &self.pods[i].netns])
+            .args(wrapper)
             .args([
                 "setpriv",
                 "--reuid=1337",
@@ -492,7 +504,7 @@ pub fn payload(len: usize, seed: u64, marker: &[u8]) -> Vec<u8> {
     let mut x = seed | 1;
     let mut v = Vec::with_capacity(len);
     while v.len() < len {
-        if v.len() % 4096 == 0 {
+        if v.len() % 4096 == 0 && !marker.is_empty() {
             v.extend_from_slice(marker);
         } else {
             // xorshift64: cheap, deterministic, incompressible enough.
