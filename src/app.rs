@@ -90,6 +90,10 @@ pub fn load_credentials(
 /// is the configured one, else the one in its SPIFFE ID.
 pub fn load_policy(config: &Config, id: &SpiffeId) -> Result<WorkloadPolicy, PolicyError> {
     let set = match &config.policy.file {
+        Some(path) if config.policy.optional && !path.exists() => {
+            debug!(path = %path.display(), "no policy file (yet): no policies");
+            PolicySet::default()
+        }
         Some(path) => PolicySet::load(path)?,
         None => PolicySet::default(),
     };

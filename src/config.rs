@@ -74,6 +74,9 @@ pub struct PolicyConfig {
     /// How often the file is checked for changes.
     #[serde(with = "humantime_serde")]
     pub reload_interval: Duration,
+    /// A missing file means "no policies yet" (an optional ConfigMap), not an error; it is
+    /// picked up when it appears.
+    pub optional: bool,
 }
 
 impl Default for PolicyConfig {
@@ -82,6 +85,7 @@ impl Default for PolicyConfig {
             file: None,
             root_namespace: "istio-system".to_string(),
             reload_interval: Duration::from_millis(500),
+            optional: false,
         }
     }
 }
@@ -505,7 +509,32 @@ pub enum ConfigError {
     },
 }
 
+/// The configuration an injected sidecar runs with when no `--config` is given: the files
+/// where `l4mesh inject` mounts them.
+pub const KUBERNETES_DEFAULTS: &str = "\
+identity:
+  cert_chain: /var/run/secrets/l4mesh/cert-chain.pem
+  private_key: /var/run/secrets/l4mesh/key.pem
+  trust_bundle: /var/run/secrets/l4mesh/root-cert.pem
+policy:
+  file: /etc/l4mesh/policy/policy.yaml
+  optional: true
+workload:
+  labels_file: /etc/l4mesh/podinfo/labels
+";
+
 impl Config {
+    /// The Kubernetes defaults (see [`KUBERNETES_DEFAULTS`]) with the environment applied.
+    pub fn kubernetes() -> Result<Config, ConfigError> {
+        let mut config = Config::parse(
+            Path::new("(built-in Kubernetes defaults)"),
+            KUBERNETES_DEFAULTS,
+        )?;
+        config.apply_env(|var| std::env::var(var).ok())?;
+        config.load_labels_file()?;
+        Ok(config)
+    }
+
     /// Reads `path`, resolves relative paths against its folder and applies the environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

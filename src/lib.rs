@@ -26,6 +26,8 @@ pub mod config;
 pub mod drain;
 pub mod identity;
 pub mod inbound;
+pub mod inject;
+pub mod injector;
 pub mod iptables;
 pub mod metrics;
 pub mod outbound;

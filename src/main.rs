@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use std::sync::Arc;
 
 use l4mesh::admin::LogControl;
-use l4mesh::{app, certs, config::Config, iptables, report};
+use l4mesh::{app, certs, config::Config, inject, injector, iptables, report};
 
 /// Transparent L4 service-mesh sidecar: iptables capture + mutual TLS with SPIFFE identities.
 #[derive(Parser)]
@@ -28,14 +28,58 @@ struct Cli {
 enum Cmd {
     /// Run the sidecar.
     Run {
-        /// Sidecar configuration file (YAML).
+        /// Sidecar configuration file (YAML); without it, the Kubernetes defaults (the paths
+        /// where `l4mesh inject` mounts certificates, policy and pod labels).
         #[arg(long, short)]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Load a configuration and its credentials, report problems, and exit.
     Check {
         #[arg(long, short)]
-        config: PathBuf,
+        config: Option<PathBuf>,
+    },
+    /// Add l4mesh to Kubernetes workloads: YAML from FILE (or stdin) to stdout.
+    Inject {
+        /// Input file; `-` or nothing reads stdin.
+        file: Option<PathBuf>,
+        /// The l4mesh container image.
+        #[arg(long, default_value = "ghcr.io/l4mesh/l4mesh:0.1.0")]
+        image: String,
+        /// Run the sidecar as a regular first container that holds the app until ready,
+        /// instead of a native sidecar (Kubernetes < 1.29).
+        #[arg(long)]
+        classic_sidecar: bool,
+        /// The ConfigMap holding the mesh policy file.
+        #[arg(long, default_value = "l4mesh-policy")]
+        policy_configmap: String,
+    },
+    /// The mutating admission webhook: injects pods as they are created (HTTPS).
+    Injector {
+        #[arg(long, default_value = "[::]:9443")]
+        listen: std::net::SocketAddr,
+        /// Serving certificate (PEM), e.g. from cert-manager.
+        #[arg(long)]
+        tls_cert: PathBuf,
+        #[arg(long)]
+        tls_key: PathBuf,
+        #[arg(long, default_value = "ghcr.io/l4mesh/l4mesh:0.1.0")]
+        image: String,
+        #[arg(long)]
+        classic_sidecar: bool,
+        #[arg(long, default_value = "l4mesh-policy")]
+        policy_configmap: String,
+    },
+    /// Wait until the local sidecar is ready (for a classic sidecar's postStart hook).
+    WaitReady {
+        #[arg(long, default_value = "http://127.0.0.1:15020/healthz/ready")]
+        url: String,
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Ask the local sidecar to drain (for preStop hooks).
+    Drain {
+        #[arg(long, default_value = "http://127.0.0.1:15000/drain")]
+        url: String,
     },
     /// Capture rules: apply, remove, or print them.
     #[command(subcommand)]
@@ -219,6 +263,20 @@ fn print_policy(policy: &l4mesh::policy::WorkloadPolicy) {
     }
 }
 
+/// The config file, or the Kubernetes defaults when none is given.
+fn load_config(path: Option<&std::path::Path>) -> Result<Config, l4mesh::config::ConfigError> {
+    match path {
+        Some(p) => Config::load(p),
+        None => Config::kubernetes(),
+    }
+}
+
+fn read_stdin() -> anyhow::Result<String> {
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading stdin")?;
+    Ok(s)
+}
+
 /// Logs to stderr through a filter that `POST /logging` can change at run time.
 fn init_logging(filter: &str) -> Arc<LogControl> {
     use tracing_subscriber::prelude::*;
@@ -280,7 +338,7 @@ fn other<E: Into<anyhow::Error>>(e: E) -> Failure {
 fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
     match cmd {
         Cmd::Run { config } => {
-            let config = Config::load(&config).map_err(bad)?;
+            let config = load_config(config.as_deref()).map_err(bad)?;
             let creds = app::load_credentials(&config, None).map_err(bad)?;
             let policy = app::load_policy(&config, &creds.id).map_err(bad)?;
             match l4mesh::socket::raise_fd_limit() {
@@ -297,7 +355,7 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
             result.map_err(other)
         }
         Cmd::Check { config } => {
-            let config = Config::load(&config).map_err(bad)?;
+            let config = load_config(config.as_deref()).map_err(bad)?;
             let creds = app::load_credentials(&config, None).map_err(bad)?;
             let policy = app::load_policy(&config, &creds.id).map_err(bad)?;
             println!(
@@ -324,6 +382,76 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
         Cmd::Iptables(IptablesCmd::Print(args)) => {
             print!("{}", iptables::print(&args.options().map_err(bad)?));
             Ok(())
+        }
+        Cmd::Inject {
+            file,
+            image,
+            classic_sidecar,
+            policy_configmap,
+        } => {
+            let input = match file.as_deref() {
+                None => read_stdin().map_err(bad)?,
+                Some(p) if p.as_os_str() == "-" => read_stdin().map_err(bad)?,
+                Some(p) => std::fs::read_to_string(p)
+                    .with_context(|| p.display().to_string())
+                    .map_err(bad)?,
+            };
+            let opts = inject::Options {
+                image,
+                native_sidecar: !classic_sidecar,
+                policy_configmap,
+            };
+            print!("{}", inject::inject_yaml(&input, &opts).map_err(bad)?);
+            Ok(())
+        }
+        Cmd::Injector {
+            listen,
+            tls_cert,
+            tls_key,
+            image,
+            classic_sidecar,
+            policy_configmap,
+        } => {
+            let opts = inject::Options {
+                image,
+                native_sidecar: !classic_sidecar,
+                policy_configmap,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(other)?;
+            runtime
+                .block_on(injector::serve(listen, &tls_cert, &tls_key, opts))
+                .map_err(other)
+        }
+        Cmd::WaitReady { url, timeout } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(other)?;
+            runtime.block_on(async {
+                let deadline = tokio::time::Instant::now() + timeout;
+                loop {
+                    match report::http_get(&url).await {
+                        Ok(_) => return Ok(()),
+                        Err(e) if tokio::time::Instant::now() >= deadline => {
+                            return Err(other(anyhow::anyhow!("not ready after {timeout:?}: {e}")))
+                        }
+                        Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+                    }
+                }
+            })
+        }
+        Cmd::Drain { url } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(other)?;
+            runtime
+                .block_on(report::http_request(hyper::Method::POST, &url))
+                .map(|_| ())
+                .map_err(other)
         }
         Cmd::MigrationReport {
             sidecars,

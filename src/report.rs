@@ -297,6 +297,12 @@ pub fn render_json(reports: &[WorkloadReport], window: Duration) -> String {
 
 /// GETs `url` (plain HTTP/1.1) and returns the body.
 pub async fn http_get(url: &str) -> Result<String, ReportError> {
+    http_request(hyper::Method::GET, url).await
+}
+
+/// Sends a bodiless `method` request to `url` (plain HTTP/1.1) and returns the body of a 2xx
+/// answer.
+pub async fn http_request(method: hyper::Method, url: &str) -> Result<String, ReportError> {
     let fail = |reason: String| ReportError::Fetch {
         url: url.to_string(),
         reason,
@@ -327,7 +333,9 @@ pub async fn http_get(url: &str) -> Result<String, ReportError> {
             .map_err(|e| fail(e.to_string()))?;
     tokio::spawn(conn);
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let req = hyper::Request::get(path)
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
         .header(hyper::header::HOST, host_port.as_str())
         .body(Empty::<Bytes>::new())
         .map_err(|e| fail(e.to_string()))?;
