@@ -53,3 +53,39 @@ fn prometheus_files_scrape_the_stats_port() {
     assert_eq!(pm["kind"], "PodMonitor");
     assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["path"], "/metrics");
 }
+
+/// Everything `deploy/kustomization.yaml` names exists (kustomize itself is not installed in
+/// CI); the Dockerfile copies files that exist.
+#[test]
+fn kustomization_and_dockerfile_name_files_that_exist() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let k: serde_yaml::Value = serde_yaml::from_str(&read("deploy/kustomization.yaml")).unwrap();
+    let mut names: Vec<String> = k["resources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
+    for g in k["configMapGenerator"].as_sequence().unwrap() {
+        for f in g["files"].as_sequence().unwrap() {
+            names.push(f.as_str().unwrap().to_string());
+        }
+    }
+    for n in names {
+        assert!(
+            root.join("deploy").join(&n).exists(),
+            "kustomization names missing {n}"
+        );
+    }
+    for line in read("deploy/Dockerfile").lines() {
+        if let Some(rest) = line.strip_prefix("COPY ") {
+            if rest.starts_with("--from") {
+                continue;
+            }
+            let parts: Vec<&str> = rest.split_whitespace().collect();
+            for src in &parts[..parts.len() - 1] {
+                assert!(root.join(src).exists(), "Dockerfile copies missing {src}");
+            }
+        }
+    }
+}
