@@ -3,25 +3,13 @@
 //!     cargo bench --bench sniff
 
 use std::hint::black_box;
-use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use l4mesh::sniff::{classify, Protocol, Verdict};
 use l4mesh::tls::MESH_ALPN;
 
 fn client_hello() -> Vec<u8> {
-    let provider = rustls::crypto::ring::default_provider();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), MESH_ALPN.to_vec()];
-    let name = rustls::pki_types::ServerName::try_from("example.com").unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let mut out = Vec::new();
-    conn.write_tls(&mut out).unwrap();
-    out
+    l4mesh::sniff::sample_client_hello(&[b"h2", MESH_ALPN])
 }
 
 fn bench(c: &mut Criterion) {

@@ -75,8 +75,8 @@ impl IssueRequest {
     }
 }
 
-/// Writes a new self-signed root CA (`ca-cert.pem`, `ca-key.pem`) into `out`.
-pub fn make_ca(out: &Path, common_name: &str, ttl: Duration) -> Result<(), CertsError> {
+/// The parameters every dev CA (root or intermediate) shares.
+fn ca_params(common_name: &str) -> Result<CertificateParams, CertsError> {
     let mut params = CertificateParams::new(Vec::new())?;
     params
         .distinguished_name
@@ -90,6 +90,12 @@ pub fn make_ca(out: &Path, common_name: &str, ttl: Duration) -> Result<(), Certs
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
+    Ok(params)
+}
+
+/// Writes a new self-signed root CA (`ca-cert.pem`, `ca-key.pem`) into `out`.
+pub fn make_ca(out: &Path, common_name: &str, ttl: Duration) -> Result<(), CertsError> {
+    let mut params = ca_params(common_name)?;
     let now = OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::minutes(5);
     params.not_after = now + ttl;
@@ -179,19 +185,7 @@ pub fn make_intermediate(
     ttl: Duration,
 ) -> Result<(), CertsError> {
     let (parent_cert, parent_key, parent_pem) = load_ca(parent)?;
-    let mut params = CertificateParams::new(Vec::new())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, common_name);
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "l4mesh dev PKI");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    let mut params = ca_params(common_name)?;
     params.use_authority_key_identifier_extension = true;
     let now = OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::minutes(5);

@@ -179,6 +179,24 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A real ClientHello, as rustls sends it, offering `alpn`: for tests, fuzzing and benches.
+pub fn sample_client_hello(alpn: &[&[u8]]) -> Vec<u8> {
+    let provider = crate::tls::provider();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .expect("the default protocol versions are supported")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    let name = rustls::pki_types::ServerName::try_from("example.com").expect("a valid DNS name");
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+        .expect("a client connection can start");
+    let mut out = Vec::new();
+    // Writing to a Vec cannot fail.
+    let _ = conn.write_tls(&mut out);
+    out
+}
+
 /// How detection is bounded.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -280,7 +298,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     const MESH: &[u8] = crate::tls::MESH_ALPN;
     const LIMIT: usize = 16 * 1024;
@@ -289,17 +306,7 @@ mod tests {
     /// as large as one carrying a post-quantum key share (X25519MLKEM768 adds 1,216 bytes),
     /// which the ring provider cannot produce itself.
     fn rustls_hello(alpn: &[&[u8]], big: bool) -> Vec<u8> {
-        let provider = rustls::crypto::ring::default_provider();
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-        let name = rustls::pki_types::ServerName::try_from("example.com").unwrap();
-        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-        let mut out = Vec::new();
-        conn.write_tls(&mut out).unwrap();
+        let mut out = sample_client_hello(alpn);
         if big {
             pad(&mut out, 1216);
         }

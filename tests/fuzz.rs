@@ -4,7 +4,6 @@
 //! its limit.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use l4mesh::config::Config;
 use l4mesh::policy::PolicySet;
@@ -15,18 +14,7 @@ use proptest::prelude::*;
 const LIMIT: usize = 2048;
 
 fn client_hello() -> Vec<u8> {
-    let provider = rustls::crypto::ring::default_provider();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), MESH_ALPN.to_vec()];
-    let name = rustls::pki_types::ServerName::try_from("example.com").unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let mut out = Vec::new();
-    conn.write_tls(&mut out).unwrap();
-    out
+    l4mesh::sniff::sample_client_hello(&[b"h2", MESH_ALPN])
 }
 
 /// A real ClientHello with some bytes changed, some removed, and some appended.
