@@ -1,6 +1,7 @@
-//! Wiring: turns a loaded `Config` into running listeners. Loads the credentials, builds the
-//! TLS configurations and routes once (`ProxyInputs`), binds both capture listeners, and runs
-//! until SIGTERM or SIGINT. The only place that spawns the world.
+//! Wiring: turns a loaded `Config` into running listeners. Builds the shared inputs once
+//! (`ProxyInputs`: TLS snapshot, policy, metrics), binds the capture, stats and admin
+//! listeners, watches the credential and policy files, and runs until a drain ends it. The
+//! only place that spawns the world.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -144,9 +144,9 @@ pub struct Listeners {
     pub outbound: SocketAddr,
     /// Where iptables redirects connections to the pod.
     pub inbound: SocketAddr,
-    /// Metrics and readiness, on the pod IP (served from the telemetry issue on).
+    /// `/metrics`, `/healthz/ready`, `/plaintext_sources`, on the pod IP.
     pub metrics: SocketAddr,
-    /// Admin endpoints, loopback only (served from the telemetry issue on).
+    /// `/config_dump`, `POST /drain`, `/logging`: keep it on loopback.
     pub admin: SocketAddr,
 }
 
