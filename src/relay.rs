@@ -14,7 +14,7 @@ use crate::metrics::ConnectionRecorder;
 /// starts small and doubles only while reads fill it, so the thousands of idle connections a
 /// sidecar holds cost little while a bulk transfer still moves up to a TLS record at a time.
 const MIN_BUF: usize = 1024;
-const MAX_BUF: usize = 16 * 1024;
+const MAX_BUF: usize = 64 * 1024;
 
 /// Bytes moved, by direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
