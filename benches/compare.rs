@@ -11,12 +11,13 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use common::*;
+use support::{bulk, echo, new_connections, sink};
 
 const BULK: usize = 512 << 20;
 const RUNS: usize = 3;
@@ -226,11 +227,15 @@ fn stat(mut v: Vec<f64>) -> Stat {
 fn measure(c: &Cluster, p: &Path) -> Row {
     let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
     let cpu0 = cpu(&p.pids);
-    let one = stat((0..RUNS).map(|_| bulk(c, p.bulk, 1)).collect());
-    let four = stat((0..RUNS).map(|_| bulk(c, p.bulk, 4)).collect());
+    let one = stat((0..RUNS).map(|_| bulk(c, p.bulk, BULK, 1)).collect());
+    let four = stat((0..RUNS).map(|_| bulk(c, p.bulk, BULK, 4)).collect());
     let gb = (RUNS * 2 * BULK) as f64 / 1e9;
     let cpu_per_gb = (!p.pids.is_empty()).then(|| (cpu(&p.pids) - cpu0) / gb);
-    let conns = stat((0..RUNS).map(|_| new_connections(c, p.echo)).collect());
+    let conns = stat(
+        (0..RUNS)
+            .map(|_| new_connections(c, p.echo, CONNECTIONS))
+            .collect(),
+    );
     eprintln!(
         "{}: {:.2} Gbit/s x1, {:.2} Gbit/s x4, {:.0} conn/s",
         p.name, one.median, four.median, conns.median
@@ -295,71 +300,4 @@ fn write_results(table: &str) {
         _ => format!("{text}\n{block}"),
     };
     std::fs::write(path, new).unwrap();
-}
-
-/// Sends BULK bytes over `streams` connections at once; returns Gbit/s.
-fn bulk(c: &Cluster, addr: SocketAddr, streams: usize) -> f64 {
-    c.pod(0).run(move || {
-        let start = Instant::now();
-        let handles: Vec<_> = (0..streams)
-            .map(|_| {
-                std::thread::spawn(move || {
-                    let chunk = vec![0x5au8; 256 * 1024];
-                    let mut s = connect(addr).unwrap();
-                    let mut sent = 0;
-                    while sent < BULK / streams {
-                        s.write_all(&chunk).unwrap();
-                        sent += chunk.len();
-                    }
-                    s.shutdown(Shutdown::Write).unwrap();
-                    let mut done = [0u8; 1];
-                    s.read_exact(&mut done).unwrap();
-                    sent
-                })
-            })
-            .collect();
-        let sent: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
-        (sent * 8) as f64 / start.elapsed().as_secs_f64() / 1e9
-    })
-}
-
-fn new_connections(c: &Cluster, addr: SocketAddr) -> f64 {
-    c.pod(0).run(move || {
-        let start = Instant::now();
-        let msg = [7u8; 100];
-        for _ in 0..CONNECTIONS {
-            let mut s = connect(addr).unwrap();
-            s.write_all(&msg).unwrap();
-            let mut back = [0u8; 100];
-            s.read_exact(&mut back).unwrap();
-        }
-        CONNECTIONS as f64 / start.elapsed().as_secs_f64()
-    })
-}
-
-fn sink(l: TcpListener) {
-    for s in l.incoming() {
-        let Ok(mut s) = s else { continue };
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 256 * 1024];
-            while let Ok(n) = s.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-            }
-            let _ = s.write_all(&[1]);
-        });
-    }
-}
-
-fn echo(l: TcpListener) {
-    for s in l.incoming() {
-        let Ok(mut s) = s else { continue };
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 100];
-            if s.read_exact(&mut buf).is_ok() {
-                let _ = s.write_all(&buf);
-            }
-        });
-    }
 }

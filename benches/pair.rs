@@ -8,12 +8,10 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
-use std::time::Instant;
+mod support;
 
 use common::*;
+use support::{bulk, echo, new_connections, sink};
 
 const BULK: usize = 1 << 30;
 const RUNS: usize = 3;
@@ -32,7 +30,7 @@ fn main() {
     std::thread::spawn(move || sink(bulk_l));
     std::thread::spawn(move || echo(echo_l));
 
-    let direct = median(RUNS, || bulk(&c, server_addr));
+    let direct = median(RUNS, || bulk(&c, server_addr, BULK, 1));
     println!("direct (no sidecars):       {direct:.2} Gbit/s (median of {RUNS}, 1 GiB each)");
 
     let ca = c.make_ca();
@@ -42,7 +40,7 @@ fn main() {
     let idle_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
 
     let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
-    let mtls = median(RUNS, || bulk(&c, server_addr));
+    let mtls = median(RUNS, || bulk(&c, server_addr, BULK, 1));
     let cpu_after: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
     let gb = (RUNS * BULK) as f64 / 1e9;
     println!(
@@ -51,74 +49,15 @@ fn main() {
         100.0 * mtls / direct
     );
 
-    let rates: Vec<f64> = (0..RUNS).map(|_| new_connections(&c, echo_addr)).collect();
+    let rates: Vec<f64> = (0..RUNS)
+        .map(|_| new_connections(&c, echo_addr, CONNECTIONS))
+        .collect();
     println!(
         "new mTLS connections:       {:.0} conn/s (median of {RUNS} x {CONNECTIONS}, sequential connect + 100 B echo + close)",
         median_of(rates)
     );
     let busy_rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
     println!("sidecar RSS idle:           {idle_rss:?} KiB; after the runs: {busy_rss:?} KiB");
-}
-
-/// Sends 1 GiB from pod 0 to the sink in pod 1 and returns Gbit/s.
-fn bulk(c: &Cluster, addr: SocketAddr) -> f64 {
-    c.pod(0).run(move || {
-        let chunk = vec![0x5au8; 256 * 1024];
-        let mut s = connect(addr).unwrap();
-        let start = Instant::now();
-        let mut sent = 0;
-        while sent < BULK {
-            s.write_all(&chunk).unwrap();
-            sent += chunk.len();
-        }
-        s.shutdown(Shutdown::Write).unwrap();
-        // The sink answers with one byte once it has read everything.
-        let mut done = [0u8; 1];
-        s.read_exact(&mut done).unwrap();
-        (sent * 8) as f64 / start.elapsed().as_secs_f64() / 1e9
-    })
-}
-
-/// Connects, echoes 100 bytes and closes, CONNECTIONS times in a row; returns connections/s.
-fn new_connections(c: &Cluster, addr: SocketAddr) -> f64 {
-    c.pod(0).run(move || {
-        let start = Instant::now();
-        let msg = [7u8; 100];
-        for _ in 0..CONNECTIONS {
-            let mut s = connect(addr).unwrap();
-            s.write_all(&msg).unwrap();
-            let mut back = [0u8; 100];
-            s.read_exact(&mut back).unwrap();
-        }
-        CONNECTIONS as f64 / start.elapsed().as_secs_f64()
-    })
-}
-
-fn sink(l: TcpListener) {
-    for s in l.incoming() {
-        let Ok(mut s) = s else { continue };
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 256 * 1024];
-            while let Ok(n) = s.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-            }
-            let _ = s.write_all(&[1]);
-        });
-    }
-}
-
-fn echo(l: TcpListener) {
-    for s in l.incoming() {
-        let Ok(mut s) = s else { continue };
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 100];
-            if s.read_exact(&mut buf).is_ok() {
-                let _ = s.write_all(&buf);
-            }
-        });
-    }
 }
 
 fn median(runs: usize, mut f: impl FnMut() -> f64) -> f64 {

@@ -2,8 +2,8 @@
 //!
 //! - the stats listener (:15020, pod IP, for Prometheus and the kubelet): `GET /metrics`,
 //!   `GET /healthz/ready` (200 once credentials are loaded and every listener is bound, 503
-//!   while draining or once the certificate has expired), `GET /plaintext_sources` (recent non-mTLS clients per port, for
-//!   `l4mesh migration-report`);
+//!   while draining or once the certificate has expired), `GET /plaintext_sources` (recent
+//!   non-mTLS clients per port, for `l4mesh migration-report`);
 //! - the admin listener (127.0.0.1:15000): `GET /config_dump` (effective config, the policies
 //!   that apply, identity and certificate validity; never key material), `POST /drain`,
 //!   `GET /logging` and `POST /logging?level=FILTER`.
@@ -128,12 +128,10 @@ fn handle(
             state.inputs.metrics.plaintext_sources.to_json(),
         ),
         (Endpoints::Stats, &Method::GET, "/healthz/ready") => {
-            // Certificates are valid through the whole second of notAfter (as webpki checks).
-            let not_after = state.inputs.tls.borrow().creds.not_after;
-            let expired =
-                not_after + std::time::Duration::from_secs(1) < std::time::SystemTime::now();
+            let creds = state.inputs.tls.borrow().creds.clone();
+            let expired = creds.valid_until() < std::time::SystemTime::now();
             if expired {
-                let at = humantime::format_rfc3339_seconds(not_after);
+                let at = humantime::format_rfc3339_seconds(creds.not_after);
                 let why = format!("not ready: certificate expired at {at}\n");
                 text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why)
             } else if state.drain.is_draining() {

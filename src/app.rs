@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::admin::{self, AdminState, Endpoints, LogControl};
 use crate::config::Config;
 use crate::drain::Drain;
-use crate::identity::{self, CredentialPaths, Credentials, Expected, SpiffeId};
+use crate::identity::{self, unix_seconds, CredentialPaths, Credentials, Expected, SpiffeId};
 use crate::inbound::InboundConnection;
 use crate::metrics::Metrics;
 use crate::outbound::{OutboundConnection, Routes};
@@ -364,9 +364,7 @@ async fn watch_expiry(tls: watch::Receiver<Arc<TlsState>>, mut thresholds: Vec<D
         }
         let now = std::time::SystemTime::now();
         let at = humantime::format_rfc3339_seconds(creds.not_after).to_string();
-        // Certificates are valid through the whole second of notAfter (as webpki checks it).
-        let end = creds.not_after + Duration::from_secs(1);
-        match end.duration_since(now) {
+        match creds.valid_until().duration_since(now) {
             Err(_) => {
                 if warned.1 <= thresholds.len() {
                     error!(serial = %creds.serial, expired_at = %at, "certificate expired: not ready; rotate the certificate");
@@ -385,11 +383,6 @@ async fn watch_expiry(tls: watch::Receiver<Arc<TlsState>>, mut thresholds: Vec<D
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-}
-
-fn unix_seconds(t: std::time::SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Accepts until the drain starts, one task per connection, each holding a drain watcher.

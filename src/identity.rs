@@ -137,6 +137,22 @@ pub enum CertIdentityError {
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, CertIdentityError> {
     let (_, x509) = X509Certificate::from_der(cert.as_ref())
         .map_err(|e| CertIdentityError::Malformed(e.to_string()))?;
+    spiffe_id_in(&x509)
+}
+
+/// A verified peer's SPIFFE ID (if it has a valid one) and serial (hex), from one parse of its
+/// certificate: this runs once per handshake.
+pub fn id_and_serial(cert: &CertificateDer<'_>) -> (Option<SpiffeId>, String) {
+    match X509Certificate::from_der(cert.as_ref()) {
+        Ok((_, x509)) => (
+            spiffe_id_in(&x509).ok(),
+            hex(x509.tbs_certificate.raw_serial()),
+        ),
+        Err(_) => (None, "?".to_string()),
+    }
+}
+
+fn spiffe_id_in(x509: &X509Certificate<'_>) -> Result<SpiffeId, CertIdentityError> {
     let san = x509
         .subject_alternative_name()
         .map_err(|e| CertIdentityError::Malformed(e.to_string()))?;
@@ -160,6 +176,10 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, CertIdentityE
     found.ok_or(CertIdentityError::NoSpiffeId)
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A certificate's serial number, as its bytes.
 pub fn serial_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, String> {
     let (_, x509) = X509Certificate::from_der(cert.as_ref()).map_err(|e| e.to_string())?;
@@ -169,7 +189,7 @@ pub fn serial_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, String> {
 /// A certificate's serial number in lowercase hex (for logs; `?` if unreadable).
 pub fn serial_hex(cert: &CertificateDer<'_>) -> String {
     serial_of(cert)
-        .map(|s| s.iter().map(|b| format!("{b:02x}")).collect())
+        .map(|s| hex(&s))
         .unwrap_or_else(|_| "?".to_string())
 }
 
@@ -220,6 +240,14 @@ pub struct Credentials {
     pub serial: String,
     /// The bundle and CRLs, ready to verify peers with.
     pub trust: std::sync::Arc<crate::tls::TrustStore>,
+}
+
+impl Credentials {
+    /// The end of the certificate's validity: notAfter's whole second included, as webpki
+    /// checks it (so readiness and peers agree on when it has expired).
+    pub fn valid_until(&self) -> SystemTime {
+        self.not_after + Duration::from_secs(1)
+    }
 }
 
 /// Why credentials were refused; every variant names the file it is about.
@@ -437,7 +465,8 @@ fn read_crls(
     Ok(crls)
 }
 
-fn unix_seconds(t: SystemTime) -> i64 {
+/// Seconds since the Unix epoch (negative before it).
+pub fn unix_seconds(t: SystemTime) -> i64 {
     match t.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(d) => d.as_secs() as i64,
         Err(e) => -(e.duration().as_secs() as i64),

@@ -187,12 +187,11 @@ where
     if conn.alpn_protocol() != Some(tls::MESH_ALPN) {
         return Err(InboundError::NotMesh);
     }
-    let peer_id = tls::peer_id(conn);
+    let (peer_id, peer_serial) = tls::peer(conn);
     let peer = peer_id
         .as_ref()
         .map(ToString::to_string)
         .unwrap_or_default();
-    let peer_serial = tls::peer_serial(conn);
     info!(%peer, %peer_serial, src = %client_addr, %dst, "inbound mTLS accepted, client identity verified");
     // A denied peer learns it after the handshake: the connection is closed with nothing
     // forwarded, which it can tell apart from a failed handshake.

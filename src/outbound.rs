@@ -169,8 +169,7 @@ impl OutboundConnection {
                     .handshake_duration
                     .with_label_values(&["outbound"])
                     .observe(started.elapsed().as_secs_f64());
-                let peer = tls::peer_id(tls.get_ref().1);
-                let peer_serial = tls::peer_serial(tls.get_ref().1);
+                let (peer, peer_serial) = tls::peer(tls.get_ref().1);
                 info!(
                     src = %client_addr,
                     %dst,

@@ -240,18 +240,12 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
-/// The SPIFFE ID of the peer of an established connection (already verified by our verifier).
-pub fn peer_id(conn: &rustls::CommonState) -> Option<SpiffeId> {
+/// The SPIFFE ID and certificate serial (hex) of the peer of an established connection
+/// (already verified by our verifier), from one parse of its certificate.
+pub fn peer(conn: &rustls::CommonState) -> (Option<SpiffeId>, String) {
     conn.peer_certificates()
         .and_then(|certs| certs.first())
-        .and_then(|leaf| spiffe_id_of(leaf).ok())
-}
-
-/// The serial number (hex) of the peer's certificate, for logs.
-pub fn peer_serial(conn: &rustls::CommonState) -> String {
-    conn.peer_certificates()
-        .and_then(|certs| certs.first())
-        .map(crate::identity::serial_hex)
+        .map(crate::identity::id_and_serial)
         .unwrap_or_default()
 }
 

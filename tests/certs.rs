@@ -66,21 +66,7 @@ impl Mount {
 
 fn issue(c: &Cluster, ca: &Path, name: &str, sa: &str, ttl: &str) -> PathBuf {
     let out = c.dir.path().join(name);
-    sh(&[
-        BIN,
-        "certs",
-        "issue",
-        "--ca",
-        ca.to_str().unwrap(),
-        "--namespace",
-        "shop",
-        "--service-account",
-        sa,
-        "--ttl",
-        ttl,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    issue_certs(ca, &out, "shop", sa, ttl);
     out
 }
 

@@ -172,19 +172,8 @@ fn webhook_serves_admission_reviews_over_https() {
     let ca = dir.path().join("ca");
     let tls = dir.path().join("tls");
     sh(&[BIN, "certs", "ca", "--out", ca.to_str().unwrap()]);
-    sh(&[
-        BIN,
-        "certs",
-        "issue",
-        "--ca",
-        ca.to_str().unwrap(),
-        "--namespace",
-        "l4mesh-system",
-        "--service-account",
-        "injector",
-        "--out",
-        tls.to_str().unwrap(),
-    ]);
+    issue_certs(&ca, &tls, "l4mesh-system", "injector", "24h");
+
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -226,19 +226,7 @@ impl Cluster {
     /// proxy user.
     pub fn issue(&self, ca: &Path, name: &str, ns: &str, sa: &str) -> PathBuf {
         let out = self.dir.path().join(name);
-        sh(&[
-            BIN,
-            "certs",
-            "issue",
-            "--ca",
-            ca.to_str().unwrap(),
-            "--namespace",
-            ns,
-            "--service-account",
-            sa,
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        issue_certs(ca, &out, ns, sa, "24h");
         make_proxy_readable(&out);
         out
     }
@@ -419,6 +407,26 @@ impl Drop for Capture {
             let _ = child.wait();
         }
     }
+}
+
+/// `l4mesh certs issue`: `spiffe://cluster.local/ns/<ns>/sa/<sa>` from `ca`, valid for `ttl`
+/// from now, into `out`.
+pub fn issue_certs(ca: &Path, out: &Path, ns: &str, sa: &str, ttl: &str) {
+    sh(&[
+        BIN,
+        "certs",
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--namespace",
+        ns,
+        "--service-account",
+        sa,
+        "--ttl",
+        ttl,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
 }
 
 /// Replaces a policy file atomically (write + rename), readable by the proxy user.
