@@ -50,6 +50,7 @@ fn main() {
         }
     }
     let mut c = Cluster::new("cmp", 2);
+    c.log_level = "info";
     let b = c.pod(1).ip4;
     let at = |ip, port| SocketAddr::new(ip, port);
     let local = |port| SocketAddr::from(([127, 0, 0, 1], port));

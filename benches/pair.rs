@@ -22,6 +22,7 @@ fn main() {
         return;
     }
     let mut c = Cluster::new("bench", 2);
+    c.log_level = "info";
     let server_addr = c.pod(1).addr(5201);
     let echo_addr = c.pod(1).addr(5202);
     let (bulk_l, echo_l) = c

@@ -51,9 +51,21 @@ pub struct TlsState {
 }
 
 impl TlsState {
-    pub fn new(config: &Config, creds: Credentials) -> Result<TlsState, tls::ConfigError> {
-        let acceptor = TlsAcceptor::from(tls::server_config(&creds, creds.trust.clone())?);
-        let routes = Routes::new(&config.outbound, &creds, &creds.trust)?;
+    /// `ticketer` is `Some` when session resumption is on; it is made once per process (see
+    /// `tls::server_config`).
+    pub fn new(
+        config: &Config,
+        creds: Credentials,
+        ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
+    ) -> Result<TlsState, tls::ConfigError> {
+        let acceptor =
+            TlsAcceptor::from(tls::server_config(&creds, creds.trust.clone(), ticketer)?);
+        let routes = Routes::new(
+            &config.outbound,
+            &creds,
+            &creds.trust,
+            config.tls.session_resumption,
+        )?;
         Ok(TlsState {
             creds: Arc::new(creds),
             acceptor,
@@ -162,11 +174,22 @@ pub async fn run(
         .certificate_expiry
         .set(unix_seconds(creds.not_after));
     let id = creds.id.clone();
-    let (tls_tx, tls_rx) = watch::channel(Arc::new(TlsState::new(&config, creds)?));
+    let ticketer = match config.tls.session_resumption {
+        true => Some(tls::ticketer()?),
+        false => None,
+    };
+    let (tls_tx, tls_rx) =
+        watch::channel(Arc::new(TlsState::new(&config, creds, ticketer.clone())?));
     tokio::spawn(crate::watch::poll(
         credential_paths(&config).all(),
         config.identity.reload_interval,
-        rotate(config.clone(), id.clone(), metrics.clone(), tls_tx),
+        rotate(
+            config.clone(),
+            id.clone(),
+            metrics.clone(),
+            tls_tx,
+            ticketer,
+        ),
     ));
     tokio::spawn(watch_expiry(
         tls_rx.clone(),
@@ -318,11 +341,14 @@ fn rotate(
     id: SpiffeId,
     metrics: Arc<Metrics>,
     tls_tx: watch::Sender<Arc<TlsState>>,
+    ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
 ) -> impl FnMut() {
     move || {
         let loaded = load_credentials(&config, Some(&id))
             .map_err(|e| e.to_string())
-            .and_then(|creds| TlsState::new(&config, creds).map_err(|e| e.to_string()));
+            .and_then(|creds| {
+                TlsState::new(&config, creds, ticketer.clone()).map_err(|e| e.to_string())
+            });
         match loaded {
             Ok(state) => {
                 let creds = &state.creds;

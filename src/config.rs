@@ -43,6 +43,38 @@ pub struct Config {
     /// Metrics housekeeping.
     #[serde(default)]
     pub telemetry: Telemetry,
+    /// TLS between sidecars.
+    #[serde(default)]
+    pub tls: TlsSettings,
+    /// Threads the sidecar runs on.
+    #[serde(default)]
+    pub runtime: Runtime,
+}
+
+/// TLS between sidecars.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    /// TLS 1.3 session resumption between sidecars: a repeat connection to the same
+    /// destination skips the signatures of a full handshake. Each resumed connection's peer
+    /// certificate is still checked again (expiry, revocation, trust domain, pins).
+    pub session_resumption: bool,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        TlsSettings {
+            session_resumption: true,
+        }
+    }
+}
+
+/// Threads the sidecar runs on.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Runtime {
+    /// Worker threads; unset means one per CPU the process may use.
+    pub worker_threads: Option<std::num::NonZeroUsize>,
 }
 
 /// Metrics housekeeping.

@@ -166,24 +166,34 @@ where
     let timeouts = &inputs.config.timeouts;
     let failures = &inputs.metrics.handshake_failures;
     let started = std::time::Instant::now();
-    let acceptor = inputs.tls.borrow().acceptor.clone();
-    let tls = tokio::time::timeout(timeouts.handshake, acceptor.accept(client))
+    let tls_state = inputs.tls.borrow().clone();
+    let tls = tokio::time::timeout(timeouts.handshake, tls_state.acceptor.accept(client))
         .await
         .map_err(|_| {
             failures.with_label_values(&["inbound", "timeout"]).inc();
             InboundError::HandshakeTimeout
         })?
+        .and_then(|tls| {
+            let trust = &tls_state.creds.trust;
+            tls::revalidate(tls.get_ref().1, trust, tls::Usage::Client, &[])
+                .map(|()| tls)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        })
         .map_err(|e| {
             let e = tls::HandshakeError(e);
             failures.with_label_values(&["inbound", e.reason()]).inc();
             InboundError::Handshake(e)
         })?;
-    inputs
-        .metrics
+    let conn = tls.get_ref().1;
+    let metrics = &inputs.metrics;
+    metrics
         .handshake_duration
         .with_label_values(&["inbound"])
         .observe(started.elapsed().as_secs_f64());
-    let conn = tls.get_ref().1;
+    metrics
+        .handshakes
+        .with_label_values(&["inbound", tls::handshake_kind(conn)])
+        .inc();
     if conn.alpn_protocol() != Some(tls::MESH_ALPN) {
         return Err(InboundError::NotMesh);
     }

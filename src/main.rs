@@ -345,10 +345,11 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
                 Ok(limit) => tracing::debug!(limit, "file descriptor limit"),
                 Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
             }
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(other)?;
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = config.runtime.worker_threads {
+                runtime.worker_threads(n.get());
+            }
+            let runtime = runtime.enable_all().build().map_err(other)?;
             let result = runtime.block_on(app::run(config, creds, policy, log));
             // Connections still open after the drain deadline are cut here, without waiting.
             runtime.shutdown_timeout(std::time::Duration::from_millis(200));
@@ -370,7 +371,8 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
             }
             print_policy(&policy);
             // Building the TLS configurations is the last thing `run` does before binding.
-            app::TlsState::new(&config, creds).map_err(bad)?;
+            let ticketer = l4mesh::tls::ticketer().map_err(bad)?;
+            app::TlsState::new(&config, creds, Some(ticketer)).map_err(bad)?;
             Ok(())
         }
         Cmd::Iptables(IptablesCmd::Apply(args)) => {

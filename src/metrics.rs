@@ -133,6 +133,9 @@ pub struct Metrics {
     pub handshake_failures: IntCounterVec,
     /// Successful mTLS handshake durations by direction.
     pub handshake_duration: HistogramVec,
+    /// Successful mTLS handshakes by direction and kind (`full`, or `resumed` from a session
+    /// ticket: no signatures, the peer's certificate checked again).
+    pub handshakes: IntCounterVec,
     /// Connections being proxied now, by direction and security (`mutual_tls`, `none`).
     pub active_connections: IntGaugeVec,
     /// This workload's certificate's notAfter, as a Unix timestamp.
@@ -257,6 +260,11 @@ impl Metrics {
                 "l4mesh_tls_handshake_failures_total",
                 "Failed mTLS handshakes by direction and reason",
                 &["direction", "reason"],
+            ),
+            handshakes: counter(
+                "l4mesh_tls_handshakes_total",
+                "Successful mTLS handshakes by direction and kind (full, resumed)",
+                &["direction", "kind"],
             ),
             handshake_duration: {
                 let h = HistogramVec::new(

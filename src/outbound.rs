@@ -32,8 +32,12 @@ pub struct Route {
 }
 
 pub enum RouteKind {
-    /// Wrap in mTLS with this connector (its verifier holds the rule's identity pins).
-    Mtls(TlsConnector),
+    /// Wrap in mTLS with this connector (its verifier holds the rule's identity pins; a
+    /// resumed session is checked against `pins` again after the handshake).
+    Mtls {
+        connector: TlsConnector,
+        pins: Vec<tls::IdentityPattern>,
+    },
     /// Forward the bytes as they are.
     Passthrough,
 }
@@ -45,15 +49,20 @@ impl Routes {
         config: &Outbound,
         creds: &Credentials,
         trust: &Arc<TrustStore>,
+        resume: bool,
     ) -> Result<Self, tls::ConfigError> {
         let route = |name: String, action: Action, pins: Vec<tls::IdentityPattern>| {
             let kind = match action {
                 Action::Passthrough => RouteKind::Passthrough,
-                Action::Mtls => RouteKind::Mtls(TlsConnector::from(tls::client_config(
-                    creds,
-                    trust.clone(),
+                Action::Mtls => RouteKind::Mtls {
+                    connector: TlsConnector::from(tls::client_config(
+                        creds,
+                        trust.clone(),
+                        pins.clone(),
+                        resume,
+                    )?),
                     pins,
-                )?)),
+                },
             };
             Ok::<_, tls::ConfigError>(Route { name, kind })
         };
@@ -144,7 +153,7 @@ impl OutboundConnection {
                     .connection(outbound_labels(&inputs, None), "outbound");
                 relay::relay(client, upstream, &recorder).await
             }
-            RouteKind::Mtls(connector) => {
+            RouteKind::Mtls { connector, pins } => {
                 // SPIFFE identities are not DNS names: the verifier ignores the name, and an
                 // IP address name keeps rustls from sending SNI.
                 let name = ServerName::IpAddress(dst.ip().into());
@@ -157,6 +166,12 @@ impl OutboundConnection {
                         failures.with_label_values(&["outbound", "timeout"]).inc();
                         OutboundError::HandshakeTimeout { dst }
                     })?
+                    .and_then(|tls| {
+                        let trust = &tls_state.creds.trust;
+                        tls::revalidate(tls.get_ref().1, trust, tls::Usage::Server, pins)
+                            .map(|()| tls)
+                            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+                    })
                     .map_err(|e| {
                         let source = tls::HandshakeError(e);
                         failures
@@ -164,11 +179,15 @@ impl OutboundConnection {
                             .inc();
                         OutboundError::Handshake { dst, source }
                     })?;
-                inputs
-                    .metrics
+                let metrics = &inputs.metrics;
+                metrics
                     .handshake_duration
                     .with_label_values(&["outbound"])
                     .observe(started.elapsed().as_secs_f64());
+                metrics
+                    .handshakes
+                    .with_label_values(&["outbound", tls::handshake_kind(tls.get_ref().1)])
+                    .inc();
                 let (peer, peer_serial) = tls::peer(tls.get_ref().1);
                 info!(
                     src = %client_addr,

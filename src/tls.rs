@@ -204,9 +204,13 @@ pub fn provider() -> CryptoProvider {
 pub struct ConfigError(#[from] rustls::Error);
 
 /// The inbound side: TLS 1.3 only, client certificate required and verified, mesh ALPN.
+/// With a `ticketer`, clients get session tickets and may resume (see [`revalidate`]); the
+/// ticketer outlives credential reloads, so a CRL or bundle update does not cost every client
+/// a full handshake.
 pub fn server_config(
     creds: &Credentials,
     trust: Arc<TrustStore>,
+    ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
 ) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
     let verifier = Arc::new(SpiffeClientVerifier { trust });
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
@@ -214,19 +218,33 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(creds.chain.clone(), creds.key.clone_key())?;
     config.alpn_protocols = vec![MESH_ALPN.to_vec()];
-    // No session resumption: a resumed session skips certificate verification, so a client
-    // whose certificate has since expired, been revoked or rotated away would still get in.
+    // Stateless tickets only: no per-session memory on the server.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
+    match ticketer {
+        Some(ticketer) => {
+            config.ticketer = ticketer;
+            // One ticket per handshake: a sidecar resumes with one and gets the next back.
+            config.send_tls13_tickets = 1;
+        }
+        None => config.send_tls13_tickets = 0,
+    }
     Ok(Arc::new(config))
 }
 
+/// The ticket key source for [`server_config`]: ring's rotating ticketer (keys replaced every
+/// 6 hours, the previous key still accepted for the next 6).
+pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, ConfigError> {
+    Ok(rustls::crypto::ring::Ticketer::new()?)
+}
+
 /// The outbound side: TLS 1.3 only, presents our certificate, offers the mesh ALPN, and
-/// accepts a server in our trust domain (and in `pins`, when given).
+/// accepts a server in our trust domain (and in `pins`, when given). With `resume`, keeps
+/// session tickets per destination address and resumes with them (see [`revalidate`]).
 pub fn client_config(
     creds: &Credentials,
     trust: Arc<TrustStore>,
     pins: Vec<IdentityPattern>,
+    resume: bool,
 ) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
     let verifier = Arc::new(SpiffeServerVerifier { trust, pins });
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
@@ -235,9 +253,64 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())?;
     config.alpn_protocols = vec![MESH_ALPN.to_vec()];
-    // See server_config: every connection verifies the server's current certificate.
-    config.resumption = rustls::client::Resumption::disabled();
+    // The cache belongs to this configuration: a new certificate of ours (rotation) starts an
+    // empty one, so a session never outlives the certificate it was made with.
+    config.resumption = if resume {
+        rustls::client::Resumption::in_memory_sessions(RESUMPTION_CACHE)
+    } else {
+        rustls::client::Resumption::disabled()
+    };
     Ok(Arc::new(config))
+}
+
+/// Destinations (addresses) whose tickets a sidecar keeps, per destination rule.
+const RESUMPTION_CACHE: usize = 1024;
+
+/// After a resumed handshake, checks the peer again as of now; a full handshake was checked
+/// by the verifier already and passes through.
+///
+/// A resumed TLS 1.3 handshake skips certificate verification: the peer proves it holds the
+/// earlier session's secret instead, and rustls hands back the certificate chain that session
+/// recorded. On its own that would let in a peer whose certificate has since expired or been
+/// revoked, or (outbound) one that no longer matches this destination's pins. So the recorded
+/// chain goes through the same checks as a full handshake, against the trust store and
+/// revocation lists in force now. What resumption still saves is our signature, the check of
+/// the peer's handshake signature, and a round of certificate bytes on the wire.
+pub fn revalidate(
+    conn: &rustls::CommonState,
+    trust: &TrustStore,
+    usage: Usage,
+    pins: &[IdentityPattern],
+) -> Result<(), rustls::Error> {
+    if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+        return Ok(());
+    }
+    let Some((end_entity, intermediates)) = conn.peer_certificates().and_then(|c| c.split_first())
+    else {
+        return Err(rustls::Error::NoCertificatesPresented);
+    };
+    let id = trust.verify(end_entity, intermediates, UnixTime::now(), usage)?;
+    check_pins(id, pins)
+}
+
+/// Whether a handshake was resumed, as a metric label (`full` or `resumed`).
+pub fn handshake_kind(conn: &rustls::CommonState) -> &'static str {
+    match conn.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => "resumed",
+        _ => "full",
+    }
+}
+
+fn check_pins(id: SpiffeId, pins: &[IdentityPattern]) -> Result<(), rustls::Error> {
+    if pins.is_empty() || pins.iter().any(|p| p.matches(&id)) {
+        return Ok(());
+    }
+    let allowed = pins
+        .iter()
+        .map(|p| p.0.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(other(PeerIdentityError::NotPinned { id, allowed }))
 }
 
 /// The SPIFFE ID and certificate serial (hex) of the peer of an established connection
@@ -269,15 +342,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let id = self
             .trust
             .verify(end_entity, intermediates, now, Usage::Server)?;
-        if !self.pins.is_empty() && !self.pins.iter().any(|p| p.matches(&id)) {
-            let allowed = self
-                .pins
-                .iter()
-                .map(|p| p.0.as_str())
-                .collect::<Vec<_>>()
-                .join(", ");
-            return Err(other(PeerIdentityError::NotPinned { id, allowed }));
-        }
+        check_pins(id, &self.pins)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -508,5 +573,105 @@ mod tests {
         assert!(IdentityPattern::try_from("spiffe://a/*/b/*".to_string()).is_err());
         assert!(IdentityPattern::try_from("spiffe://a/b*c".to_string()).is_err());
         assert!(IdentityPattern::try_from("not-a-uri".to_string()).is_err());
+    }
+
+    /// Makes credentials for `shop/<sa>` from the CA in `ca` (made on first use).
+    fn credentials(dir: &std::path::Path, sa: &str) -> Credentials {
+        let ca = dir.join("ca");
+        if !ca.exists() {
+            crate::certs::make_ca(&ca, "test CA", std::time::Duration::from_secs(3600)).unwrap();
+        }
+        let out = dir.join(sa);
+        let req = crate::certs::IssueRequest::new("cluster.local", "shop", sa);
+        crate::certs::issue(&ca, &req, &out).unwrap();
+        let paths = crate::identity::CredentialPaths {
+            cert_chain: out.join("cert-chain.pem"),
+            private_key: out.join("key.pem"),
+            trust_bundle: out.join("root-cert.pem"),
+            crls: Vec::new(),
+        };
+        let expected = crate::identity::Expected {
+            trust_domain: "cluster.local".into(),
+            ..Default::default()
+        };
+        crate::identity::load(&paths, &expected).unwrap()
+    }
+
+    /// Runs a handshake in memory, then delivers what follows it (the session ticket).
+    fn handshake(
+        client: &Arc<rustls::ClientConfig>,
+        server: &Arc<rustls::ServerConfig>,
+    ) -> (rustls::ClientConnection, rustls::ServerConnection) {
+        let name = ServerName::IpAddress(std::net::Ipv4Addr::new(10, 0, 0, 1).into());
+        let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
+        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            s.read_tls(&mut wire.as_slice()).unwrap();
+            s.process_new_packets().unwrap();
+            wire.clear();
+            while s.wants_write() {
+                s.write_tls(&mut wire).unwrap();
+            }
+            c.read_tls(&mut wire.as_slice()).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        (c, s)
+    }
+
+    #[test]
+    fn a_resumed_session_is_checked_again_as_of_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = credentials(dir.path(), "client");
+        let server = credentials(dir.path(), "server");
+        let accepting =
+            server_config(&server, server.trust.clone(), Some(ticketer().unwrap())).unwrap();
+        let resuming = client_config(&client, client.trust.clone(), Vec::new(), true).unwrap();
+
+        let (c, s) = handshake(&resuming, &accepting);
+        assert_eq!(handshake_kind(&c), "full");
+        assert_eq!(handshake_kind(&s), "full");
+        let (c, s) = handshake(&resuming, &accepting);
+        assert_eq!(
+            handshake_kind(&c),
+            "resumed",
+            "second connection did not resume"
+        );
+        assert_eq!(handshake_kind(&s), "resumed");
+        // The recorded chains still pass today's checks ...
+        revalidate(&s, &server.trust, Usage::Client, &[]).unwrap();
+        revalidate(&c, &client.trust, Usage::Server, &[]).unwrap();
+        let pin = |p: &str| IdentityPattern::try_from(p.to_string()).unwrap();
+        revalidate(&c, &client.trust, Usage::Server, &[pin("*/sa/server")]).unwrap();
+
+        // ... and fail once the client is revoked, or the server is not the pinned identity.
+        let crl = dir.path().join("crl.pem");
+        crate::certs::make_crl(
+            &dir.path().join("ca"),
+            &[dir.path().join("client/cert-chain.pem")],
+            &crl,
+        )
+        .unwrap();
+        let crls: Vec<_> = rustls_pemfile::crls(&mut std::fs::read(&crl).unwrap().as_slice())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let revoking = TrustStore::new(&server.roots, "cluster.local")
+            .unwrap()
+            .with_crls(&crls)
+            .unwrap();
+        let e = revalidate(&s, &revoking, Usage::Client, &[]).unwrap_err();
+        assert_eq!(reason_of(&e), "revoked", "{e}");
+        let e = revalidate(&c, &client.trust, Usage::Server, &[pin("*/sa/other")]).unwrap_err();
+        assert_eq!(reason_of(&e), "bad_identity", "{e}");
+
+        // Without resumption every handshake is full.
+        let no_resume = client_config(&client, client.trust.clone(), Vec::new(), false).unwrap();
+        handshake(&no_resume, &accepting);
+        let (c, _) = handshake(&no_resume, &accepting);
+        assert_eq!(handshake_kind(&c), "full");
     }
 }

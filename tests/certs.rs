@@ -392,3 +392,107 @@ fn revoked_and_expired_client_certificates_are_refused_with_their_reason() {
     let ready = c.pods[2].exec(&["curl", "-s", "http://127.0.0.1:15020/healthz/ready"]);
     assert!(ready.contains("certificate expired at"), "{ready}");
 }
+
+/// The value of a counter line of `metrics` whose labels include all of `labels` (0 if none).
+fn counter(metrics: &str, name: &str, labels: &[&str]) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_resumed_session_is_refused_once_the_client_certificate_is_revoked() {
+    if !privileged("resumed_session_revoked") {
+        return;
+    }
+    let mut c = Cluster::new("resume", 2);
+    let ca = c.make_ca();
+    let client = issue(&c, &ca, "client", "client", "1h");
+    let other = issue(&c, &ca, "other", "other", "1h");
+    // The server's CRL starts out revoking someone else, and is replaced (atomically) later.
+    let dir = c.dir.path().to_path_buf();
+    let crl = dir.join("crl.pem");
+    let write_crl = |revoke: &Path| {
+        let tmp = dir.join("crl.tmp");
+        sh(&[
+            BIN,
+            "certs",
+            "crl",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--revoke",
+            revoke.join("cert-chain.pem").to_str().unwrap(),
+            "--out",
+            tmp.to_str().unwrap(),
+        ]);
+        make_proxy_readable(&dir);
+        std::fs::rename(&tmp, &crl).unwrap();
+    };
+    write_crl(&other);
+    let mount_b = Mount::new(
+        c.dir.path().join("mount-b"),
+        &issue(&c, &ca, "b0", "server", "1h"),
+    );
+    let log_b = start(
+        &mut c,
+        B,
+        "sidecar-b",
+        &mount_b.config(&format!("  crls: [{}]\n", crl.display())),
+    );
+    let mount_a = Mount::new(c.dir.path().join("mount-a"), &client);
+    start(&mut c, A, "sidecar-a", &mount_a.config(""));
+    let addr = c.pod(B).addr(8080);
+    echo_server(c.pod(B), addr, None);
+    let metrics = |pod: usize| c.pods[pod].exec(&["curl", "-s", "http://127.0.0.1:15020/metrics"]);
+    let handshakes = |pod: usize, direction: &str, kind: &str| {
+        counter(
+            &metrics(pod),
+            "l4mesh_tls_handshakes_total",
+            &[
+                &format!("direction=\"{direction}\""),
+                &format!("kind=\"{kind}\""),
+            ],
+        )
+    };
+
+    // The first connection is a full handshake; the next ones resume, and still carry data.
+    for _ in 0..3 {
+        assert_eq!(c.pod(A).run(move || exchange_here(addr, 1000)), 1000);
+    }
+    assert_eq!(handshakes(B, "inbound", "full"), 1);
+    assert_eq!(handshakes(B, "inbound", "resumed"), 2);
+    assert_eq!(handshakes(A, "outbound", "resumed"), 2);
+
+    // Revoke the client. Its sidecar still holds a valid ticket and resumes with it: the
+    // server must check the recorded certificate again and refuse before relaying a byte.
+    write_crl(&client);
+    wait_for_log(&log_b, "credentials rotated", Duration::from_secs(10));
+    assert_eq!(
+        c.pod(A).run(move || exchange_here(addr, 1000)),
+        0,
+        "a revoked client got in by resuming its session"
+    );
+    assert_eq!(
+        handshakes(A, "outbound", "resumed"),
+        3,
+        "the refused connection was not a resumption: this test did not test it"
+    );
+    wait_for_log(
+        &log_b,
+        "invalid peer certificate: revoked",
+        Duration::from_secs(5),
+    );
+    let failures = counter(
+        &metrics(B),
+        "l4mesh_tls_handshake_failures_total",
+        &["direction=\"inbound\"", "reason=\"revoked\""],
+    );
+    assert_eq!(failures, 1);
+    assert_eq!(
+        handshakes(B, "inbound", "resumed"),
+        2,
+        "counted as a success"
+    );
+}

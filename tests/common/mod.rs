@@ -137,6 +137,9 @@ pub struct Cluster {
     pub pods: Vec<Pod>,
     children: Vec<Child>,
     pub dir: tempfile::TempDir,
+    /// Sidecars' `--log-level`: debug for tests (their logs are asserted on), info for benches
+    /// (what a deployment runs: per-connection debug lines cost time).
+    pub log_level: &'static str,
 }
 
 impl Cluster {
@@ -157,6 +160,7 @@ impl Cluster {
             pods: Vec::new(),
             children: Vec::new(),
             dir,
+            log_level: "debug",
         };
         sh(&["ip", "netns", "add", &node]);
         sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
@@ -268,7 +272,7 @@ impl Cluster {
             ])
             .args([
                 "--log-level",
-                "debug",
+                self.log_level,
                 "run",
                 "--config",
                 cfg.to_str().unwrap(),
