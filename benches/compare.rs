@@ -1,13 +1,21 @@
-//! Side by side, in one run, between two pods (network namespaces): no proxy, a plain relay
-//! pair (socat: the copy-only ceiling), an stunnel pair and an HAProxy pair (mutual TLS 1.3,
-//! the same ECDSA P-256 certificates), and an l4mesh pair in mTLS and in plaintext
-//! (passthrough). Bulk throughput with 1 and 4 streams, proxy CPU seconds per GB, and new
-//! connections per second (connect + 100-byte echo + close, sequential). Medians of 3 runs
-//! with min-max; each figure also as a ratio to the best peer (stunnel or HAProxy).
+//! Side by side, in one run, between pods (network namespaces): no proxy, a plain relay pair
+//! (socat: copy only), an stunnel pair and an HAProxy pair (mutual TLS 1.3, the same ECDSA
+//! P-256 certificates), and an l4mesh pair in mTLS and in plaintext (passthrough).
 //!
-//!     cargo bench --bench compare      # as root; needs stunnel4, haproxy, socat
+//! 1. bulk: iperf3, 1 and 4 streams, Gbit/s and proxy CPU seconds per GB;
+//! 2. request/response: 1 KiB echoes on one connection, requests/s and p50/p99/p99.9;
+//! 3. new connections: connect + 100-byte echo + close, sequential, connections/s and p99,
+//!    with full handshakes and with session resumption (each proxy's own, default on);
+//! 4. memory: RSS of each proxy idle and holding 1,000 and 9,900 idle connections;
+//! 5. the criterion microbenches' latest results (sniff, authz, relay), if they have run.
 //!
-//! Writes the table into benches/RESULTS.md between the `compare` markers.
+//! Medians of 3 runs with min-max; each figure also as a ratio to the best peer (stunnel or
+//! HAProxy) and, for bulk and latency, to the plain relay pair.
+//!
+//!     benches/run.sh                   # everything: installs the peers, runs all benches
+//!     cargo bench --bench compare      # this part only (as root)
+//!
+//! Writes its tables into benches/RESULTS.md between the `compare` markers.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -17,48 +25,88 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use support::{bulk, echo, new_connections, sink};
+use support::{echo, iperf3, new_connections, request_response, Holder, Latencies};
 
-const BULK: usize = 512 << 20;
 const RUNS: usize = 3;
+const BULK_SECS: u64 = 3;
+const ROUND_TRIPS: usize = 10_000;
+const MESSAGE: usize = 1024;
 const CONNECTIONS: usize = 500;
-const SINK: u16 = 5201;
+/// Idle connections held for the memory figures. 10,000 would need over 20,000 descriptors
+/// in each proxy (two per connection); this machine's hard limit is 20,000.
+const HOLD: [usize; 2] = [1_000, 9_900];
+const IPERF: u16 = 5201;
 const ECHO: u16 = 5202;
+/// The same servers again, on ports the l4mesh client sidecar passes through as plaintext.
+const PLAIN: u16 = 100;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Direct,
+    Relay,
+    Peer,
+    L4mesh,
+}
 
 struct Path {
     name: &'static str,
-    /// Where the client connects for bulk and for echo.
+    kind: Kind,
+    /// The pod clients run in, and where they connect for bulk and for echo.
+    client: usize,
     bulk: SocketAddr,
     echo: SocketAddr,
-    /// Proxy processes whose CPU is counted.
+    /// For TLS paths: a pod and address whose new connections make full handshakes (`echo`
+    /// resumes sessions, each proxy's default).
+    full: Option<(usize, SocketAddr)>,
+    /// Proxy processes whose CPU and memory are counted.
     pids: Vec<u32>,
 }
 
 fn main() {
+    support::hold_if_asked();
     if !privileged("bench compare") {
         return;
     }
-    for tool in ["stunnel4", "haproxy", "socat"] {
+    for tool in ["stunnel4", "haproxy", "socat", "iperf3"] {
         let ok = std::process::Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false);
         if !ok {
-            eprintln!("*** SKIPPED bench compare: {tool} is not installed (apt-get install stunnel4 haproxy socat) ***");
+            let msg =
+                format!("bench compare: {tool} is not installed (benches/run.sh installs it)");
+            if std::env::var("L4MESH_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+                panic!("{msg}");
+            }
+            eprintln!("*** SKIPPED {msg} ***");
             return;
         }
     }
-    let mut c = Cluster::new("cmp", 2);
+    // Pod 0: clients and the client-side proxies; pod 1: servers and the server-side proxies;
+    // pod 2: clients behind an l4mesh sidecar with session resumption off.
+    let mut c = Cluster::new("cmp", 3);
     c.log_level = "info";
     let b = c.pod(1).ip4;
     let at = |ip, port| SocketAddr::new(ip, port);
     let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
-    let (sink_l, echo_l) = c
-        .pod(1)
-        .run(move || (listen(at(b, SINK)), listen(at(b, ECHO))));
-    std::thread::spawn(move || sink(sink_l));
-    std::thread::spawn(move || echo(echo_l));
+    for port in [IPERF, IPERF + PLAIN] {
+        c.spawn_in(
+            1,
+            &format!("iperf3-{port}"),
+            &[
+                "iperf3",
+                "-s",
+                "-B",
+                &b.to_string(),
+                "-p",
+                &port.to_string(),
+            ],
+        );
+    }
+    for port in [ECHO, ECHO + PLAIN] {
+        echo(c.pod(1).run(move || listen(at(b, port))));
+    }
 
     let ca = c.make_ca();
     let client = c.issue(&ca, "client", "bench", "client");
@@ -79,70 +127,86 @@ fn main() {
 
     let mut paths = vec![Path {
         name: "direct (no proxy)",
-        bulk: at(b, SINK),
+        kind: Kind::Direct,
+        client: 0,
+        bulk: at(b, IPERF),
         echo: at(b, ECHO),
+        full: None,
         pids: vec![],
     }];
 
-    // socat pair: 7001/7002 (sink), 7011/7012 (echo).
-    for (front, back, target) in [(7001, 7002, SINK), (7011, 7012, ECHO)] {
+    // socat pair (a process per connection, 64 KiB copies): 7001/7002 (iperf3), 7011/7012 (echo).
+    for (front, back, target) in [(7001, 7002, IPERF), (7011, 7012, ECHO)] {
+        let (listen_a, listen_b) = (
+            format!("TCP-LISTEN:{front},bind=127.0.0.1,fork,reuseaddr,nodelay"),
+            format!("TCP-LISTEN:{back},bind={b},fork,reuseaddr,nodelay"),
+        );
+        let (to_b, to_server) = (
+            format!("TCP:{b}:{back},nodelay"),
+            format!("TCP:{b}:{target},nodelay"),
+        );
         c.spawn_in(
             0,
             &format!("socat-a-{front}"),
-            &[
-                "socat",
-                &format!("TCP-LISTEN:{front},bind=127.0.0.1,fork,reuseaddr"),
-                &format!("TCP:{b}:{back}"),
-            ],
+            &["socat", "-b65536", &listen_a, &to_b],
         );
         c.spawn_in(
             1,
             &format!("socat-b-{back}"),
-            &[
-                "socat",
-                &format!("TCP-LISTEN:{back},bind={b},fork,reuseaddr"),
-                &format!("TCP:{b}:{target}"),
-            ],
+            &["socat", "-b65536", &listen_b, &to_server],
         );
     }
     paths.push(Path {
         name: "plain relay pair (socat)",
+        kind: Kind::Relay,
+        client: 0,
         bulk: local(7001),
         echo: local(7011),
+        full: None,
         pids: vec![],
     });
 
-    // stunnel pair.
+    // stunnel pair: 7101 (iperf3), 7111 (echo, sessions resumed), 7121 (echo, full handshakes).
     let stunnel_a = dir.join("stunnel-a.conf");
     let stunnel_b = dir.join("stunnel-b.conf");
     let common_tls = |cert: &std::path::Path| {
         format!("foreground = yes\npid =\nsslVersionMin = TLSv1.3\ncert = {}\nCAfile = {}\nverifyChain = yes\n", cert.display(), root.display())
     };
-    std::fs::write(&stunnel_a, format!("{}[sink]\nclient = yes\naccept = 127.0.0.1:7101\nconnect = {b}:7102\n[echo]\nclient = yes\naccept = 127.0.0.1:7111\nconnect = {b}:7112\n", common_tls(&client_pem))).unwrap();
-    std::fs::write(&stunnel_b, format!("{}requireCert = yes\n[sink]\naccept = {b}:7102\nconnect = {b}:{SINK}\n[echo]\naccept = {b}:7112\nconnect = {b}:{ECHO}\n", common_tls(&server_pem))).unwrap();
+    std::fs::write(&stunnel_a, format!("{}[sink]\nclient = yes\naccept = 127.0.0.1:7101\nconnect = {b}:7102\n[echo]\nclient = yes\naccept = 127.0.0.1:7111\nconnect = {b}:7112\n[echo-full]\nclient = yes\nsessionResume = no\naccept = 127.0.0.1:7121\nconnect = {b}:7112\n", common_tls(&client_pem))).unwrap();
+    std::fs::write(&stunnel_b, format!("{}requireCert = yes\n[sink]\naccept = {b}:7102\nconnect = {b}:{IPERF}\n[echo]\naccept = {b}:7112\nconnect = {b}:{ECHO}\n", common_tls(&server_pem))).unwrap();
     let before = c.sidecar_pids().len();
     c.spawn_in(0, "stunnel-a", &["stunnel4", stunnel_a.to_str().unwrap()]);
     c.spawn_in(1, "stunnel-b", &["stunnel4", stunnel_b.to_str().unwrap()]);
     let stunnel_pids = c.sidecar_pids()[before..].to_vec();
     paths.push(Path {
         name: "stunnel pair (mTLS)",
+        kind: Kind::Peer,
+        client: 0,
         bulk: local(7101),
         echo: local(7111),
+        full: Some((0, local(7121))),
         pids: stunnel_pids,
     });
 
-    // HAProxy pair.
+    // HAProxy pair: 7201 (iperf3), 7211 (echo, sessions reused), 7221 (echo, no-ssl-reuse).
     let haproxy = |name: &str, body: String| {
         let path = dir.join(name);
-        std::fs::write(&path, format!("global\n  maxconn 4000\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n  ssl-default-server-options ssl-min-ver TLSv1.3\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n{body}")).unwrap();
+        std::fs::write(&path, format!("global\n  maxconn 9990\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n  ssl-default-server-options ssl-min-ver TLSv1.3\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 10m\n  timeout server 10m\n{body}")).unwrap();
         path
     };
+    let tls_to = |pem: &std::path::Path| {
+        format!(
+            "ssl crt {} ca-file {} verify required",
+            pem.display(),
+            root.display()
+        )
+    };
     let ha_a = haproxy("haproxy-a.cfg", format!(
-        "listen sink\n  bind 127.0.0.1:7201\n  server s {b}:7202 ssl crt {c} ca-file {r} verify required\nlisten echo\n  bind 127.0.0.1:7211\n  server s {b}:7212 ssl crt {c} ca-file {r} verify required\n",
-        c = client_pem.display(), r = root.display()));
+        "listen sink\n  bind 127.0.0.1:7201\n  server s {b}:7202 {t}\nlisten echo\n  bind 127.0.0.1:7211\n  server s {b}:7212 {t}\nlisten echo_full\n  bind 127.0.0.1:7221\n  server s {b}:7212 {t} no-ssl-reuse\n",
+        t = tls_to(&client_pem)));
     let ha_b = haproxy("haproxy-b.cfg", format!(
-        "listen sink\n  bind {b}:7202 ssl crt {c} ca-file {r} verify required\n  server s {b}:{SINK}\nlisten echo\n  bind {b}:7212 ssl crt {c} ca-file {r} verify required\n  server s {b}:{ECHO}\n",
-        c = server_pem.display(), r = root.display()));
+        "listen sink\n  bind {b}:7202 {t}\n  server s {b}:{IPERF}\nlisten echo\n  bind {b}:7212 {t}\n  server s {b}:{ECHO}\n",
+        t = tls_to(&server_pem)));
     let before = c.sidecar_pids().len();
     c.spawn_in(
         0,
@@ -157,56 +221,82 @@ fn main() {
     let ha_pids = c.sidecar_pids()[before..].to_vec();
     paths.push(Path {
         name: "HAProxy pair (mTLS)",
+        kind: Kind::Peer,
+        client: 0,
         bulk: local(7201),
         echo: local(7211),
+        full: Some((0, local(7221))),
         pids: ha_pids,
     });
     std::thread::sleep(Duration::from_secs(1));
 
-    // Measure the non-l4mesh paths before capture is installed (it would redirect them too).
+    // Measure the other paths before capture is installed (it would redirect them too).
+    // L4MESH_BENCH_QUICK=1 (for trying a change): l4mesh only, no memory, RESULTS.md untouched.
+    let quick = std::env::var("L4MESH_BENCH_QUICK").as_deref() == Ok("1");
     let mut rows = Vec::new();
-    for p in &paths {
-        rows.push(measure(&c, p));
+    for p in paths.iter().filter(|_| !quick) {
+        rows.push(measure(&c, p, true));
     }
 
-    // l4mesh: mTLS by default; the sink on SINK+100 and echo on ECHO+100 are passthrough.
-    let (sink2, echo2) = c
-        .pod(1)
-        .run(move || (listen(at(b, SINK + 100)), listen(at(b, ECHO + 100))));
-    std::thread::spawn(move || sink(sink2));
-    std::thread::spawn(move || echo(echo2));
+    // l4mesh: mTLS by default; the PLAIN ports are passed through as plaintext.
     let before = c.sidecar_pids().len();
-    let rules = format!("outbound:\n  rules:\n    - cidrs: [{b}/32]\n      ports: [{}, {}]\n      action: passthrough\n", SINK + 100, ECHO + 100);
+    let rules = format!(
+        "outbound:\n  rules:\n    - cidrs: [{b}/32]\n      ports: [{}, {}]\n      action: passthrough\n",
+        IPERF + PLAIN,
+        ECHO + PLAIN
+    );
     c.mesh_sidecar(&ca, 0, "client", &rules);
     c.mesh_sidecar(&ca, 1, "server", "");
     let l4_pids = c.sidecar_pids()[before..].to_vec();
+    c.mesh_sidecar(&ca, 2, "client", "tls:\n  session_resumption: false\n");
     for p in [
         Path {
             name: "l4mesh pair (mTLS)",
-            bulk: at(b, SINK),
+            kind: Kind::L4mesh,
+            client: 0,
+            bulk: at(b, IPERF),
             echo: at(b, ECHO),
+            full: Some((2, at(b, ECHO))),
             pids: l4_pids.clone(),
         },
         Path {
             name: "l4mesh pair (plaintext)",
-            bulk: at(b, SINK + 100),
-            echo: at(b, ECHO + 100),
+            kind: Kind::L4mesh,
+            client: 0,
+            bulk: at(b, IPERF + PLAIN),
+            echo: at(b, ECHO + PLAIN),
+            full: None,
             pids: l4_pids,
         },
     ] {
-        rows.push(measure(&c, &p));
+        rows.push(measure(&c, &p, !quick));
     }
-    let table = render(&rows);
-    println!("{table}");
-    write_results(&table);
+    let tables = render(&rows);
+    println!("{tables}");
+    if !quick {
+        write_results(&tables);
+    }
 }
 
 struct Row {
     name: &'static str,
+    kind: Kind,
     one: Stat,
     four: Stat,
     cpu_per_gb: Option<f64>,
-    conns: Stat,
+    rr: [Stat; 4],
+    /// New connections as the path makes them by default (resumed, for TLS peers and l4mesh
+    /// mTLS), and with full handshakes.
+    conns: [Stat; 2],
+    conns_full: Option<[Stat; 2]>,
+    memory: Option<Memory>,
+}
+
+struct Memory {
+    /// RSS (KiB) of each proxy process when it had just started.
+    idle: Vec<u64>,
+    /// For each hold size: how many were held and KiB per connection of each process.
+    held: Vec<(usize, usize, Vec<f64>)>,
 }
 
 #[derive(Clone, Copy)]
@@ -225,57 +315,245 @@ fn stat(mut v: Vec<f64>) -> Stat {
     }
 }
 
-fn measure(c: &Cluster, p: &Path) -> Row {
+/// Runs `f` RUNS times and takes the median (and range) of each latency figure.
+fn latency_stats(mut f: impl FnMut() -> Latencies) -> [Stat; 4] {
+    let runs: Vec<Latencies> = (0..RUNS).map(|_| f()).collect();
+    let of = |g: fn(&Latencies) -> f64| stat(runs.iter().map(g).collect());
+    [
+        of(|l| l.per_sec),
+        of(|l| l.p50),
+        of(|l| l.p99),
+        of(|l| l.p999),
+    ]
+}
+
+fn measure(c: &Cluster, p: &Path, with_memory: bool) -> Row {
+    let idle: Vec<u64> = p.pids.iter().map(|p| rss_kib(*p)).collect();
     let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+    let pod = c.pod(p.client);
     let cpu0 = cpu(&p.pids);
-    let one = stat((0..RUNS).map(|_| bulk(c, p.bulk, BULK, 1)).collect());
-    let four = stat((0..RUNS).map(|_| bulk(c, p.bulk, BULK, 4)).collect());
-    let gb = (RUNS * 2 * BULK) as f64 / 1e9;
-    let cpu_per_gb = (!p.pids.is_empty()).then(|| (cpu(&p.pids) - cpu0) / gb);
-    let conns = stat(
-        (0..RUNS)
-            .map(|_| new_connections(c, p.echo, CONNECTIONS))
-            .collect(),
-    );
+    let mut bytes = 0.0;
+    let mut bulk = |streams| {
+        stat(
+            (0..RUNS)
+                .map(|_| {
+                    let (gbps, b) = iperf3(pod, p.bulk, streams, BULK_SECS);
+                    bytes += b;
+                    gbps
+                })
+                .collect(),
+        )
+    };
+    let (one, four) = (bulk(1), bulk(4));
+    let cpu_per_gb = (!p.pids.is_empty()).then(|| (cpu(&p.pids) - cpu0) / (bytes / 1e9));
+    let rr = latency_stats(|| request_response(pod, p.echo, ROUND_TRIPS, MESSAGE));
+    let conns = latency_stats(|| new_connections(pod, p.echo, CONNECTIONS));
+    let conns_full = p
+        .full
+        .map(|(client, addr)| latency_stats(|| new_connections(c.pod(client), addr, CONNECTIONS)));
+    let memory = (with_memory && !p.pids.is_empty()).then(|| {
+        let held = HOLD
+            .iter()
+            .map(|&n| {
+                let base: Vec<u64> = p.pids.iter().map(|p| rss_kib(*p)).collect();
+                let holder = Holder::start(pod, p.echo, n);
+                std::thread::sleep(Duration::from_secs(1));
+                let per_conn = p
+                    .pids
+                    .iter()
+                    .zip(&base)
+                    .map(|(pid, base)| {
+                        (rss_kib(*pid) as f64 - *base as f64) / holder.held.max(1) as f64
+                    })
+                    .collect();
+                let held = holder.held;
+                drop(holder);
+                std::thread::sleep(Duration::from_secs(2));
+                (n, held, per_conn)
+            })
+            .collect();
+        Memory { idle, held }
+    });
     eprintln!(
-        "{}: {:.2} Gbit/s x1, {:.2} Gbit/s x4, {:.0} conn/s",
-        p.name, one.median, four.median, conns.median
+        "{}: {:.2} Gbit/s x1, {:.2} Gbit/s x4, {:.0} req/s (p99 {:.0} us), {:.0} conn/s",
+        p.name, one.median, four.median, rr[0].median, rr[2].median, conns[0].median
     );
     Row {
         name: p.name,
+        kind: p.kind,
         one,
         four,
         cpu_per_gb,
-        conns,
+        rr,
+        conns: [conns[0], conns[2]],
+        conns_full: conns_full.map(|s| [s[0], s[2]]),
+        memory,
+    }
+}
+
+fn range(s: &Stat, digits: usize) -> String {
+    format!("{:.d$} ({:.d$}-{:.d$})", s.median, s.min, s.max, d = digits)
+}
+
+fn ratio(x: f64, of: f64) -> String {
+    if of > 0.0 {
+        format!("{:.2}", x / of)
+    } else {
+        "-".into()
     }
 }
 
 fn render(rows: &[Row]) -> String {
-    let best = |f: &dyn Fn(&Row) -> f64| {
-        rows.iter()
-            .filter(|r| r.name.starts_with("stunnel") || r.name.starts_with("HAProxy"))
-            .map(f)
-            .fold(0.0, f64::max)
-    };
-    let (b1, b4, bc) = (
-        best(&|r| r.one.median),
-        best(&|r| r.four.median),
-        best(&|r| r.conns.median),
-    );
-    let mut t = String::from("| path | bulk 1 stream, Gbit/s (min-max) | x best peer | bulk 4 streams, Gbit/s | x best peer | proxy CPU s/GB | new conn/s (min-max) | x best peer |\n|---|---|---|---|---|---|---|---|\n");
+    let peers = || rows.iter().filter(|r| r.kind == Kind::Peer);
+    let best = |f: &dyn Fn(&Row) -> f64| peers().map(f).fold(0.0, f64::max);
+    let relay = rows.iter().find(|r| r.kind == Kind::Relay);
+    let of_relay = |f: &dyn Fn(&Row) -> f64| relay.map_or(0.0, f);
+    let mut t = String::new();
+
+    t.push_str("### 1. Bulk (iperf3)\n\n| path | 1 stream, Gbit/s (min-max) | x best peer | x relay | 4 streams, Gbit/s (min-max) | x best peer | x relay | proxy CPU s/GB |\n|---|---|---|---|---|---|---|---|\n");
+    let (b1, b4) = (best(&|r| r.one.median), best(&|r| r.four.median));
+    let (r1, r4) = (of_relay(&|r| r.one.median), of_relay(&|r| r.four.median));
     for r in rows {
         t.push_str(&format!(
-            "| {} | {:.2} ({:.2}-{:.2}) | {:.2} | {:.2} ({:.2}-{:.2}) | {:.2} | {} | {:.0} ({:.0}-{:.0}) | {:.2} |\n",
-            r.name, r.one.median, r.one.min, r.one.max, r.one.median / b1,
-            r.four.median, r.four.min, r.four.max, r.four.median / b4,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.name,
+            range(&r.one, 2),
+            ratio(r.one.median, b1),
+            ratio(r.one.median, r1),
+            range(&r.four, 2),
+            ratio(r.four.median, b4),
+            ratio(r.four.median, r4),
             r.cpu_per_gb.map_or("-".to_string(), |c| format!("{c:.2}")),
-            r.conns.median, r.conns.min, r.conns.max, r.conns.median / bc,
         ));
+    }
+
+    t.push_str(&format!("\n### 2. Request/response ({MESSAGE} B echo, {ROUND_TRIPS} in a row on one connection)\n\n| path | requests/s (min-max) | p50 us | p99 us (min-max) | p99.9 us | p99 x relay | p99 x best peer |\n|---|---|---|---|---|---|---|\n"));
+    let relay_p99 = of_relay(&|r| r.rr[2].median);
+    let best_p99 = peers().map(|r| r.rr[2].median).fold(f64::MAX, f64::min);
+    for r in rows {
+        t.push_str(&format!(
+            "| {} | {} | {:.0} | {} | {:.0} | {} | {} |\n",
+            r.name,
+            range(&r.rr[0], 0),
+            r.rr[1].median,
+            range(&r.rr[2], 0),
+            r.rr[3].median,
+            ratio(r.rr[2].median, relay_p99),
+            ratio(r.rr[2].median, best_p99),
+        ));
+    }
+
+    t.push_str(&format!("\n### 3. New connections (connect + 100 B echo + close, {CONNECTIONS} in a row)\n\n| path | full handshakes, conn/s (min-max) | p99 ms | x best peer | resumed sessions, conn/s (min-max) | p99 ms | x best peer |\n|---|---|---|---|---|---|---|\n"));
+    let best_full = best(&|r| r.conns_full.map_or(0.0, |s| s[0].median));
+    let best_resumed = best(&|r| r.conns[0].median);
+    for r in rows {
+        let cells = |s: &[Stat; 2], best: f64| {
+            format!(
+                "{} | {:.2} | {}",
+                range(&s[0], 0),
+                s[1].median / 1000.0,
+                ratio(s[0].median, best)
+            )
+        };
+        let (full, resumed) = match &r.conns_full {
+            Some(full) => (cells(full, best_full), cells(&r.conns, best_resumed)),
+            // No TLS: no handshake to make or resume.
+            None => (
+                format!("{} (no TLS)", cells(&r.conns, best_full)),
+                "- | - | -".to_string(),
+            ),
+        };
+        t.push_str(&format!("| {} | {full} | {resumed} |\n", r.name));
+    }
+
+    let held_cols: Vec<String> = HOLD
+        .iter()
+        .map(|n| format!("KiB/conn at {n} (client, server proxy)"))
+        .collect();
+    t.push_str(&format!(
+        "\n### 4. Memory (RSS of each proxy; idle connections opened with one echo each)\n\n| path | idle RSS KiB (client, server proxy) | {} |\n|---|---|{}\n",
+        held_cols.join(" | "),
+        "---|".repeat(HOLD.len())
+    ));
+    for r in rows {
+        let Some(m) = &r.memory else { continue };
+        let cells: Vec<String> = m
+            .held
+            .iter()
+            .map(|(n, held, per)| {
+                let per: Vec<String> = per.iter().map(|k| format!("{k:.1}")).collect();
+                let short = if held < n {
+                    format!(" (only {held} held)")
+                } else {
+                    String::new()
+                };
+                format!("{}{short}", per.join(", "))
+            })
+            .collect();
+        let idle: Vec<String> = m.idle.iter().map(u64::to_string).collect();
+        t.push_str(&format!(
+            "| {} | {} | {} |\n",
+            r.name,
+            idle.join(", "),
+            cells.join(" | ")
+        ));
+    }
+
+    t.push_str(&criterion_results());
+    t
+}
+
+/// The latest criterion results under target/criterion (`benches/run.sh` runs them first).
+fn criterion_results() -> String {
+    let root = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("criterion");
+    let mut found = Vec::new();
+    let mut stack = vec![root];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.ends_with("new/benchmark.json") {
+                let read = |f: &str| {
+                    std::fs::read(path.with_file_name(f))
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                };
+                if let (Some(id), Some(est)) = (read("benchmark.json"), read("estimates.json")) {
+                    let name = id["full_id"].as_str().unwrap_or("?").to_string();
+                    let ns = |k: &str| est[k]["point_estimate"].as_f64().unwrap_or(f64::NAN);
+                    let bytes = id["throughput"]["Bytes"].as_f64();
+                    found.push((name, ns("median"), bytes));
+                }
+            }
+        }
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut t = String::from("\n### 5. Microbenches (criterion, latest run, median)\n\n| bench | time | throughput |\n|---|---|---|\n");
+    if found.is_empty() {
+        t.push_str("| (none under target/criterion: run `benches/run.sh`) | | |\n");
+    }
+    for (name, ns, bytes) in found {
+        let time = if ns >= 1e6 {
+            format!("{:.2} ms", ns / 1e6)
+        } else if ns >= 1e3 {
+            format!("{:.2} us", ns / 1e3)
+        } else {
+            format!("{ns:.1} ns")
+        };
+        let tput = bytes.map_or("-".to_string(), |b| format!("{:.2} GB/s", b / ns));
+        t.push_str(&format!("| {name} | {time} | {tput} |\n"));
     }
     t
 }
 
-fn write_results(table: &str) {
+fn write_results(tables: &str) {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/RESULTS.md");
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let uname = std::process::Command::new("uname")
@@ -283,11 +561,30 @@ fn write_results(table: &str) {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    let commit = std::process::Command::new("git")
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "describe",
+            "--always",
+            "--dirty",
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     let block = format!(
-        "<!-- compare:begin -->\n## Side by side (`cargo bench --bench compare`, written by it)\n\n{date}, {cores} cores, kernel {uname}, release build. Medians of {RUNS} runs (min-max); {} MiB per bulk run; {CONNECTIONS} sequential connections per run.\n\n{table}<!-- compare:end -->\n",
-        BULK >> 20
+        "<!-- compare:begin -->\n## Side by side (`benches/run.sh`, written by `benches/compare.rs`)\n\n{date}, commit {commit}, {cores} cores ({cpu}), kernel {uname}, release build. Clients, servers and both proxies of a pair share the cores. Medians of {RUNS} runs (min-max); iperf3 runs of {BULK_SECS} s. \"x best peer\": against the better of stunnel and HAProxy in this run; \"x relay\": against the plain relay pair.\n\n{tables}<!-- compare:end -->\n",
     );
     let new = match (
         text.find("<!-- compare:begin -->"),
