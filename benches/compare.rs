@@ -245,10 +245,13 @@ fn main() {
         IPERF + PLAIN,
         ECHO + PLAIN
     );
-    c.mesh_sidecar(&ca, 0, "client", &rules);
-    c.mesh_sidecar(&ca, 1, "server", "");
+    // L4MESH_BENCH_SIDECAR (for trying a setting): YAML added to every l4mesh sidecar's config.
+    let extra = std::env::var("L4MESH_BENCH_SIDECAR").unwrap_or_default();
+    c.mesh_sidecar(&ca, 0, "client", &format!("{rules}{extra}"));
+    c.mesh_sidecar(&ca, 1, "server", &extra);
     let l4_pids = c.sidecar_pids()[before..].to_vec();
-    c.mesh_sidecar(&ca, 2, "client", "tls:\n  session_resumption: false\n");
+    let no_resumption = "tls:\n  session_resumption: false\n";
+    c.mesh_sidecar(&ca, 2, "client", &format!("{no_resumption}{extra}"));
     for p in [
         Path {
             name: "l4mesh pair (mTLS)",
@@ -269,7 +272,9 @@ fn main() {
             pids: l4_pids,
         },
     ] {
-        rows.push(measure(&c, &p, !quick));
+        // The plaintext path runs through the same sidecars: their memory is measured once.
+        let with_memory = !quick && p.full.is_some();
+        rows.push(measure(&c, &p, with_memory));
     }
     let tables = render(&rows);
     println!("{tables}");

@@ -11,6 +11,7 @@
 //! - [`outbound`]: :15001, app → original destination, mTLS originated per destination rule.
 //! - [`inbound`]: :15006, peer → app, mTLS terminated and the peer identified.
 //! - [`tls`]: rustls configurations and the SPIFFE verifiers both sides use.
+//! - [`tls_io`]: batches the socket reads under each mTLS stream.
 //! - [`relay`]: the bidirectional copy every connection ends in.
 //!
 //! Around them: [`config`] (the YAML file), [`identity`] (credentials and SPIFFE IDs),
@@ -37,4 +38,5 @@ pub mod report;
 pub mod sniff;
 pub mod socket;
 pub mod tls;
+pub mod tls_io;
 pub mod watch;

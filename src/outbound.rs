@@ -159,7 +159,7 @@ impl OutboundConnection {
                 let name = ServerName::IpAddress(dst.ip().into());
                 let failures = &inputs.metrics.handshake_failures;
                 let started = std::time::Instant::now();
-                let handshake = connector.connect(name, upstream);
+                let handshake = connector.connect(name, crate::tls_io::Batched::new(upstream));
                 let tls = tokio::time::timeout(timeouts.handshake, handshake)
                     .await
                     .map_err(|_| {
