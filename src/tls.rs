@@ -2,7 +2,8 @@
 //! Outbound originates mTLS with a `ClientConfig`; inbound terminates it with a `ServerConfig`.
 //! Both verify the peer's chain against the trust bundle and take its identity from the URI SAN.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -41,7 +42,22 @@ pub struct TrustStore {
     algorithms: WebPkiSupportedAlgorithms,
     /// Revocation lists; a peer whose certificate (or an intermediate) is listed is refused.
     crls: Vec<webpki::CertRevocationList<'static>>,
+    /// Chains this store has verified, by digest (see [`TrustStore::verify`]).
+    verified: Mutex<HashMap<[u8; 32], Verified>>,
 }
+
+/// A verified chain's verdict, and the seconds (Unix time) in which every certificate in it
+/// is within its validity period: within them the verdict still holds, since the anchors and
+/// revocation lists of a store never change (a reload builds a new store).
+#[derive(Clone, Debug)]
+struct Verified {
+    id: SpiffeId,
+    not_before: u64,
+    not_after: u64,
+}
+
+/// Verified chains a store remembers; when full it starts over.
+const VERIFIED_CAPACITY: usize = 4096;
 
 /// Why a peer's certificate was refused by the SPIFFE check (after the chain verified).
 #[derive(Debug, Error)]
@@ -74,6 +90,7 @@ impl TrustStore {
             trust_domain: trust_domain.to_string(),
             algorithms: provider().signature_verification_algorithms,
             crls: Vec::new(),
+            verified: Mutex::new(HashMap::new()),
         })
     }
 
@@ -92,7 +109,48 @@ impl TrustStore {
 
     /// Verifies the chain for `usage` and returns the peer's SPIFFE ID, which must be in our
     /// trust domain.
+    ///
+    /// A chain verified before is not verified again while `now` is inside every one of its
+    /// certificates' validity periods: the signatures, usages, revocation and identity checks
+    /// give the same answer against the same store, and the signature checks are most of a
+    /// handshake's cost after our own signature. Outside that window (or on a miss) the chain
+    /// is verified in full.
     pub fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: Usage,
+    ) -> Result<SpiffeId, rustls::Error> {
+        let key = chain_digest(end_entity, intermediates, usage);
+        let remembered = self.verified.lock().ok().and_then(|m| m.get(&key).cloned());
+        if let Some(v) = remembered {
+            if (v.not_before..=v.not_after).contains(&now.as_secs()) {
+                return Ok(v.id);
+            }
+        }
+        let id = self.verify_in_full(end_entity, intermediates, now, usage)?;
+        if let (Some((not_before, not_after)), Ok(mut map)) = (
+            validity_window(end_entity, intermediates),
+            self.verified.lock(),
+        ) {
+            if map.len() >= VERIFIED_CAPACITY {
+                map.clear();
+            }
+            let id = id.clone();
+            map.insert(
+                key,
+                Verified {
+                    id,
+                    not_before,
+                    not_after,
+                },
+            );
+        }
+        Ok(id)
+    }
+
+    fn verify_in_full(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -133,6 +191,41 @@ impl TrustStore {
         }
         Ok(id)
     }
+}
+
+/// SHA-256 over the usage and the length-prefixed certificates: the key of a verified chain.
+fn chain_digest(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    usage: Usage,
+) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(usage.name().as_bytes());
+    for cert in std::iter::once(end_entity).chain(intermediates) {
+        ctx.update(&(cert.len() as u64).to_be_bytes());
+        ctx.update(cert.as_ref());
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(ctx.finish().as_ref());
+    key
+}
+
+/// The seconds in which every certificate given is valid (all of them, used in the path or
+/// not: narrower than the truth can only mean an extra full verification).
+fn validity_window(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+) -> Option<(u64, u64)> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let mut window = (0u64, u64::MAX);
+    for cert in std::iter::once(end_entity).chain(intermediates) {
+        let (_, x509) = X509Certificate::from_der(cert.as_ref()).ok()?;
+        let validity = x509.validity();
+        let not_before = u64::try_from(validity.not_before.timestamp()).ok()?;
+        let not_after = u64::try_from(validity.not_after.timestamp()).ok()?;
+        window = (window.0.max(not_before), window.1.min(not_after));
+    }
+    Some(window)
 }
 
 /// A SPIFFE ID pattern a destination's server must match: exact, or with one leading or
@@ -673,5 +766,35 @@ mod tests {
         handshake(&no_resume, &accepting);
         let (c, _) = handshake(&no_resume, &accepting);
         assert_eq!(handshake_kind(&c), "full");
+    }
+
+    #[test]
+    fn a_remembered_chain_is_refused_once_outside_its_validity() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = credentials(dir.path(), "client");
+        let server = credentials(dir.path(), "server");
+        // The client's store verifies the server's chain (one it has not seen yet).
+        let (leaf, rest) = (&server.chain[0], &server.chain[1..]);
+        let trust = &client.trust;
+        let remembered = || trust.verified.lock().unwrap().len();
+        let before = remembered();
+        let now = UnixTime::now();
+        let first = trust.verify(leaf, rest, now, Usage::Server).unwrap();
+        assert_eq!(remembered(), before + 1);
+        assert_eq!(trust.verify(leaf, rest, now, Usage::Server).unwrap(), first);
+        assert_eq!(
+            remembered(),
+            before + 1,
+            "verified again instead of remembered"
+        );
+        // The certificate is good for 24 hours: a day and a half later it has expired, and
+        // having verified it before changes nothing.
+        let later =
+            UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.as_secs() + 36 * 3600));
+        let e = trust.verify(leaf, rest, later, Usage::Server).unwrap_err();
+        assert_eq!(reason_of(&e), "expired", "{e}");
+        // The same chain for another usage is another entry, checked on its own.
+        trust.verify(leaf, rest, now, Usage::Client).unwrap();
+        assert_eq!(remembered(), before + 2);
     }
 }
