@@ -231,7 +231,8 @@ fn main() {
     std::thread::sleep(Duration::from_secs(1));
 
     // Measure the other paths before capture is installed (it would redirect them too).
-    // L4MESH_BENCH_QUICK=1 (for trying a change): l4mesh only, no memory, RESULTS.md untouched.
+    // L4MESH_BENCH_QUICK=1 (for trying a change): l4mesh only, memory at the first hold size
+    // only, RESULTS.md untouched.
     let quick = std::env::var("L4MESH_BENCH_QUICK").as_deref() == Ok("1");
     let mut rows = Vec::new();
     for p in paths.iter().filter(|_| !quick) {
@@ -273,8 +274,7 @@ fn main() {
         },
     ] {
         // The plaintext path runs through the same sidecars: their memory is measured once.
-        let with_memory = !quick && p.full.is_some();
-        rows.push(measure(&c, &p, with_memory));
+        rows.push(measure(&c, &p, p.full.is_some()));
     }
     let tables = render(&rows);
     println!("{tables}");
@@ -357,7 +357,8 @@ fn measure(c: &Cluster, p: &Path, with_memory: bool) -> Row {
         .full
         .map(|(client, addr)| latency_stats(|| new_connections(c.pod(client), addr, CONNECTIONS)));
     let memory = (with_memory && !p.pids.is_empty()).then(|| {
-        let held = HOLD
+        let quick = std::env::var("L4MESH_BENCH_QUICK").as_deref() == Ok("1");
+        let held = HOLD[..if quick { 1 } else { HOLD.len() }]
             .iter()
             .map(|&n| {
                 let base: Vec<u64> = p.pids.iter().map(|p| rss_kib(*p)).collect();

@@ -4,7 +4,8 @@
 //! from client addresses, so the number of series stays bounded.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::{
@@ -63,7 +64,8 @@ impl ConnectionLabels {
 
 /// One proxied connection's counters: `opened` counted when made, `closed` when dropped;
 /// the byte counters are handed to the relay, which adds to them as bytes move, so a
-/// long-lived connection shows up in `rate()` while it is open.
+/// long-lived connection shows up in `rate()` while it is open. The counters are shared with
+/// every other connection of the same label set: a connection holds pointers, not labels.
 pub struct ConnectionRecorder {
     /// Request direction (client to server): Istio's `received` bytes.
     pub received: IntCounter,
@@ -71,7 +73,7 @@ pub struct ConnectionRecorder {
     pub sent: IntCounter,
     closed: IntCounter,
     active: IntGauge,
-    series: Option<(SeriesBook, ConnectionLabels)>,
+    series: Option<Arc<Series>>,
 }
 
 impl ConnectionRecorder {
@@ -92,25 +94,40 @@ impl Drop for ConnectionRecorder {
     fn drop(&mut self) {
         self.closed.inc();
         self.active.dec();
-        if let Some((series, labels)) = &self.series {
-            if let Ok(mut map) = series.lock() {
-                if let Some(s) = map.get_mut(labels) {
-                    s.open = s.open.saturating_sub(1);
-                    s.last_used = Instant::now();
-                }
-            }
+        if let Some(series) = &self.series {
+            series.open.fetch_sub(1, Ordering::AcqRel);
+            series.touch();
         }
     }
 }
 
-/// Open connections and last use per label set, shared by the recorders.
-type SeriesBook = std::sync::Arc<Mutex<HashMap<ConnectionLabels, Series>>>;
+/// The series of each label set, with its book-keeping, shared by its connections.
+type SeriesBook = Mutex<HashMap<ConnectionLabels, Arc<Series>>>;
 
-/// Book-keeping for dropping idle series.
-#[derive(Debug)]
+/// One label set's Istio TCP counters (looked up once, when the set first appears) and what
+/// `sweep_idle` needs: how many connections use it and when one last opened or closed.
 struct Series {
-    open: usize,
-    last_used: Instant,
+    opened: IntCounter,
+    closed: IntCounter,
+    sent: IntCounter,
+    received: IntCounter,
+    active: IntGauge,
+    open: AtomicUsize,
+    /// Milliseconds since `epoch`.
+    last_used: AtomicU64,
+    epoch: Instant,
+}
+
+impl Series {
+    fn touch(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.last_used.store(now, Ordering::Release);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_used.load(Ordering::Acquire));
+        self.epoch.elapsed().saturating_sub(last)
+    }
 }
 
 /// The l4mesh counters.
@@ -146,6 +163,8 @@ pub struct Metrics {
     pub tcp_sent_bytes: IntCounterVec,
     pub tcp_received_bytes: IntCounterVec,
     series: SeriesBook,
+    /// Where `Series::last_used` counts from.
+    epoch: Instant,
     /// `1`, labelled with who this sidecar is, so reports and dashboards can name it.
     pub workload_info: IntGaugeVec,
     /// Recent sources of non-mTLS inbound connections, per port (bounded; not a metric,
@@ -327,6 +346,7 @@ impl Metrics {
                 &TCP_LABELS,
             ),
             series: Default::default(),
+            epoch: Instant::now(),
             workload_info: {
                 let g = IntGaugeVec::new(
                     Opts::new("l4mesh_workload_info", "Who this sidecar serves (value is always 1)"),
@@ -345,40 +365,50 @@ impl Metrics {
 
     /// Records a proxied connection from now until the returned recorder drops.
     pub fn connection(&self, labels: ConnectionLabels, direction: &str) -> ConnectionRecorder {
-        let values = labels.values();
-        self.tcp_opened.with_label_values(&values).inc();
-        let active = self
-            .active_connections
-            .with_label_values(&[direction, labels.connection_security_policy]);
-        active.inc();
-        let recorder = ConnectionRecorder {
-            received: self.tcp_received_bytes.with_label_values(&values),
-            sent: self.tcp_sent_bytes.with_label_values(&values),
-            closed: self.tcp_closed.with_label_values(&values),
-            active,
-            series: Some((self.series.clone(), labels.clone())),
-        };
-        if let Ok(mut map) = self.series.lock() {
-            let s = map.entry(labels).or_insert(Series {
-                open: 0,
-                last_used: Instant::now(),
+        let series = {
+            // A poisoned lock only means another connection panicked mid-update; the map
+            // itself is still whole.
+            let mut map = self.series.lock().unwrap_or_else(|e| e.into_inner());
+            let series = map.entry(labels).or_insert_with_key(|labels| {
+                let values = labels.values();
+                let security = labels.connection_security_policy;
+                Arc::new(Series {
+                    opened: self.tcp_opened.with_label_values(&values),
+                    closed: self.tcp_closed.with_label_values(&values),
+                    sent: self.tcp_sent_bytes.with_label_values(&values),
+                    received: self.tcp_received_bytes.with_label_values(&values),
+                    active: self
+                        .active_connections
+                        .with_label_values(&[direction, security]),
+                    open: AtomicUsize::new(0),
+                    last_used: AtomicU64::new(0),
+                    epoch: self.epoch,
+                })
             });
-            s.open += 1;
-            s.last_used = Instant::now();
+            // Counted under the lock, so a sweep never drops a series a connection is joining.
+            series.open.fetch_add(1, Ordering::AcqRel);
+            series.clone()
+        };
+        series.touch();
+        series.opened.inc();
+        series.active.inc();
+        ConnectionRecorder {
+            received: series.received.clone(),
+            sent: series.sent.clone(),
+            closed: series.closed.clone(),
+            active: series.active.clone(),
+            series: Some(series),
         }
-        recorder
     }
 
     /// Drops the Istio TCP series of peers with no open connection for `idle`, so that a
     /// long-running sidecar talking to many short-lived peers keeps a bounded number of series.
     /// Returns how many label sets were dropped.
     pub fn sweep_idle(&self, idle: Duration) -> usize {
-        let Ok(mut map) = self.series.lock() else {
-            return 0;
-        };
+        let mut map = self.series.lock().unwrap_or_else(|e| e.into_inner());
         let stale: Vec<ConnectionLabels> = map
             .iter()
-            .filter(|(_, s)| s.open == 0 && s.last_used.elapsed() >= idle)
+            .filter(|(_, s)| s.open.load(Ordering::Acquire) == 0 && s.idle_for() >= idle)
             .map(|(l, _)| l.clone())
             .collect();
         for labels in &stale {
