@@ -167,28 +167,28 @@ where
     let failures = &inputs.metrics.handshake_failures;
     let started = std::time::Instant::now();
     let tls_state = inputs.tls.borrow().clone();
-    let tls = tokio::time::timeout(
-        timeouts.handshake,
-        tls_state
-            .acceptor
-            .accept(crate::tls_io::Batched::new(client)),
-    )
-    .await
-    .map_err(|_| {
-        failures.with_label_values(&["inbound", "timeout"]).inc();
-        InboundError::HandshakeTimeout
-    })?
-    .and_then(|tls| {
-        let trust = &tls_state.creds.trust;
-        tls::revalidate(tls.get_ref().1, trust, tls::Usage::Client, &[])
-            .map(|()| tls)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-    })
-    .map_err(|e| {
-        let e = tls::HandshakeError(e);
-        failures.with_label_values(&["inbound", e.reason()]).inc();
-        InboundError::Handshake(e)
-    })?;
+    // The handshake's state is boxed (freed when it ends) and so is the stream after it: an
+    // idle connection's task then holds a pointer, not a copy of rustls' connection state.
+    let handshake = tls_state
+        .acceptor
+        .accept(crate::tls_io::Batched::new(client));
+    let tls = Box::pin(tokio::time::timeout(timeouts.handshake, handshake))
+        .await
+        .map_err(|_| {
+            failures.with_label_values(&["inbound", "timeout"]).inc();
+            InboundError::HandshakeTimeout
+        })?
+        .and_then(|tls| {
+            let trust = &tls_state.creds.trust;
+            tls::revalidate(tls.get_ref().1, trust, tls::Usage::Client, &[])
+                .map(|()| Box::new(tls))
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        })
+        .map_err(|e| {
+            let e = tls::HandshakeError(e);
+            failures.with_label_values(&["inbound", e.reason()]).inc();
+            InboundError::Handshake(e)
+        })?;
     let conn = tls.get_ref().1;
     let metrics = &inputs.metrics;
     metrics

@@ -160,7 +160,8 @@ impl OutboundConnection {
                 let failures = &inputs.metrics.handshake_failures;
                 let started = std::time::Instant::now();
                 let handshake = connector.connect(name, crate::tls_io::Batched::new(upstream));
-                let tls = tokio::time::timeout(timeouts.handshake, handshake)
+                // Boxed, as inbound: the task of an idle connection holds pointers only.
+                let tls = Box::pin(tokio::time::timeout(timeouts.handshake, handshake))
                     .await
                     .map_err(|_| {
                         failures.with_label_values(&["outbound", "timeout"]).inc();
@@ -169,7 +170,7 @@ impl OutboundConnection {
                     .and_then(|tls| {
                         let trust = &tls_state.creds.trust;
                         tls::revalidate(tls.get_ref().1, trust, tls::Usage::Server, pins)
-                            .map(|()| tls)
+                            .map(|()| Box::new(tls))
                             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
                     })
                     .map_err(|e| {
