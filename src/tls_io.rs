@@ -10,7 +10,10 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::future::Future;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// The most one socket read takes.
 const CHUNK: usize = 64 * 1024;
@@ -18,17 +21,15 @@ const CHUNK: usize = 64 * 1024;
 /// A stream whose reads are batched; writes pass straight through.
 pub struct Batched<S> {
     inner: S,
-    buf: Vec<u8>,
-    /// `buf[pos..]` is read from the socket but not yet handed on.
-    pos: usize,
+    /// Read from the socket, not yet handed on.
+    buf: BytesMut,
 }
 
 impl<S> Batched<S> {
     pub fn new(inner: S) -> Self {
         Batched {
             inner,
-            buf: Vec::new(),
-            pos: 0,
+            buf: BytesMut::new(),
         }
     }
 }
@@ -40,28 +41,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for Batched<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.pos == this.buf.len() {
+        if this.buf.is_empty() {
             if out.remaining() >= CHUNK {
                 // A caller with room for a whole chunk gets it directly: no copy.
                 return Pin::new(&mut this.inner).poll_read(cx, out);
             }
-            this.buf.resize(CHUNK, 0);
-            let mut chunk = ReadBuf::new(&mut this.buf);
-            let polled = Pin::new(&mut this.inner).poll_read(cx, &mut chunk);
-            let filled = chunk.filled().len();
-            this.pos = 0;
-            match polled {
-                Poll::Ready(Ok(())) => this.buf.truncate(filled),
+            this.buf.reserve(CHUNK);
+            // read_buf fills the spare capacity without zeroing it first.
+            match std::pin::pin!(this.inner.read_buf(&mut this.buf)).poll(cx) {
+                Poll::Ready(Ok(_)) => {}
                 other => {
                     // Nothing to read now (or an error): give the memory back until there is.
-                    this.buf = Vec::new();
-                    return other;
+                    this.buf = BytesMut::new();
+                    return other.map_ok(|_| ());
                 }
             }
         }
-        let n = out.remaining().min(this.buf.len() - this.pos);
-        out.put_slice(&this.buf[this.pos..this.pos + n]);
-        this.pos += n;
+        let n = out.remaining().min(this.buf.len());
+        out.put_slice(&this.buf[..n]);
+        this.buf.advance(n);
         Poll::Ready(Ok(()))
     }
 }
