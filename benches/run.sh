@@ -27,7 +27,7 @@ for svc in haproxy stunnel4 iperf3; do
     systemctl stop "$svc" >/dev/null 2>&1 || true
 done
 
-cargo bench --bench sniff --bench authz --bench relay
+cargo bench --bench sniff --bench authz --bench relay --bench handshake
 # A missing peer or no root would make compare skip quietly: here that is a failure.
 export L4MESH_REQUIRE_PRIVILEGED=1
 cargo bench --bench compare

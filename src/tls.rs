@@ -286,9 +286,16 @@ impl IdentityPattern {
     }
 }
 
-/// The crypto provider l4mesh uses everywhere (ring: small, fast to build).
+/// The crypto provider l4mesh uses everywhere (ring: small, fast to build), preferring
+/// TLS_AES_128_GCM_SHA256: its handshake hash is SHA-256, which CPUs accelerate (SHA-384
+/// runs in software and was a quarter of a resumed handshake's time), and AES-128 is the
+/// suite every TLS 1.3 stack must have (Envoy, and so Istio, prefer it too).
 pub fn provider() -> CryptoProvider {
-    rustls::crypto::ring::default_provider()
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    provider
 }
 
 /// Why a TLS configuration could not be built.

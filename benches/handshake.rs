@@ -1,0 +1,88 @@
+//! What one mTLS handshake costs in CPU, both ends in one thread with no network: full
+//! (ECDHE, a signature and its check each way, chains verified or remembered) and resumed
+//! from a ticket (ECDHE only, the recorded chain checked again).
+//!
+//!     cargo bench --bench handshake
+
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use l4mesh::identity::{CredentialPaths, Credentials, Expected};
+use l4mesh::tls::{TrustStore, Usage};
+use rustls::pki_types::ServerName;
+
+fn credentials(dir: &std::path::Path, sa: &str) -> Credentials {
+    let ca = dir.join("ca");
+    if !ca.exists() {
+        l4mesh::certs::make_ca(&ca, "bench CA", std::time::Duration::from_secs(3600)).unwrap();
+    }
+    let out = dir.join(sa);
+    let req = l4mesh::certs::IssueRequest::new("cluster.local", "bench", sa);
+    l4mesh::certs::issue(&ca, &req, &out).unwrap();
+    let paths = CredentialPaths {
+        cert_chain: out.join("cert-chain.pem"),
+        private_key: out.join("key.pem"),
+        trust_bundle: out.join("root-cert.pem"),
+        crls: Vec::new(),
+    };
+    let expected = Expected {
+        trust_domain: "cluster.local".into(),
+        ..Default::default()
+    };
+    l4mesh::identity::load(&paths, &expected).unwrap()
+}
+
+/// One handshake in memory, tickets delivered, the server's check of a resumed client
+/// included (as inbound does it); returns whether it was resumed.
+fn handshake(
+    client: &Arc<rustls::ClientConfig>,
+    server: &Arc<rustls::ServerConfig>,
+    trust: &TrustStore,
+) -> bool {
+    let name = ServerName::IpAddress(std::net::Ipv4Addr::new(10, 0, 0, 1).into());
+    let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
+    let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+    let mut wire = Vec::with_capacity(8192);
+    while c.is_handshaking() || s.is_handshaking() || s.wants_write() {
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        s.read_tls(&mut wire.as_slice()).unwrap();
+        s.process_new_packets().unwrap();
+        wire.clear();
+        while s.wants_write() {
+            s.write_tls(&mut wire).unwrap();
+        }
+        c.read_tls(&mut wire.as_slice()).unwrap();
+        c.process_new_packets().unwrap();
+        wire.clear();
+    }
+    l4mesh::tls::revalidate(&s, trust, Usage::Client, &[]).unwrap();
+    c.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let client = credentials(dir.path(), "client");
+    let server = credentials(dir.path(), "server");
+    let trust = &server.trust;
+    let ticketer = Some(l4mesh::tls::ticketer().unwrap());
+    let accepting = l4mesh::tls::server_config(&server, server.trust.clone(), ticketer).unwrap();
+    let full =
+        l4mesh::tls::client_config(&client, client.trust.clone(), Vec::new(), false).unwrap();
+    let resuming =
+        l4mesh::tls::client_config(&client, client.trust.clone(), Vec::new(), true).unwrap();
+    assert!(!handshake(&full, &accepting, trust));
+    handshake(&resuming, &accepting, trust);
+    assert!(handshake(&resuming, &accepting, trust), "did not resume");
+
+    let mut g = c.benchmark_group("mTLS handshake, both ends");
+    g.bench_function("full", |b| b.iter(|| handshake(&full, &accepting, trust)));
+    g.bench_function("resumed", |b| {
+        b.iter(|| handshake(&resuming, &accepting, trust))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
