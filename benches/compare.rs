@@ -233,11 +233,18 @@ fn main() {
     // Measure the other paths before capture is installed (it would redirect them too).
     // L4MESH_BENCH_QUICK=1 (for trying a change): l4mesh only, memory at the first hold size
     // only, RESULTS.md untouched.
+    // Memory runs after every other figure, and the next measurement waits until the
+    // thousands of connections it closed are gone (see `quiet`).
     let quick = std::env::var("L4MESH_BENCH_QUICK").as_deref() == Ok("1");
     let mut rows = Vec::new();
     for p in paths.iter().filter(|_| !quick) {
-        rows.push(measure(&c, p, true));
+        rows.push(measure(&c, p));
     }
+    for (p, row) in paths.iter().zip(rows.iter_mut()) {
+        row.memory = memory(&c, p, &row.idle_rss);
+    }
+    let all: Vec<u32> = paths.iter().flat_map(|p| p.pids.clone()).collect();
+    quiet(&c, &all);
 
     // l4mesh: mTLS by default; the PLAIN ports are passed through as plaintext.
     let before = c.sidecar_pids().len();
@@ -273,8 +280,12 @@ fn main() {
             pids: l4_pids,
         },
     ] {
+        rows.push(measure(&c, &p));
         // The plaintext path runs through the same sidecars: their memory is measured once.
-        rows.push(measure(&c, &p, p.full.is_some()));
+        if p.full.is_some() {
+            let last = rows.len() - 1;
+            rows[last].memory = memory(&c, &p, &rows[last].idle_rss);
+        }
     }
     let tables = render(&rows);
     println!("{tables}");
@@ -294,6 +305,8 @@ struct Row {
     /// mTLS), and with full handshakes.
     conns: [Stat; 2],
     conns_full: Option<[Stat; 2]>,
+    /// RSS (KiB) of each proxy process before this path was measured.
+    idle_rss: Vec<u64>,
     memory: Option<Memory>,
 }
 
@@ -332,8 +345,8 @@ fn latency_stats(mut f: impl FnMut() -> Latencies) -> [Stat; 4] {
     ]
 }
 
-fn measure(c: &Cluster, p: &Path, with_memory: bool) -> Row {
-    let idle: Vec<u64> = p.pids.iter().map(|p| rss_kib(*p)).collect();
+fn measure(c: &Cluster, p: &Path) -> Row {
+    let idle_rss: Vec<u64> = p.pids.iter().map(|p| rss_kib(*p)).collect();
     let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
     let pod = c.pod(p.client);
     let cpu0 = cpu(&p.pids);
@@ -356,30 +369,6 @@ fn measure(c: &Cluster, p: &Path, with_memory: bool) -> Row {
     let conns_full = p
         .full
         .map(|(client, addr)| latency_stats(|| new_connections(c.pod(client), addr, CONNECTIONS)));
-    let memory = (with_memory && !p.pids.is_empty()).then(|| {
-        let quick = std::env::var("L4MESH_BENCH_QUICK").as_deref() == Ok("1");
-        let held = HOLD[..if quick { 1 } else { HOLD.len() }]
-            .iter()
-            .map(|&n| {
-                let base: Vec<u64> = p.pids.iter().map(|p| rss_kib(*p)).collect();
-                let holder = Holder::start(pod, p.echo, n);
-                std::thread::sleep(Duration::from_secs(1));
-                let per_conn = p
-                    .pids
-                    .iter()
-                    .zip(&base)
-                    .map(|(pid, base)| {
-                        (rss_kib(*pid) as f64 - *base as f64) / holder.held.max(1) as f64
-                    })
-                    .collect();
-                let held = holder.held;
-                drop(holder);
-                std::thread::sleep(Duration::from_secs(2));
-                (n, held, per_conn)
-            })
-            .collect();
-        Memory { idle, held }
-    });
     eprintln!(
         "{}: {:.2} Gbit/s x1, {:.2} Gbit/s x4, {:.0} req/s (p99 {:.0} us), {:.0} conn/s",
         p.name, one.median, four.median, rr[0].median, rr[2].median, conns[0].median
@@ -393,8 +382,77 @@ fn measure(c: &Cluster, p: &Path, with_memory: bool) -> Row {
         rr,
         conns: [conns[0], conns[2]],
         conns_full: conns_full.map(|s| [s[0], s[2]]),
-        memory,
+        idle_rss,
+        memory: None,
     }
+}
+
+/// RSS growth of each proxy per idle connection held through path `p`, for each hold size.
+fn memory(c: &Cluster, p: &Path, idle: &[u64]) -> Option<Memory> {
+    if p.pids.is_empty() {
+        return None;
+    }
+    let quick = std::env::var("L4MESH_BENCH_QUICK").as_deref() == Ok("1");
+    let held = HOLD[..if quick { 1 } else { HOLD.len() }]
+        .iter()
+        .map(|&n| {
+            quiet(c, &p.pids);
+            let base: Vec<u64> = p.pids.iter().map(|p| rss_kib(*p)).collect();
+            let holder = Holder::start(c.pod(p.client), p.echo, n);
+            std::thread::sleep(Duration::from_secs(1));
+            let per_conn = p
+                .pids
+                .iter()
+                .zip(&base)
+                .map(|(pid, base)| {
+                    (rss_kib(*pid) as f64 - *base as f64) / holder.held.max(1) as f64
+                })
+                .collect();
+            let held = holder.held;
+            drop(holder);
+            (n, held, per_conn)
+        })
+        .collect();
+    quiet(c, &p.pids);
+    eprintln!("{}: memory measured", p.name);
+    Some(Memory {
+        idle: idle.to_vec(),
+        held,
+    })
+}
+
+/// Waits (at most 90 s) until `pids` use next to no CPU and the pods hold few TIME_WAIT
+/// sockets: after thousands of connections close, a proxy tearing down threads or a kernel
+/// searching a crowded port space would slow whatever is measured next.
+fn quiet(c: &Cluster, pids: &[u32]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let cpu = || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+    let time_wait = || {
+        (0..2)
+            .map(|i| {
+                sh(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    &c.pod(i).netns,
+                    "ss",
+                    "-Htan",
+                    "state",
+                    "time-wait",
+                ])
+                .lines()
+                .count()
+            })
+            .sum::<usize>()
+    };
+    while std::time::Instant::now() < deadline {
+        let before = cpu();
+        std::thread::sleep(Duration::from_millis(500));
+        if cpu() - before < 0.02 && time_wait() < 200 {
+            return;
+        }
+    }
+    eprintln!("(still busy after 90 s; measuring anyway)");
 }
 
 fn range(s: &Stat, digits: usize) -> String {
