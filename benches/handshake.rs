@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use l4mesh::identity::{CredentialPaths, Credentials, Expected};
+use l4mesh::identity::Credentials;
 use l4mesh::tls::{TrustStore, Usage};
 use rustls::pki_types::ServerName;
 
@@ -16,20 +16,8 @@ fn credentials(dir: &std::path::Path, sa: &str) -> Credentials {
     if !ca.exists() {
         l4mesh::certs::make_ca(&ca, "bench CA", std::time::Duration::from_secs(3600)).unwrap();
     }
-    let out = dir.join(sa);
     let req = l4mesh::certs::IssueRequest::new("cluster.local", "bench", sa);
-    l4mesh::certs::issue(&ca, &req, &out).unwrap();
-    let paths = CredentialPaths {
-        cert_chain: out.join("cert-chain.pem"),
-        private_key: out.join("key.pem"),
-        trust_bundle: out.join("root-cert.pem"),
-        crls: Vec::new(),
-    };
-    let expected = Expected {
-        trust_domain: "cluster.local".into(),
-        ..Default::default()
-    };
-    l4mesh::identity::load(&paths, &expected).unwrap()
+    l4mesh::certs::issue_and_load(&ca, &req, &dir.join(sa)).unwrap()
 }
 
 /// One handshake in memory, tickets delivered, the server's check of a resumed client

@@ -43,6 +43,8 @@ pub enum CertsError {
     Generate(#[from] rcgen::Error),
     #[error("invalid identity: {0}")]
     Identity(#[from] crate::identity::SpiffeIdError),
+    #[error("loading the issued credentials: {0}")]
+    Load(#[from] crate::identity::IdentityError),
 }
 
 /// What `certs issue` should produce.
@@ -204,6 +206,28 @@ pub fn make_intermediate(
     )?;
     write(out, ROOT_CERT, &root, 0o644)?;
     Ok(())
+}
+
+/// Issues a workload certificate into `out` (as [`issue`]) and loads it as a sidecar would,
+/// checked against the CA as its trust bundle: credentials ready for a TLS configuration, for
+/// tests and benches.
+pub fn issue_and_load(
+    ca_dir: &Path,
+    req: &IssueRequest,
+    out: &Path,
+) -> Result<crate::identity::Credentials, CertsError> {
+    issue(ca_dir, req, out)?;
+    let paths = crate::identity::CredentialPaths {
+        cert_chain: out.join(CERT_CHAIN),
+        private_key: out.join(KEY),
+        trust_bundle: out.join(ROOT_CERT),
+        crls: Vec::new(),
+    };
+    let expected = crate::identity::Expected {
+        trust_domain: req.trust_domain.clone(),
+        ..Default::default()
+    };
+    Ok(crate::identity::load(&paths, &expected)?)
 }
 
 /// Writes a CRL signed by the CA in `ca_dir` revoking the leaf certificates in `revoke`.

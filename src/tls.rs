@@ -675,26 +675,14 @@ mod tests {
         assert!(IdentityPattern::try_from("not-a-uri".to_string()).is_err());
     }
 
-    /// Makes credentials for `shop/<sa>` from the CA in `ca` (made on first use).
+    /// Makes credentials for `shop/<sa>` from the CA in `dir/ca` (made on first use).
     fn credentials(dir: &std::path::Path, sa: &str) -> Credentials {
         let ca = dir.join("ca");
         if !ca.exists() {
             crate::certs::make_ca(&ca, "test CA", std::time::Duration::from_secs(3600)).unwrap();
         }
-        let out = dir.join(sa);
         let req = crate::certs::IssueRequest::new("cluster.local", "shop", sa);
-        crate::certs::issue(&ca, &req, &out).unwrap();
-        let paths = crate::identity::CredentialPaths {
-            cert_chain: out.join("cert-chain.pem"),
-            private_key: out.join("key.pem"),
-            trust_bundle: out.join("root-cert.pem"),
-            crls: Vec::new(),
-        };
-        let expected = crate::identity::Expected {
-            trust_domain: "cluster.local".into(),
-            ..Default::default()
-        };
-        crate::identity::load(&paths, &expected).unwrap()
+        crate::certs::issue_and_load(&ca, &req, &dir.join(sa)).unwrap()
     }
 
     /// Runs a handshake in memory, then delivers what follows it (the session ticket).

@@ -112,6 +112,36 @@ fn count(log: &Path, needle: &str) -> usize {
         .count()
 }
 
+/// Writes a CRL from the CA in `ca` revoking the certificate in `revoked`, replacing `crl`
+/// atomically (as a ConfigMap or Secret update would).
+fn write_crl(ca: &Path, revoked: &Path, crl: &Path) {
+    let tmp = crl.with_extension("tmp");
+    sh(&[
+        BIN,
+        "certs",
+        "crl",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--revoke",
+        revoked.join("cert-chain.pem").to_str().unwrap(),
+        "--out",
+        tmp.to_str().unwrap(),
+    ]);
+    std::os::unix::fs::chown(&tmp, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+    std::fs::rename(&tmp, crl).unwrap();
+}
+
+/// Starts pod B's sidecar as `server`, its certificates mounted Secret-style and `crl` listed;
+/// returns its log.
+fn start_server_with_crl(c: &mut Cluster, ca: &Path, crl: &Path) -> PathBuf {
+    let mount_b = Mount::new(
+        c.dir.path().join("mount-b"),
+        &issue(c, ca, "b0", "server", "1h"),
+    );
+    let config = mount_b.config(&format!("  crls: [{}]\n", crl.display()));
+    start(c, B, "sidecar-b", &config)
+}
+
 #[test]
 fn rotation_every_second_keeps_a_long_transfer_and_new_connections_use_new_certificates() {
     if !privileged("rotation_keeps_a_long_transfer") {
@@ -327,27 +357,8 @@ fn revoked_and_expired_client_certificates_are_refused_with_their_reason() {
     let revoked = issue(&c, &ca, "revoked", "client", "1h");
     let short = issue(&c, &ca, "short", "client", "6s");
     let crl = c.dir.path().join("crl.pem");
-    sh(&[
-        BIN,
-        "certs",
-        "crl",
-        "--ca",
-        ca.to_str().unwrap(),
-        "--revoke",
-        revoked.join("cert-chain.pem").to_str().unwrap(),
-        "--out",
-        crl.to_str().unwrap(),
-    ]);
-    let mount_b = Mount::new(
-        c.dir.path().join("mount-b"),
-        &issue(&c, &ca, "b0", "server", "1h"),
-    );
-    let log_b = start(
-        &mut c,
-        B,
-        "sidecar-b",
-        &mount_b.config(&format!("  crls: [{}]\n", crl.display())),
-    );
+    write_crl(&ca, &revoked, &crl);
+    let log_b = start_server_with_crl(&mut c, &ca, &crl);
     let mount_a = Mount::new(c.dir.path().join("mount-a"), &revoked);
     start(&mut c, A, "sidecar-a", &mount_a.config(""));
     let mount_c = Mount::new(c.dir.path().join("mount-c"), &short);
@@ -412,35 +423,9 @@ fn a_resumed_session_is_refused_once_the_client_certificate_is_revoked() {
     let client = issue(&c, &ca, "client", "client", "1h");
     let other = issue(&c, &ca, "other", "other", "1h");
     // The server's CRL starts out revoking someone else, and is replaced (atomically) later.
-    let dir = c.dir.path().to_path_buf();
-    let crl = dir.join("crl.pem");
-    let write_crl = |revoke: &Path| {
-        let tmp = dir.join("crl.tmp");
-        sh(&[
-            BIN,
-            "certs",
-            "crl",
-            "--ca",
-            ca.to_str().unwrap(),
-            "--revoke",
-            revoke.join("cert-chain.pem").to_str().unwrap(),
-            "--out",
-            tmp.to_str().unwrap(),
-        ]);
-        make_proxy_readable(&dir);
-        std::fs::rename(&tmp, &crl).unwrap();
-    };
-    write_crl(&other);
-    let mount_b = Mount::new(
-        c.dir.path().join("mount-b"),
-        &issue(&c, &ca, "b0", "server", "1h"),
-    );
-    let log_b = start(
-        &mut c,
-        B,
-        "sidecar-b",
-        &mount_b.config(&format!("  crls: [{}]\n", crl.display())),
-    );
+    let crl = c.dir.path().join("crl.pem");
+    write_crl(&ca, &other, &crl);
+    let log_b = start_server_with_crl(&mut c, &ca, &crl);
     let mount_a = Mount::new(c.dir.path().join("mount-a"), &client);
     start(&mut c, A, "sidecar-a", &mount_a.config(""));
     let addr = c.pod(B).addr(8080);
@@ -467,7 +452,7 @@ fn a_resumed_session_is_refused_once_the_client_certificate_is_revoked() {
 
     // Revoke the client. Its sidecar still holds a valid ticket and resumes with it: the
     // server must check the recorded certificate again and refuse before relaying a byte.
-    write_crl(&client);
+    write_crl(&ca, &client, &crl);
     wait_for_log(&log_b, "credentials rotated", Duration::from_secs(10));
     assert_eq!(
         c.pod(A).run(move || exchange_here(addr, 1000)),
