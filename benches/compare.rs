@@ -315,6 +315,8 @@ struct Memory {
     idle: Vec<u64>,
     /// For each hold size: how many were held and KiB per connection of each process.
     held: Vec<(usize, usize, Vec<f64>)>,
+    /// RSS (KiB) of each process once every held connection had closed: what it gave back.
+    after: Vec<u64>,
 }
 
 #[derive(Clone, Copy)]
@@ -418,6 +420,7 @@ fn memory(c: &Cluster, p: &Path, idle: &[u64]) -> Option<Memory> {
     Some(Memory {
         idle: idle.to_vec(),
         held,
+        after: p.pids.iter().map(|p| rss_kib(*p)).collect(),
     })
 }
 
@@ -535,7 +538,7 @@ fn render(rows: &[Row]) -> String {
         .map(|n| format!("KiB/conn at {n} (client, server proxy)"))
         .collect();
     t.push_str(&format!(
-        "\n### 4. Memory (RSS of each proxy; idle connections opened with one echo each)\n\n| path | idle RSS KiB (client, server proxy) | {} |\n|---|---|{}\n",
+        "\n### 4. Memory (RSS of each proxy; idle connections opened with one echo each)\n\n| path | idle RSS KiB (client, server proxy) | {} | RSS KiB once all closed |\n|---|---|{}---|\n",
         held_cols.join(" | "),
         "---|".repeat(HOLD.len())
     ));
@@ -554,12 +557,13 @@ fn render(rows: &[Row]) -> String {
                 format!("{}{short}", per.join(", "))
             })
             .collect();
-        let idle: Vec<String> = m.idle.iter().map(u64::to_string).collect();
+        let kib = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
         t.push_str(&format!(
-            "| {} | {} | {} |\n",
+            "| {} | {} | {} | {} |\n",
             r.name,
-            idle.join(", "),
-            cells.join(" | ")
+            kib(&m.idle),
+            cells.join(" | "),
+            kib(&m.after)
         ));
     }
 
