@@ -42,16 +42,8 @@ enum Cmd {
     Inject {
         /// Input file; `-` or nothing reads stdin.
         file: Option<PathBuf>,
-        /// The l4mesh container image.
-        #[arg(long, default_value = "ghcr.io/l4mesh/l4mesh:0.1.0")]
-        image: String,
-        /// Run the sidecar as a regular first container that holds the app until ready,
-        /// instead of a native sidecar (Kubernetes < 1.29).
-        #[arg(long)]
-        classic_sidecar: bool,
-        /// The ConfigMap holding the mesh policy file.
-        #[arg(long, default_value = "l4mesh-policy")]
-        policy_configmap: String,
+        #[command(flatten)]
+        inject: InjectArgs,
     },
     /// The mutating admission webhook: injects pods as they are created (HTTPS).
     Injector {
@@ -62,12 +54,8 @@ enum Cmd {
         tls_cert: PathBuf,
         #[arg(long)]
         tls_key: PathBuf,
-        #[arg(long, default_value = "ghcr.io/l4mesh/l4mesh:0.1.0")]
-        image: String,
-        #[arg(long)]
-        classic_sidecar: bool,
-        #[arg(long, default_value = "l4mesh-policy")]
-        policy_configmap: String,
+        #[command(flatten)]
+        inject: InjectArgs,
     },
     /// Wait until the local sidecar is ready (for a classic sidecar's postStart hook).
     WaitReady {
@@ -327,6 +315,31 @@ enum Failure {
     Other(anyhow::Error),
 }
 
+/// What `inject` and `injector` both take: how the sidecar is added to a pod.
+#[derive(clap::Args)]
+struct InjectArgs {
+    /// The l4mesh container image.
+    #[arg(long, default_value = "ghcr.io/l4mesh/l4mesh:0.1.0")]
+    image: String,
+    /// Run the sidecar as a regular first container that holds the app until ready,
+    /// instead of a native sidecar (Kubernetes < 1.29).
+    #[arg(long)]
+    classic_sidecar: bool,
+    /// The ConfigMap holding the mesh policy file.
+    #[arg(long, default_value = "l4mesh-policy")]
+    policy_configmap: String,
+}
+
+impl InjectArgs {
+    fn options(self) -> inject::Options {
+        inject::Options {
+            image: self.image,
+            native_sidecar: !self.classic_sidecar,
+            policy_configmap: self.policy_configmap,
+        }
+    }
+}
+
 /// glibc keeps memory freed by closed connections inside its heaps, so after a burst of
 /// thousands of connections a sidecar's RSS would stay at its high-water mark (benches:
 /// +12 MiB after 1,000 connections had closed). Handing free pages back to the kernel every
@@ -405,12 +418,7 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
             print!("{}", iptables::print(&args.options().map_err(bad)?));
             Ok(())
         }
-        Cmd::Inject {
-            file,
-            image,
-            classic_sidecar,
-            policy_configmap,
-        } => {
+        Cmd::Inject { file, inject } => {
             let input = match file.as_deref() {
                 None => read_stdin().map_err(bad)?,
                 Some(p) if p.as_os_str() == "-" => read_stdin().map_err(bad)?,
@@ -418,27 +426,19 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
                     .with_context(|| p.display().to_string())
                     .map_err(bad)?,
             };
-            let opts = inject::Options {
-                image,
-                native_sidecar: !classic_sidecar,
-                policy_configmap,
-            };
-            print!("{}", inject::inject_yaml(&input, &opts).map_err(bad)?);
+            print!(
+                "{}",
+                inject::inject_yaml(&input, &inject.options()).map_err(bad)?
+            );
             Ok(())
         }
         Cmd::Injector {
             listen,
             tls_cert,
             tls_key,
-            image,
-            classic_sidecar,
-            policy_configmap,
+            inject,
         } => {
-            let opts = inject::Options {
-                image,
-                native_sidecar: !classic_sidecar,
-                policy_configmap,
-            };
+            let opts = inject.options();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
