@@ -36,6 +36,8 @@ pub struct ProxyInputs {
     /// The mTLS mode of each inbound port; replaced whole when the policy file changes.
     pub policy: watch::Receiver<Arc<WorkloadPolicy>>,
     pub metrics: Arc<Metrics>,
+    /// The pod's own addresses: the only destinations inbound serves.
+    pub local_addrs: crate::socket::LocalAddrs,
     /// This workload as Istio's metrics name it.
     pub workload_name: String,
     pub namespace: String,
@@ -156,6 +158,7 @@ impl ProxyInputs {
             tls,
             policy,
             metrics,
+            local_addrs: crate::socket::LocalAddrs::new(),
         }
     }
 }

@@ -31,6 +31,8 @@ pub enum InboundError {
     NotRedirected,
     #[error("refusing a connection from this sidecar's own application-side address (loop)")]
     Loop,
+    #[error("refused: original destination {dst} is not this pod's address (localhost or forged)")]
+    NotPodAddress { dst: SocketAddr },
     #[error("client failed during detection: {0}")]
     Detect(io::Error),
     #[error("refused: {protocol} is not mesh mTLS (STRICT, from {decided_by})")]
@@ -63,11 +65,50 @@ pub struct InboundConnection {
     pub client_addr: SocketAddr,
 }
 
+impl InboundError {
+    /// The `reason` label of `l4mesh_connection_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            InboundError::OriginalDst(_) => "original_dst",
+            InboundError::NotRedirected => "not_redirected",
+            InboundError::Loop => "loop",
+            InboundError::NotPodAddress { .. } => "not_pod_address",
+            InboundError::Detect(_) => "detect",
+            InboundError::Strict { .. } => "strict",
+            InboundError::Handshake(_) => "handshake",
+            InboundError::HandshakeTimeout => "handshake_timeout",
+            InboundError::NotMesh => "not_mesh",
+            InboundError::Denied { .. } => "denied",
+            InboundError::ConnectApp { .. } => "connect_app",
+            InboundError::Relay(RelayError::Client(_)) => "client_relay",
+            InboundError::Relay(RelayError::Upstream(_)) => "app_relay",
+        }
+    }
+
+    /// Whether an operator must act: the rest are what any remote peer can cause at will,
+    /// logged at debug (and counted) so a hostile client cannot flood the log.
+    fn needs_operator(&self) -> bool {
+        matches!(
+            self,
+            InboundError::OriginalDst(_) | InboundError::Loop | InboundError::ConnectApp { .. }
+        )
+    }
+}
+
 impl InboundConnection {
     pub async fn run(self) {
         let client_addr = socket::canonical(self.client_addr);
+        let metrics = self.inputs.metrics.clone();
         if let Err(e) = self.proxy().await {
-            warn!(src = %client_addr, error = %e, "inbound connection refused or failed");
+            metrics
+                .connection_failures
+                .with_label_values(&["inbound", e.reason()])
+                .inc();
+            if e.needs_operator() {
+                warn!(src = %client_addr, error = %e, "inbound connection refused or failed");
+            } else {
+                debug!(src = %client_addr, error = %e, "inbound connection refused or failed");
+            }
         }
     }
 
@@ -89,6 +130,12 @@ impl InboundConnection {
         // from capture; seeing one here means the rules are wrong, and proxying it would loop.
         if client_addr.ip() == socket::inbound_passthrough_source(dst) {
             return Err(InboundError::Loop);
+        }
+        // Only the pod's own addresses are served (issue 13): a frame sent to the pod's MAC
+        // with destination 127.0.0.1 that got past the capture rules would otherwise reach an
+        // app bound only to localhost, in any mode.
+        if !inputs.local_addrs.is_pod_address(dst.ip()) {
+            return Err(InboundError::NotPodAddress { dst });
         }
 
         // The policy in force when the connection arrived decides it, start to finish.

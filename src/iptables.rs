@@ -84,6 +84,13 @@ impl Family {
             Family::V6 => "::1/128",
         }
     }
+    /// Every loopback address.
+    fn loopback_net(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.0/8",
+            Family::V6 => "::1/128",
+        }
+    }
     /// The address the inbound side reaches the app from (see `socket.rs`).
     fn inbound_source(self) -> &'static str {
         match self {
@@ -136,8 +143,18 @@ pub fn rules(opts: &Options, family: Family) -> String {
         line(jump.to_string());
     }
 
-    // Inbound: everything addressed to the pod goes to the inbound listener, except the
-    // sidecar's own ports and the excluded ones.
+    // Traffic addressed to localhost that arrives on a pod interface (a forged frame, or a
+    // peer with a route to 127.0.0.1 via this pod) is never redirected: left alone, the
+    // kernel drops it as a martian; redirected, it would reach apps bound only to localhost
+    // (issue 13). Istio's sidecars rely on the same kernel drop. (For IPv6 the kernel drops
+    // ::1 from outside before netfilter; the rule is there for parity.) The inbound side
+    // refuses such destinations as well, should a rule ever let one through.
+    line(format!(
+        "-A L4MESH_INBOUND -d {} ! -i lo -j RETURN",
+        family.loopback_net()
+    ));
+    // Inbound: everything else addressed to the pod goes to the inbound listener, except
+    // the sidecar's own ports and the excluded ones.
     let mut excluded: Vec<u16> = ALWAYS_EXCLUDED_INBOUND
         .iter()
         .chain(&opts.exclude_inbound_ports)

@@ -138,6 +138,9 @@ pub struct Metrics {
     pub inbound_detections: IntCounterVec,
     /// STRICT refusals by destination port and what the client spoke.
     pub strict_refusals: IntCounterVec,
+    /// Connections that ended in an error, by direction and reason (one per error variant:
+    /// `not_pod_address`, `strict`, `handshake`, `connect_app`, ...).
+    pub connection_failures: IntCounterVec,
     /// Policy file reloads by result (`success`, `failure`).
     pub policy_reloads: IntCounterVec,
     /// Certificate rotations by result (`success`, `failure`).
@@ -259,6 +262,11 @@ impl Metrics {
                 "l4mesh_strict_refusals_total",
                 "Inbound connections refused because the port is STRICT and the client did not speak mesh mTLS",
                 &["port", "protocol"],
+            ),
+            connection_failures: counter(
+                "l4mesh_connection_failures_total",
+                "Connections that ended in an error, by direction and reason",
+                &["direction", "reason"],
             ),
             policy_reloads: counter(
                 "l4mesh_policy_reloads_total",

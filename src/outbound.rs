@@ -116,11 +116,37 @@ pub struct OutboundConnection {
     pub client_addr: SocketAddr,
 }
 
+impl OutboundError {
+    /// The `reason` label of `l4mesh_connection_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            OutboundError::OriginalDst(_) => "original_dst",
+            OutboundError::NotRedirected => "not_redirected",
+            OutboundError::Connect { .. } => "connect",
+            OutboundError::Handshake { .. } => "handshake",
+            OutboundError::HandshakeTimeout { .. } => "handshake_timeout",
+            OutboundError::Relay(RelayError::Client(_)) => "client_relay",
+            OutboundError::Relay(RelayError::Upstream(_)) => "upstream_relay",
+        }
+    }
+}
+
 impl OutboundConnection {
     pub async fn run(self) {
         let client_addr = socket::canonical(self.client_addr);
+        let metrics = self.inputs.metrics.clone();
         if let Err(e) = self.proxy().await {
-            warn!(src = %client_addr, error = %e, "outbound connection failed");
+            metrics
+                .connection_failures
+                .with_label_values(&["outbound", e.reason()])
+                .inc();
+            // Anyone can dial :15001 directly; every other failure comes from this pod's app
+            // or the destination it chose, worth a warning.
+            if matches!(e, OutboundError::NotRedirected) {
+                debug!(src = %client_addr, error = %e, "outbound connection failed");
+            } else {
+                warn!(src = %client_addr, error = %e, "outbound connection failed");
+            }
         }
     }
 

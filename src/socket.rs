@@ -113,3 +113,104 @@ pub fn inbound_passthrough_source(app: SocketAddr) -> IpAddr {
         SocketAddr::V6(_) => INBOUND_PASSTHROUGH_V6.into(),
     }
 }
+
+/// The addresses of this pod's own interfaces, for telling whether a captured inbound
+/// connection was really addressed to the pod. Read from the kernel at start and again when an
+/// address is not found (at most once a second, so a stream of forged destinations cannot
+/// turn into a stream of netlink dumps); an address added later is picked up on first use.
+pub struct LocalAddrs {
+    known: std::sync::RwLock<(std::collections::HashSet<IpAddr>, std::time::Instant)>,
+}
+
+/// How often a miss may re-read the interface addresses.
+const LOCAL_ADDRS_REFRESH: Duration = Duration::from_secs(1);
+
+impl LocalAddrs {
+    pub fn new() -> LocalAddrs {
+        LocalAddrs {
+            known: std::sync::RwLock::new((interface_addrs(), std::time::Instant::now())),
+        }
+    }
+
+    /// Whether `ip` may be an inbound connection's destination: one of the pod's own
+    /// addresses, and not a loopback one. Traffic to 127.0.0.0/8 or ::1 never legitimately
+    /// arrives from outside the pod; forwarding it would expose apps bound only to localhost.
+    pub fn is_pod_address(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+            return false;
+        }
+        let stale = {
+            let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+            if known.0.contains(&ip) {
+                return true;
+            }
+            known.1.elapsed() >= LOCAL_ADDRS_REFRESH
+        };
+        if !stale {
+            return false;
+        }
+        let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+        if known.1.elapsed() >= LOCAL_ADDRS_REFRESH {
+            *known = (interface_addrs(), std::time::Instant::now());
+        }
+        known.0.contains(&ip)
+    }
+}
+
+impl Default for LocalAddrs {
+    fn default() -> Self {
+        LocalAddrs::new()
+    }
+}
+
+/// Every address on this network namespace's interfaces (empty if they cannot be read: then
+/// nothing is a pod address, and inbound refuses rather than guesses).
+fn interface_addrs() -> std::collections::HashSet<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        tracing::warn!(
+            "cannot list this pod's addresses; refusing inbound connections until it can"
+        );
+        return Default::default();
+    };
+    addrs
+        .filter_map(|a| {
+            let addr = a.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_and_foreign_destinations_are_not_pod_addresses() {
+        let local = LocalAddrs::new();
+        for ip in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(!local.is_pod_address(ip.parse().unwrap()), "{ip}");
+        }
+        // TEST-NET-3: on no interface here.
+        assert!(!local.is_pod_address("203.0.113.9".parse().unwrap()));
+        // Some non-loopback address of this machine is one.
+        let own = interface_addrs().into_iter().find(|ip| {
+            !ip.is_loopback() && !matches!(ip, IpAddr::V6(v6) if v6.segments()[0] == 0xfe80)
+        });
+        if let Some(ip) = own {
+            assert!(local.is_pod_address(ip), "{ip}");
+        }
+    }
+}
