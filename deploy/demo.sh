@@ -120,6 +120,7 @@ identity:
 policy:
   file: policy.yaml
 workload:
+  ports: [8080]
   labels:
     app: $pod
 YAML

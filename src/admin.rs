@@ -82,30 +82,90 @@ pub enum Endpoints {
     Admin,
 }
 
+/// How many connections each listener serves at once. The stats port is reachable from every
+/// pod; past the cap, a new connection closes the oldest, so whoever holds idle connections
+/// to it holds at most this many of the sidecar's descriptors, and a readiness probe (which
+/// asks at once) is still answered (issue 13).
+const MAX_CONNECTIONS: usize = 64;
+/// A connection that has not sent a whole request head within this is closed.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// No connection lives longer than this (a scraper reconnects; an idle holder is let go).
+const MAX_CONNECTION_AGE: std::time::Duration = std::time::Duration::from_secs(120);
+
+impl Endpoints {
+    fn name(self) -> &'static str {
+        match self {
+            Endpoints::Stats => "stats",
+            Endpoints::Admin => "admin",
+        }
+    }
+}
+
+/// The connections a listener is serving, oldest first, so the oldest can be closed.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    tasks: std::collections::BTreeMap<u64, tokio::task::AbortHandle>,
+}
+
+/// Takes a connection out of `Open` when its task ends, however it ends (aborted included).
+struct Slot(Arc<Mutex<Open>>, u64);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        open.tasks.remove(&self.1);
+    }
+}
+
 /// Serves HTTP/1.1 on `listener` until the process exits.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, endpoints: Endpoints) {
+    let open = Arc::new(Mutex::new(Open::default()));
+    let mut errors = crate::app::AcceptErrors::default();
+    let evicted = state
+        .inputs
+        .metrics
+        .admin_evictions
+        .with_label_values(&[endpoints.name()]);
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
-                debug!(error = %e, "admin accept failed");
+                errors.record(endpoints.name(), &e);
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
         let state = state.clone();
-        tokio::spawn(async move {
+        let mut guard = open.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.tasks.len() >= MAX_CONNECTIONS {
+            if let Some((_, oldest)) = guard.tasks.pop_first() {
+                oldest.abort();
+                evicted.inc();
+            }
+        }
+        let id = guard.next;
+        guard.next += 1;
+        let slot = Slot(open.clone(), id);
+        let task = tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, endpoints, req)) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(error = %e, "admin connection ended with an error");
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(MAX_CONNECTION_AGE, conn).await {
+                Ok(Err(e)) => debug!(error = %e, "admin connection ended with an error"),
+                Err(_) => debug!("admin connection closed at its maximum age"),
+                Ok(Ok(())) => {}
             }
         });
+        // Registered before the lock is released: the task's `Slot` cannot remove the entry
+        // before it exists.
+        guard.tasks.insert(id, task.abort_handle());
     }
 }
 

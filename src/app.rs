@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::outbound::{OutboundConnection, Routes};
 use crate::policy::{self, PolicyError, PolicySet, WorkloadPolicy};
 use crate::tls;
+use crate::watch::Change;
 
 /// Everything a connection needs, built once at start-up and shared.
 pub struct ProxyInputs {
@@ -36,6 +37,8 @@ pub struct ProxyInputs {
     /// The mTLS mode of each inbound port; replaced whole when the policy file changes.
     pub policy: watch::Receiver<Arc<WorkloadPolicy>>,
     pub metrics: Arc<Metrics>,
+    /// Ports per-port metrics name by number (see `port_label`), from the config.
+    pub known_ports: std::collections::BTreeSet<u16>,
     /// The pod's own addresses: the only destinations inbound serves.
     pub local_addrs: crate::socket::LocalAddrs,
     /// This workload as Istio's metrics name it.
@@ -150,6 +153,15 @@ impl ProxyInputs {
             .clone()
             .or_else(|| config.workload.labels.get("app").cloned())
             .unwrap_or_else(|| "unknown".to_string());
+        let detection = &config.detection;
+        let known_ports = config
+            .workload
+            .ports
+            .iter()
+            .chain(&detection.server_first_ports)
+            .chain(detection.port_timeouts.keys())
+            .copied()
+            .collect();
         ProxyInputs {
             workload_name,
             namespace,
@@ -159,6 +171,19 @@ impl ProxyInputs {
             policy,
             metrics,
             local_addrs: crate::socket::LocalAddrs::new(),
+            known_ports,
+        }
+    }
+
+    /// The `port` label of the per-port `l4mesh_*` metrics: the number for a port the
+    /// workload serves or configures (`workload.ports`, `portLevelMtls`, server-first and
+    /// per-port detection settings), `other` for the rest. The client picks the port: one
+    /// byte to each of 20,000 ports must not become 20,000 series (issue 13).
+    pub fn port_label(&self, port: u16, policy: &WorkloadPolicy) -> std::borrow::Cow<'static, str> {
+        if self.known_ports.contains(&port) || policy.mtls.ports.contains_key(&port) {
+            port.to_string().into()
+        } else {
+            "other".into()
         }
     }
 }
@@ -186,6 +211,7 @@ pub async fn run(
     tokio::spawn(crate::watch::poll(
         credential_paths(&config).all(),
         config.identity.reload_interval,
+        config.identity.settle,
         rotate(
             config.clone(),
             id.clone(),
@@ -205,30 +231,11 @@ pub async fn run(
     ));
     let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
     if let Some(path) = config.policy.file.clone() {
-        let (config, id, metrics) = (config.clone(), id.clone(), metrics.clone());
-        let interval = config.policy.reload_interval;
         tokio::spawn(crate::watch::poll(
             vec![path],
-            interval,
-            move || match load_policy(&config, &id) {
-                Ok(policy) => {
-                    let (allow, deny, audit) = policy.authz.counts();
-                    info!(
-                        default = %policy.mtls.default.0,
-                        ports = policy.mtls.ports.len(),
-                        allow,
-                        deny,
-                        audit,
-                        "policy reloaded"
-                    );
-                    metrics.policy_reloads.with_label_values(&["success"]).inc();
-                    policy_tx.send_replace(Arc::new(policy));
-                }
-                Err(e) => {
-                    error!(error = %e, "policy reload failed; keeping the previous policy");
-                    metrics.policy_reloads.with_label_values(&["failure"]).inc();
-                }
-            },
+            config.policy.reload_interval,
+            config.policy.settle,
+            reload_policy(config.clone(), id.clone(), metrics.clone(), policy_tx),
         ));
     }
     let inputs = Arc::new(ProxyInputs::new(config, tls_rx, policy_rx, metrics.clone()));
@@ -336,6 +343,43 @@ pub async fn run(
     Ok(())
 }
 
+/// What to do when the policy file changes: load and resolve it; if good, publish it for new
+/// connections; if not (unreadable, empty, cut off, a kind misspelled), keep the policy in
+/// force, say why at warn and count it: failing to read a policy must never loosen one.
+fn reload_policy(
+    config: Config,
+    id: SpiffeId,
+    metrics: Arc<Metrics>,
+    policy_tx: watch::Sender<Arc<WorkloadPolicy>>,
+) -> impl FnMut(Change) {
+    move |change| {
+        if let Change::Missing(paths) = change {
+            warn!(path = %paths[0].display(), "policy file is gone; keeping the policy in force");
+            metrics.policy_reloads.with_label_values(&["missing"]).inc();
+            return;
+        }
+        match load_policy(&config, &id) {
+            Ok(policy) => {
+                let (allow, deny, audit) = policy.authz.counts();
+                info!(
+                    default = %policy.mtls.default.0,
+                    ports = policy.mtls.ports.len(),
+                    allow,
+                    deny,
+                    audit,
+                    "policy reloaded"
+                );
+                metrics.policy_reloads.with_label_values(&["success"]).inc();
+                policy_tx.send_replace(Arc::new(policy));
+            }
+            Err(e) => {
+                warn!(error = %e, "policy reload failed; keeping the previous policy");
+                metrics.policy_reloads.with_label_values(&["failure"]).inc();
+            }
+        }
+    }
+}
+
 /// What to do when a credential file changes: load and check the new set; if good, publish a
 /// new TLS snapshot for new handshakes; if not (half-written, mismatched, another identity),
 /// keep the current one, say exactly why, and count it. The next change is tried again.
@@ -345,8 +389,17 @@ fn rotate(
     metrics: Arc<Metrics>,
     tls_tx: watch::Sender<Arc<TlsState>>,
     ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
-) -> impl FnMut() {
-    move || {
+) -> impl FnMut(Change) {
+    move |change| {
+        if let Change::Missing(paths) = change {
+            let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+            warn!(paths = %paths.join(", "), "credential files are gone; keeping the credentials in force");
+            metrics
+                .certificate_reloads
+                .with_label_values(&["missing"])
+                .inc();
+            return;
+        }
         let loaded = load_credentials(&config, Some(&id))
             .map_err(|e| e.to_string())
             .and_then(|creds| {
@@ -422,6 +475,7 @@ where
     F: Fn(TcpStream, std::net::SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut errors = AcceptErrors::default();
     loop {
         let accepted = tokio::select! {
             _ = drain.started() => return,
@@ -438,8 +492,36 @@ where
                 });
             }
             Err(e) => {
-                error!(listener = name, error = %e, "accept failed; backing off");
+                errors.record(name, &e);
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Accept failures (running out of descriptors, mostly) said once, then summed up every
+/// `ACCEPT_ERROR_SUMMARY` while they go on: at 10 retries a second the log would otherwise be
+/// the first thing to fill up.
+#[derive(Default)]
+pub(crate) struct AcceptErrors {
+    /// When the last line was logged, and how many failures since.
+    last: Option<(std::time::Instant, u64)>,
+}
+
+const ACCEPT_ERROR_SUMMARY: Duration = Duration::from_secs(10);
+
+impl AcceptErrors {
+    pub(crate) fn record(&mut self, listener: &str, e: &std::io::Error) {
+        match &mut self.last {
+            Some((at, since)) if at.elapsed() < ACCEPT_ERROR_SUMMARY => *since += 1,
+            Some((at, since)) => {
+                error!(listener, error = %e, failures = *since + 1, period = ?ACCEPT_ERROR_SUMMARY, "accept still failing; backing off");
+                *at = std::time::Instant::now();
+                *since = 0;
+            }
+            None => {
+                error!(listener, error = %e, "accept failed; backing off");
+                self.last = Some((std::time::Instant::now(), 0));
             }
         }
     }

@@ -106,6 +106,10 @@ pub struct PolicyConfig {
     /// How often the file is checked for changes.
     #[serde(with = "humantime_serde")]
     pub reload_interval: Duration,
+    /// A change is read once the file has not changed for this long: a write in several
+    /// steps (`cmd > policy.yaml` truncates first) is never read half done.
+    #[serde(with = "humantime_serde")]
+    pub settle: Duration,
     /// A missing file means "no policies yet" (an optional ConfigMap), not an error; it is
     /// picked up when it appears.
     pub optional: bool,
@@ -117,6 +121,7 @@ impl Default for PolicyConfig {
             file: None,
             root_namespace: "istio-system".to_string(),
             reload_interval: Duration::from_millis(500),
+            settle: default_settle(),
             optional: false,
         }
     }
@@ -212,6 +217,10 @@ pub struct IdentityConfig {
     /// How often the files above are checked for a rotation.
     #[serde(default = "default_reload", with = "humantime_serde")]
     pub reload_interval: Duration,
+    /// A rotation is read once the files have not changed for this long, so files copied in
+    /// one at a time are read together.
+    #[serde(default = "default_settle", with = "humantime_serde")]
+    pub settle: Duration,
     /// Log a warning when the certificate has less than each of these left.
     #[serde(default = "default_expiry_warnings")]
     pub expiry_warnings: Vec<humantime_serde::Serde<Duration>>,
@@ -219,6 +228,10 @@ pub struct IdentityConfig {
 
 fn default_reload() -> Duration {
     Duration::from_millis(500)
+}
+
+fn default_settle() -> Duration {
+    Duration::from_secs(1)
 }
 
 fn default_expiry_warnings() -> Vec<humantime_serde::Serde<Duration>> {
@@ -309,6 +322,9 @@ pub struct Workload {
     /// The workload (e.g. Deployment) name, as Istio's metrics label it; defaults to the
     /// `app` label, else `unknown`.
     pub workload_name: Option<String>,
+    /// The ports the application serves. Per-port metrics name these (and ports with their
+    /// own policy or detection setting) by number; any other port a client picks is `other`.
+    pub ports: Vec<u16>,
     /// Pod IP.
     pub pod_ip: Option<IpAddr>,
     /// Pod labels; PeerAuthentication selectors match against them.
@@ -504,6 +520,11 @@ pub struct Timeouts {
     /// How long connections in flight may finish after SIGTERM or `POST /drain`.
     #[serde(with = "humantime_serde")]
     pub drain: Duration,
+    /// Close an established connection that moves no byte either way for this long. Off by
+    /// default: long-lived quiet connections (database pools, watches) are legitimate; set it
+    /// where idle clients must not hold the application's connections forever.
+    #[serde(with = "humantime_serde")]
+    pub idle: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -512,6 +533,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(5),
             handshake: Duration::from_secs(10),
             drain: Duration::from_secs(5),
+            idle: None,
         }
     }
 }

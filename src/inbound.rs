@@ -82,6 +82,7 @@ impl InboundError {
             InboundError::ConnectApp { .. } => "connect_app",
             InboundError::Relay(RelayError::Client(_)) => "client_relay",
             InboundError::Relay(RelayError::Upstream(_)) => "app_relay",
+            InboundError::Relay(RelayError::Idle(_)) => "idle",
         }
     }
 
@@ -157,7 +158,7 @@ impl InboundConnection {
             .map_err(InboundError::Detect)?;
         debug!(src = %client_addr, %dst, protocol = %protocol.name(), %mode, "detected");
 
-        let port = dst.port().to_string();
+        let port = inputs.port_label(dst.port(), &policy);
         let refused = protocol != Protocol::MeshTls && mode == Mode::Strict;
         let outcome = if refused {
             "refused_strict"
@@ -167,7 +168,7 @@ impl InboundConnection {
         let metrics = &inputs.metrics;
         metrics
             .inbound_detections
-            .with_label_values(&[port.as_str(), outcome])
+            .with_label_values(&[&port, outcome])
             .inc();
 
         match (protocol, mode) {
@@ -175,7 +176,7 @@ impl InboundConnection {
             (_, Mode::Strict) => {
                 metrics
                     .strict_refusals
-                    .with_label_values(&[port.as_str(), protocol.name()])
+                    .with_label_values(&[&port, protocol.name()])
                     .inc();
                 Err(InboundError::Strict {
                     protocol: protocol.name(),
@@ -208,7 +209,7 @@ async fn terminate<S>(
     dst: SocketAddr,
 ) -> Result<(), InboundError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + crate::relay::Abortable + Unpin,
 {
     let timeouts = &inputs.config.timeouts;
     let failures = &inputs.metrics.handshake_failures;
@@ -312,7 +313,7 @@ async fn forward<S>(
     peer: Option<&SpiffeId>,
 ) -> Result<(), InboundError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + crate::relay::Abortable + Unpin,
 {
     let source = socket::inbound_passthrough_source(dst);
     let app = socket::connect(dst, Some(source), inputs.config.timeouts.connect)
@@ -337,7 +338,8 @@ where
     };
     let security = labels.connection_security_policy;
     let recorder = inputs.metrics.connection(labels, "inbound");
-    let (sent, result) = relay::relay(client, app, &recorder).await;
+    let idle = inputs.config.timeouts.idle;
+    let (sent, result) = relay::relay(client, app, &recorder, idle).await;
     debug!(
         src = %client_addr,
         %dst,

@@ -141,9 +141,12 @@ pub struct Metrics {
     /// Connections that ended in an error, by direction and reason (one per error variant:
     /// `not_pod_address`, `strict`, `handshake`, `connect_app`, ...).
     pub connection_failures: IntCounterVec,
-    /// Policy file reloads by result (`success`, `failure`).
+    /// Connections to the stats or admin listener closed because it was serving its maximum
+    /// and a newer one arrived, by listener (`stats`, `admin`).
+    pub admin_evictions: IntCounterVec,
+    /// Policy file reloads by result (`success`, `failure`, `missing`: the file is gone).
     pub policy_reloads: IntCounterVec,
-    /// Certificate rotations by result (`success`, `failure`).
+    /// Certificate rotations by result (`success`, `failure`, `missing`).
     pub certificate_reloads: IntCounterVec,
     /// Authorization decisions by deciding policy (`ns/name`) and action (`allow`, `deny`,
     /// `audit`).
@@ -268,14 +271,19 @@ impl Metrics {
                 "Connections that ended in an error, by direction and reason",
                 &["direction", "reason"],
             ),
+            admin_evictions: counter(
+                "l4mesh_admin_connections_evicted_total",
+                "Stats or admin connections closed to make room for a newer one, by listener",
+                &["listener"],
+            ),
             policy_reloads: counter(
                 "l4mesh_policy_reloads_total",
-                "Policy file reloads by result; on failure the previous policy stays in force",
+                "Policy file reloads by result (success, failure, missing); unless success, the policy in force stays",
                 &["result"],
             ),
             certificate_reloads: counter(
                 "l4mesh_certificate_reloads_total",
-                "Certificate rotations by result; on failure the current credentials stay in force",
+                "Certificate rotations by result (success, failure, missing); unless success, the credentials in force stay",
                 &["result"],
             ),
             authorization_decisions: counter(

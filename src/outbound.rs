@@ -127,6 +127,7 @@ impl OutboundError {
             OutboundError::HandshakeTimeout { .. } => "handshake_timeout",
             OutboundError::Relay(RelayError::Client(_)) => "client_relay",
             OutboundError::Relay(RelayError::Upstream(_)) => "upstream_relay",
+            OutboundError::Relay(RelayError::Idle(_)) => "idle",
         }
     }
 }
@@ -177,7 +178,7 @@ impl OutboundConnection {
                 let recorder = inputs
                     .metrics
                     .connection(outbound_labels(&inputs, None), "outbound");
-                relay::relay(client, upstream, &recorder).await
+                relay::relay(client, upstream, &recorder, timeouts.idle).await
             }
             RouteKind::Mtls { connector, pins } => {
                 // SPIFFE identities are not DNS names: the verifier ignores the name, and an
@@ -226,7 +227,7 @@ impl OutboundConnection {
                 );
                 let labels = outbound_labels(&inputs, Some(peer.as_ref()));
                 let recorder = inputs.metrics.connection(labels, "outbound");
-                relay::relay(client, tls, &recorder).await
+                relay::relay(client, tls, &recorder, timeouts.idle).await
             }
         };
         debug!(

@@ -125,6 +125,8 @@ pub enum PolicyError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("{path}: empty: no policy documents (a failed or unfinished write?); to remove every policy on purpose, write `apiVersion: v1`, `kind: List`, `items: []`")]
+    Empty { path: std::path::PathBuf },
     #[error("{path}: document {index}{what}: {message}")]
     Invalid {
         path: std::path::PathBuf,
@@ -140,6 +142,24 @@ struct Header {
     kind: Option<String>,
     api_version: Option<String>,
     metadata: Option<HeaderMetadata>,
+    /// Only read for `kind: List`.
+    items: Option<Vec<serde_yaml::Value>>,
+}
+
+/// A field that may be left out but, when written, must say something: `mtls:` with nothing
+/// after it is what a file cut off mid-write looks like, and reading it as "UNSET" would
+/// silently turn STRICT into PERMISSIVE (issue 13).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    match Option::<T>::deserialize(d)? {
+        Some(v) => Ok(Some(v)),
+        None => Err(serde::de::Error::custom(
+            "is empty (a file cut off mid-write?); leave the field out, or write `mode: UNSET` to inherit",
+        )),
+    }
 }
 
 #[derive(Deserialize)]
@@ -156,8 +176,8 @@ struct RawPeerAuthentication {
     #[allow(dead_code)]
     kind: String,
     metadata: RawMetadata,
-    #[serde(default)]
-    spec: RawSpec,
+    #[serde(default, deserialize_with = "present")]
+    spec: Option<RawSpec>,
 }
 
 #[derive(Deserialize)]
@@ -182,8 +202,8 @@ struct RawAuthorizationPolicy {
     #[allow(dead_code)]
     kind: String,
     metadata: RawMetadata,
-    #[serde(default = "empty_spec")]
-    spec: authz::Spec,
+    #[serde(default, deserialize_with = "present")]
+    spec: Option<authz::Spec>,
 }
 
 fn empty_spec() -> authz::Spec {
@@ -202,12 +222,12 @@ fn default_namespace() -> String {
 #[derive(Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawSpec {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     selector: Option<RawSelector>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     mtls: Option<RawMtls>,
     #[serde(default)]
-    port_level_mtls: BTreeMap<u16, RawMtls>,
+    port_level_mtls: BTreeMap<u16, Option<RawMtls>>,
 }
 
 #[derive(Deserialize)]
@@ -229,6 +249,11 @@ fn unset() -> ModeSetting {
 }
 
 const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
+
+/// Istio security kinds that act at L7 only (JWT validation): nothing for an L4 sidecar to
+/// enforce, skipped like other kinds. Any other kind in `security.istio.io` is an error, so a
+/// typo such as `PeerAuthenticaton` cannot drop a policy silently.
+const L7_ONLY_KINDS: [&str; 1] = ["RequestAuthentication"];
 
 impl PolicySet {
     /// Reads a policy file.
@@ -262,6 +287,12 @@ impl PolicySet {
             }
         };
         let mut set = PolicySet::default();
+        let fail = |index: usize, what: String, message: String| PolicyError::Invalid {
+            path: path.to_path_buf(),
+            index,
+            what,
+            message,
+        };
         // First pass: what kind each document is. Stop at the first syntax error: serde_yaml's
         // document iterator keeps yielding it otherwise.
         let mut headers = Vec::new();
@@ -269,6 +300,15 @@ impl PolicySet {
             let header =
                 Option::<Header>::deserialize(doc).map_err(|e| invalid(i + 1, String::new(), e))?;
             headers.push(header);
+        }
+        // An empty file is what a failed or half-done write leaves (`cmd > policy.yaml` that
+        // died, a truncate not yet followed by the content): never read as "no policies",
+        // which would loosen every STRICT port. Saying "no policies" takes an explicit
+        // document: an empty List, as `kubectl get ... -o yaml` prints when there are none.
+        if headers.iter().all(Option::is_none) {
+            return Err(PolicyError::Empty {
+                path: path.to_path_buf(),
+            });
         }
         for (i, (doc, header)) in serde_yaml::Deserializer::from_str(text)
             .zip(headers)
@@ -284,11 +324,42 @@ impl PolicySet {
                     .unwrap_or_else(default_namespace),
                 meta.and_then(|m| m.name.clone()).unwrap_or_default()
             );
+            let api = header.api_version.clone().unwrap_or_default();
+            if kind.is_empty() {
+                return Err(fail(
+                    index,
+                    String::new(),
+                    "no `kind:` (a file cut off mid-write?); every document must say what it is"
+                        .to_string(),
+                ));
+            }
+            if kind == "List" {
+                if header.items.as_ref().is_some_and(|items| !items.is_empty()) {
+                    return Err(fail(
+                        index,
+                        " (List)".to_string(),
+                        "items of a `kind: List` are not read; write each item as its own `---` document"
+                            .to_string(),
+                    ));
+                }
+                // `kind: List` with `items: []`: no policies, said on purpose.
+                continue;
+            }
+            let security = api.starts_with("security.istio.io/");
             if kind != "PeerAuthentication" && kind != "AuthorizationPolicy" {
+                if security && !L7_ONLY_KINDS.contains(&kind.as_str()) {
+                    return Err(fail(
+                        index,
+                        what,
+                        format!(
+                            "kind: {kind:?} is not a security.istio.io kind l4mesh knows (PeerAuthentication, AuthorizationPolicy, {})",
+                            L7_ONLY_KINDS.join(", ")
+                        ),
+                    ));
+                }
                 set.ignored.push((index, kind));
                 continue;
             }
-            let api = header.api_version.unwrap_or_default();
             if !API_VERSIONS.contains(&api.as_str()) {
                 return Err(PolicyError::Invalid {
                     path: path.to_path_buf(),
@@ -303,7 +374,8 @@ impl PolicySet {
             if kind == "AuthorizationPolicy" {
                 let raw = RawAuthorizationPolicy::deserialize(doc)
                     .map_err(|e| invalid(index, what.clone(), e))?;
-                authz::check_spec(&raw.spec).map_err(|message| PolicyError::Invalid {
+                let spec = raw.spec.unwrap_or_else(empty_spec);
+                authz::check_spec(&spec).map_err(|message| PolicyError::Invalid {
                     path: path.to_path_buf(),
                     index,
                     what: what.clone(),
@@ -312,7 +384,7 @@ impl PolicySet {
                 set.authorization_policies.push(AuthorizationPolicy {
                     name: raw.metadata.name,
                     namespace: raw.metadata.namespace,
-                    spec: raw.spec,
+                    spec,
                 });
                 continue;
             }
@@ -330,23 +402,30 @@ impl PolicySet {
                         }
                     })?),
                 };
-            let selector = raw
-                .spec
+            let spec = raw.spec.unwrap_or_default();
+            let selector = spec
                 .selector
                 .map(|s| s.match_labels)
                 .filter(|labels| !labels.is_empty());
+            let mut port_level = BTreeMap::new();
+            for (port, m) in spec.port_level_mtls {
+                // `8080:` with nothing under it: cut off, not "inherit" (see `present`).
+                let m = m.ok_or_else(|| {
+                    fail(
+                        index,
+                        what.clone(),
+                        format!("spec.portLevelMtls.{port}: is empty (a file cut off mid-write?); write `mode: UNSET` to inherit"),
+                    )
+                })?;
+                port_level.insert(port, m.mode);
+            }
             set.peer_authentications.push(PeerAuthentication {
                 name: raw.metadata.name,
                 namespace: raw.metadata.namespace,
                 created,
                 selector,
-                mode: raw.spec.mtls.map_or(ModeSetting::Unset, |m| m.mode),
-                port_level: raw
-                    .spec
-                    .port_level_mtls
-                    .into_iter()
-                    .map(|(port, m)| (port, m.mode))
-                    .collect(),
+                mode: spec.mtls.map_or(ModeSetting::Unset, |m| m.mode),
+                port_level,
                 index,
             });
         }
@@ -519,7 +598,7 @@ mod tests {
 
     #[test]
     fn nothing_at_all_is_permissive() {
-        let e = resolve("", "shop", &[]);
+        let e = resolve("apiVersion: v1\nkind: List\nitems: []\n", "shop", &[]);
         assert_eq!(mode(&e, 80), (Mode::Permissive, None, Level::Default));
         let e = resolve(&pa("other", "x", None, "STRICT"), "shop", &[]);
         assert_eq!(mode(&e, 80).0, Mode::Permissive);
@@ -725,5 +804,61 @@ mod tests {
             assert!(err.contains(at), "{at}: {err}");
             assert!(err.contains(what), "{what}: {err}");
         }
+    }
+
+    /// Issue 13: each of these once loaded as "no policy" and turned STRICT into PERMISSIVE.
+    #[test]
+    fn empty_cut_off_and_misspelled_files_are_errors_not_permissive() {
+        let strict = pa("shop", "x", None, "STRICT");
+        let cut = |after: &str| {
+            let end = strict.find(after).unwrap() + after.len();
+            strict[..end].to_string()
+        };
+        let cases = [
+            (String::new(), "empty"),
+            ("\n# nothing but a comment\n---\n".to_string(), "empty"),
+            (cut("mtls:"), "line 7 column 3: spec: is empty"),
+            (cut("spec:"), "is empty"),
+            (cut("mode:"), "mode"),
+            (cut("metadata:"), "metadata"),
+            (cut("apiVersion: security.istio.io/v1\n"), "no `kind:`"),
+            (
+                strict.replace("PeerAuthentication", "PeerAuthenticaton"),
+                "\"PeerAuthenticaton\" is not a security.istio.io kind",
+            ),
+            (
+                strict.replace("kind: PeerAuthentication\n", ""),
+                "no `kind:`",
+            ),
+            (
+                format!("apiVersion: v1\nkind: List\nitems:\n- {}", "kind: PeerAuthentication"),
+                "items of a `kind: List` are not read",
+            ),
+            (
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: p\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: a\n  portLevelMtls:\n    8080:\n".to_string(),
+                "portLevelMtls",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = PolicySet::parse(Path::new("p.yaml"), &text)
+                .map(|set| format!("parsed as {set:?}"))
+                .unwrap_or_else(|e| e.to_string());
+            assert!(err.starts_with("p.yaml: "), "{text:?}: {err}");
+            assert!(err.contains(want), "{text:?}: want {want:?}, got {err}");
+        }
+        // Removing every policy on purpose: an empty List (what kubectl prints for none).
+        let none = PolicySet::parse(
+            Path::new("p.yaml"),
+            "apiVersion: v1\nkind: List\nitems: []\n",
+        )
+        .unwrap();
+        assert_eq!(none, PolicySet::default());
+        // Istio's L7-only kind is skipped, not an error; other API groups' kinds likewise.
+        let jwt = format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: jwt\nspec: {{}}\n---\n{strict}"
+        );
+        let set = PolicySet::parse(Path::new("p.yaml"), &jwt).unwrap();
+        assert_eq!(set.ignored, vec![(1, "RequestAuthentication".to_string())]);
+        assert_eq!(set.peer_authentications.len(), 1);
     }
 }

@@ -4,7 +4,9 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use prometheus::IntCounter;
@@ -36,53 +38,119 @@ pub enum RelayError {
     Client(io::Error),
     #[error("upstream side: {0}")]
     Upstream(io::Error),
+    #[error("idle for {0:?}: closed")]
+    Idle(Duration),
+}
+
+/// A stream whose connection can be closed abortively. When a relay ends because one side
+/// failed (it reset the connection, or a peer sidecar died without TLS close_notify), the
+/// other side is closed with a reset as well, as Envoy does: its client then sees an error,
+/// not a clean end of stream it would take for a complete answer (issue 13).
+pub trait Abortable {
+    /// From now on, closing sends RST instead of FIN.
+    fn abort_on_close(&self);
+}
+
+impl Abortable for tokio::net::TcpStream {
+    fn abort_on_close(&self) {
+        // SO_LINGER 0: close() discards unsent data and sends RST, without blocking (tokio
+        // deprecates set_linger for the non-zero case, which blocks in close).
+        let _ = socket2::SockRef::from(self).set_linger(Some(Duration::ZERO));
+    }
+}
+
+impl<T: Abortable + ?Sized> Abortable for Box<T> {
+    fn abort_on_close(&self) {
+        (**self).abort_on_close()
+    }
+}
+
+impl<S: Abortable> Abortable for tokio_rustls::server::TlsStream<S> {
+    fn abort_on_close(&self) {
+        self.get_ref().0.abort_on_close()
+    }
+}
+
+impl<S: Abortable> Abortable for tokio_rustls::client::TlsStream<S> {
+    fn abort_on_close(&self) {
+        self.get_ref().0.abort_on_close()
+    }
+}
+
+/// In-memory pipes (tests, benches) have nothing to reset.
+impl Abortable for tokio::io::DuplexStream {
+    fn abort_on_close(&self) {}
 }
 
 /// Copies `client` ⇄ `upstream` until both directions have ended, adding to `meter`'s byte
-/// counters as bytes move. On an error in either direction the other is abandoned (both
-/// sockets are closed when the streams drop) and the error says which side failed.
+/// counters as bytes move. On an error in either direction the other is abandoned and both
+/// connections are closed with a reset (see `Abortable`); the error says which side failed.
+/// With `idle` set, a connection that moves no byte either way for that long is closed.
 pub async fn relay<C, U>(
     client: C,
     upstream: U,
     meter: &ConnectionRecorder,
+    idle: Option<Duration>,
 ) -> (Transferred, Option<RelayError>)
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Abortable + Unpin,
+    U: AsyncRead + AsyncWrite + Abortable + Unpin,
 {
     let (mut client_rd, mut client_wr) = tokio::io::split(client);
     let (mut upstream_rd, mut upstream_wr) = tokio::io::split(upstream);
-    let mut sent = Transferred::default();
-    let (mut up_count, mut down_count) = (0u64, 0u64);
+    // Atomics only so the future stays Send: both directions run in this one task.
+    let (up_count, down_count) = (AtomicU64::new(0), AtomicU64::new(0));
     let result = {
         let up = copy_one_way(
             &mut client_rd,
             &mut upstream_wr,
-            &mut up_count,
+            &up_count,
             &meter.received,
             Side::Client,
         );
         let down = copy_one_way(
             &mut upstream_rd,
             &mut client_wr,
-            &mut down_count,
+            &down_count,
             &meter.sent,
             Side::Upstream,
         );
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
+        // The idle check compares this connection's byte counts between wake-ups: the copy
+        // loops pay nothing for it.
+        let moved = || (up_count.load(Relaxed), down_count.load(Relaxed));
+        let mut last = moved();
+        let idle_check = tokio::time::sleep(idle.unwrap_or(Duration::MAX / 4));
+        tokio::pin!(idle_check);
         loop {
             tokio::select! {
                 r = &mut up, if !up_done => { up_done = true; if let Err(e) = r { break Some(e); } }
                 r = &mut down, if !down_done => { down_done = true; if let Err(e) = r { break Some(e); } }
+                _ = &mut idle_check, if idle.is_some() => {
+                    let now = moved();
+                    let limit = idle.unwrap_or_default();
+                    if now == last {
+                        break Some(RelayError::Idle(limit));
+                    }
+                    last = now;
+                    idle_check.as_mut().reset(tokio::time::Instant::now() + limit);
+                }
             }
             if up_done && down_done {
                 break None;
             }
         }
     };
-    sent.client_to_upstream = up_count;
-    sent.upstream_to_client = down_count;
+    if result.is_some() {
+        // The halves come from one split each: unsplit cannot fail here.
+        client_rd.unsplit(client_wr).abort_on_close();
+        upstream_rd.unsplit(upstream_wr).abort_on_close();
+    }
+    let sent = Transferred {
+        client_to_upstream: up_count.into_inner(),
+        upstream_to_client: down_count.into_inner(),
+    };
     (sent, result)
 }
 
@@ -111,7 +179,7 @@ impl Side {
 async fn copy_one_way<R, W>(
     from: &mut R,
     to: &mut W,
-    count: &mut u64,
+    count: &AtomicU64,
     meter: &IntCounter,
     from_side: Side,
 ) -> Result<(), RelayError>
@@ -131,7 +199,7 @@ where
         to.write_all(&buf[..n])
             .await
             .map_err(|e| from_side.other().error(e))?;
-        *count += n as u64;
+        count.fetch_add(n as u64, Relaxed);
         meter.inc_by(n as u64);
         if n >= size && size < MAX_BUF {
             size *= 2;
@@ -169,7 +237,7 @@ mod tests {
         let (upstream, mut app_server) = tokio::io::duplex(1024);
         let meter = ConnectionRecorder::detached();
         let relay = tokio::spawn(async move {
-            let result = relay(client, upstream, &meter).await;
+            let result = relay(client, upstream, &meter, None).await;
             (result, meter.received.get(), meter.sent.get())
         });
 
@@ -207,6 +275,9 @@ mod tests {
             std::task::Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
         }
     }
+    impl Abortable for Broken {
+        fn abort_on_close(&self) {}
+    }
     impl AsyncWrite for Broken {
         fn poll_write(
             self: std::pin::Pin<&mut Self>,
@@ -235,11 +306,33 @@ mod tests {
         // instead of waiting on the client forever.
         let (client, _keep) = tokio::io::duplex(64);
         let meter = ConnectionRecorder::detached();
-        let (_, err) = relay(client, Broken, &meter).await;
+        let (_, err) = relay(client, Broken, &meter, None).await;
         assert!(matches!(err, Some(RelayError::Upstream(_))), "{err:?}");
 
         let (upstream, _keep) = tokio::io::duplex(64);
-        let (_, err) = relay(Broken, upstream, &meter).await;
+        let (_, err) = relay(Broken, upstream, &meter, None).await;
         assert!(matches!(err, Some(RelayError::Client(_))), "{err:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
+        let (client, mut app_client) = tokio::io::duplex(64);
+        let (upstream, mut app_server) = tokio::io::duplex(64);
+        let meter = ConnectionRecorder::detached();
+        let idle = Some(Duration::from_secs(10));
+        let relay = tokio::spawn(async move { relay(client, upstream, &meter, idle).await });
+        // Busy: a byte every 6 s for a minute keeps it open.
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            app_client.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            app_server.read_exact(&mut b).await.unwrap();
+        }
+        assert!(!relay.is_finished(), "closed while busy");
+        // Quiet: closed within two idle periods.
+        tokio::time::sleep(Duration::from_secs(21)).await;
+        let (sent, err) = relay.await.unwrap();
+        assert!(matches!(err, Some(RelayError::Idle(_))), "{err:?}");
+        assert_eq!(sent.client_to_upstream, 10);
     }
 }

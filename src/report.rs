@@ -77,6 +77,7 @@ fn parse_labels(mut s: &str) -> Option<BTreeMap<String, String>> {
 /// What arrived on one port during the window.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct PortTraffic {
+    /// 0 for the ports the sidecar counts together as `other` (not configured anywhere).
     pub port: u16,
     pub mtls: u64,
     pub plaintext: u64,
@@ -197,7 +198,12 @@ pub fn detection_deltas(before: &[Sample], after: &[Sample]) -> BTreeMap<(u16, S
             .iter()
             .filter(|s| s.name == "l4mesh_inbound_detections_total")
             .filter_map(|s| {
-                let port = s.labels.get("port")?.parse::<u16>().ok()?;
+                // The sidecar labels ports nobody configured `other` (see
+                // `ProxyInputs::port_label`); the report shows them as port 0.
+                let port = match s.labels.get("port")?.as_str() {
+                    "other" => 0,
+                    p => p.parse::<u16>().ok()?,
+                };
                 Some(((port, s.labels.get("outcome")?.clone()), s.value))
             })
             .collect::<BTreeMap<_, _>>()
@@ -269,7 +275,10 @@ pub fn render_text(reports: &[WorkloadReport], window: Duration) -> String {
                     s
                 }
             };
-            out.push_str(&format!("  port {}: {what}\n", p.port));
+            match p.port {
+                0 => out.push_str(&format!("  other ports: {what}\n")),
+                port => out.push_str(&format!("  port {port}: {what}\n")),
+            }
         }
         out.push_str(&match r.verdict {
             Verdict::Safe => format!(

@@ -259,6 +259,12 @@ impl<S> Rewind<S> {
     }
 }
 
+impl<S: crate::relay::Abortable> crate::relay::Abortable for Rewind<S> {
+    fn abort_on_close(&self) {
+        self.inner.abort_on_close()
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,

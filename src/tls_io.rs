@@ -34,6 +34,12 @@ impl<S> Batched<S> {
     }
 }
 
+impl<S: crate::relay::Abortable> crate::relay::Abortable for Batched<S> {
+    fn abort_on_close(&self) {
+        self.inner.abort_on_close()
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Batched<S> {
     fn poll_read(
         self: Pin<&mut Self>,

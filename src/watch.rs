@@ -22,22 +22,51 @@ pub fn fingerprint(path: &Path) -> Fingerprint {
     )
 }
 
-/// Calls `on_change` each time any of `paths` changes, checking every `interval`, forever. The
-/// first state seen is the one at the call; while a file is missing (being replaced) nothing is
-/// reported, and its return is a change.
-pub async fn poll(paths: Vec<PathBuf>, interval: Duration, mut on_change: impl FnMut()) {
+/// What `poll` reports.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Change {
+    /// The files changed and have been stable since: read them.
+    Changed,
+    /// These files are gone (deleted, or a mount lost): whatever was read from them stays in
+    /// force; reported once each time they go missing.
+    Missing(Vec<PathBuf>),
+}
+
+/// Reports each change to any of `paths`, checking every `interval`, forever. A change is
+/// reported only once the files have looked the same for `settle`: a writer that truncates
+/// and then writes (`cmd > file`), or copies several files one by one, is never read half
+/// done (issue 13). The first state seen is the one at the call.
+pub async fn poll(
+    paths: Vec<PathBuf>,
+    interval: Duration,
+    settle: Duration,
+    mut on_change: impl FnMut(Change),
+) {
     let all = |paths: &[PathBuf]| paths.iter().map(|p| fingerprint(p)).collect::<Vec<_>>();
-    let mut last = all(&paths);
+    let mut acted_on = all(&paths);
+    let mut seen = acted_on.clone();
+    let mut seen_since = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(interval).await;
         let now = all(&paths);
-        if now.iter().any(|f| f.0.is_none()) {
+        if now != seen {
+            seen = now;
+            seen_since = tokio::time::Instant::now();
+        }
+        if seen == acted_on || seen_since.elapsed() < settle {
             continue;
         }
-        if now != last {
-            on_change();
-            last = now;
-        }
+        let missing: Vec<PathBuf> = paths
+            .iter()
+            .zip(&seen)
+            .filter(|(_, f)| f.0.is_none())
+            .map(|(p, _)| p.clone())
+            .collect();
+        on_change(match missing.is_empty() {
+            true => Change::Changed,
+            false => Change::Missing(missing),
+        });
+        acted_on = seen.clone();
     }
 }
 
@@ -73,5 +102,49 @@ mod tests {
         std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
         assert_ne!(fingerprint(&link), v1, "..data swap");
         assert!(fingerprint(&dir.path().join("absent")).0.is_none());
+    }
+
+    /// A torn write (truncate, then the content a moment later) is reported once, whole; a
+    /// deletion is reported as such, once.
+    #[tokio::test(start_paused = true)]
+    async fn changes_are_reported_once_settled_and_deletions_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policy.yaml");
+        std::fs::write(&file, "old").unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let watched = file.clone();
+        tokio::spawn(poll(
+            vec![watched.clone()],
+            Duration::from_millis(100),
+            Duration::from_millis(1000),
+            move |c| {
+                let text = std::fs::read_to_string(&watched).unwrap_or_default();
+                let _ = tx.send((c, text));
+            },
+        ));
+        let step = |ms| tokio::time::sleep(Duration::from_millis(ms));
+        step(250).await;
+        std::fs::write(&file, "").unwrap(); // truncated...
+        step(300).await;
+        std::fs::write(&file, "new content").unwrap(); // ...then written
+        step(3000).await;
+        assert_eq!(
+            rx.recv().await,
+            Some((Change::Changed, "new content".into()))
+        );
+        assert!(
+            rx.try_recv().is_err(),
+            "the empty moment was never reported"
+        );
+        std::fs::remove_file(&file).unwrap();
+        step(3000).await;
+        assert_eq!(
+            rx.recv().await,
+            Some((Change::Missing(vec![file.clone()]), String::new()))
+        );
+        assert!(rx.try_recv().is_err(), "reported once");
+        std::fs::write(&file, "back").unwrap();
+        step(3000).await;
+        assert_eq!(rx.recv().await, Some((Change::Changed, "back".into())));
     }
 }

@@ -237,3 +237,161 @@ fn localhost_only_apps_stay_private_in_every_mode() {
     echo_server(c.pod(VICTIM), server, None);
     assert_eq!(c.pod(ROUTED).run(move || exchange_here(server, 100)), 100);
 }
+
+/// From `pod` (no sidecar): a plaintext request to `addr`; what came back (empty = refused).
+fn plaintext_probe(pod: &Pod, addr: SocketAddr) -> Vec<u8> {
+    pod.run(move || {
+        let Ok(mut s) = connect(addr) else {
+            return Vec::new();
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(b"probe");
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        read_all(&mut s).0
+    })
+}
+
+fn count_in_log(log: &std::path::Path, needle: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches(needle)
+        .count()
+}
+
+/// Waits until `needle` has appeared in `log` more than `before` times.
+fn wait_for_another(log: &std::path::Path, needle: &str, before: usize) {
+    let start = std::time::Instant::now();
+    while count_in_log(log, needle) <= before {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{} never said {needle:?} again:\n{}",
+            log.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn strict_stays_strict_through_broken_torn_and_deleted_policy_files() {
+    if !privileged("policy_fails_closed") {
+        return;
+    }
+    let mut c = Cluster::new("pol", 2);
+    let ca = c.make_ca();
+    let strict = peer_authentication("STRICT");
+    let (policy, extra) = c.policy("policy.yaml", &strict);
+    let log = c.mesh_sidecar(&ca, VICTIM, "victim", &extra);
+    let app = c.pod(VICTIM).addr(8080);
+    echo_server(c.pod(VICTIM), app, None);
+    let prober = c.pod(1);
+    assert!(
+        plaintext_probe(prober, app).is_empty(),
+        "not STRICT at start"
+    );
+
+    // Written in place, as an editor or `cmd > file` does: each one once loaded as "no
+    // policy" and let plaintext through.
+    let cut_after_mtls = &strict[..strict.find("mtls:").unwrap() + "mtls:".len()];
+    let corruptions = [
+        ("empty", String::new()),
+        ("cut off after mtls:", cut_after_mtls.to_string()),
+        (
+            "kind misspelled",
+            strict.replace("PeerAuthentication", "PeerAuthenticaton"),
+        ),
+    ];
+    for (what, text) in &corruptions {
+        let before = count_in_log(&log, "policy reload failed; keeping the previous policy");
+        std::fs::write(&policy, text).unwrap();
+        wait_for_another(
+            &log,
+            "policy reload failed; keeping the previous policy",
+            before,
+        );
+        for _ in 0..3 {
+            assert!(
+                plaintext_probe(prober, app).is_empty(),
+                "{what}: plaintext got through"
+            );
+        }
+        let reloads = count_in_log(&log, "policy reloaded default=STRICT");
+        std::fs::write(&policy, &strict).unwrap();
+        wait_for_another(&log, "policy reloaded default=STRICT", reloads);
+    }
+    assert!(
+        metric_sum(
+            &c,
+            VICTIM,
+            "l4mesh_policy_reloads_total",
+            "result=\"failure\""
+        ) >= 3.0
+    );
+
+    // Torn writes: truncate, then the same STRICT text 0.3 s later, ten times, while a
+    // plaintext client probes all along.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (probes, leaks) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let prober_thread = {
+        let (stop, probes, leaks) = (stop.clone(), probes.clone(), leaks.clone());
+        prober.spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let Ok(mut s) = connect(app) else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ = s.write_all(b"probe");
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                if !read_all(&mut s).0.is_empty() {
+                    leaks.fetch_add(1, Ordering::SeqCst);
+                }
+                probes.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    for _ in 0..10 {
+        drop(std::fs::File::create(&policy).unwrap()); // truncate
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::write(&policy, &strict).unwrap();
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    stop.store(true, Ordering::SeqCst);
+    prober_thread.join().unwrap();
+    let (probes, leaks) = (probes.load(Ordering::SeqCst), leaks.load(Ordering::SeqCst));
+    assert!(probes >= 100, "only {probes} probes");
+    assert_eq!(leaks, 0, "{leaks} of {probes} plaintext probes got through");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("default=PERMISSIVE"), "{text}");
+
+    // Deleted: the policy in force stays, and that is said and counted.
+    std::fs::remove_file(&policy).unwrap();
+    wait_for_log(
+        &log,
+        "policy file is gone; keeping the policy in force",
+        Duration::from_secs(10),
+    );
+    assert!(
+        plaintext_probe(prober, app).is_empty(),
+        "deleted: plaintext got through"
+    );
+    assert_eq!(
+        metric_sum(
+            &c,
+            VICTIM,
+            "l4mesh_policy_reloads_total",
+            "result=\"missing\""
+        ),
+        1.0
+    );
+
+    // Removing every policy on purpose takes an explicit document, and then works.
+    write_policy(&policy, "apiVersion: v1\nkind: List\nitems: []\n");
+    wait_for_log(
+        &log,
+        "policy reloaded default=PERMISSIVE",
+        Duration::from_secs(10),
+    );
+    assert_eq!(plaintext_probe(prober, app), b"probe");
+}

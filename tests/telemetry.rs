@@ -88,7 +88,7 @@ fn known_traffic_gives_exact_counters_on_both_reporters() {
         &ca,
         SERVER,
         "server",
-        &format!("{policy}workload:\n  labels:\n    app: server\n"),
+        &format!("{policy}workload:\n  ports: [8080, 9000]\n  labels:\n    app: server\n"),
     );
     let (port_8080, port_9000) = (c.pod(SERVER).addr(8080), c.pod(SERVER).addr(9000));
     echo_server(&c, port_8080);
@@ -396,7 +396,7 @@ fn dashboard_queries_return_the_expected_series_from_prometheus() {
         &ca,
         SERVER,
         "server",
-        &format!("{policy_lines}workload:\n  labels:\n    app: server\n"),
+        &format!("{policy_lines}workload:\n  ports: [8080, 9000]\n  labels:\n    app: server\n"),
     );
     for port in [8080, 9000, 7000] {
         echo_server(&c, c.pod(SERVER).addr(port));
@@ -633,7 +633,7 @@ fn migration_report_is_not_safe_until_the_plaintext_client_moves_to_mtls() {
         &ca,
         SERVER,
         "server",
-        "workload:\n  labels:\n    app: server\n",
+        "workload:\n  ports: [8080, 9000]\n  labels:\n    app: server\n",
     );
     let addr = c.pod(SERVER).addr(8080);
     echo_server(&c, addr);
