@@ -159,7 +159,7 @@ say "is the server ready for STRICT? l4mesh migration-report watches its sidecar
       ip netns exec "$CLIENT" curl -s --max-time 1 "http://$SERVER_IP:8080/" >/dev/null
       sleep 0.1
   done ) &
-ip netns exec "$SERVER" "$BIN" migration-report --sidecar http://127.0.0.1:15020 --window 2s \
+ip netns exec "$SERVER" "$BIN" migration-report --sidecar http://127.0.0.1:15000 --window 2s \
     | sed 's/^/     /'
 wait $! 2>/dev/null || true
 note "not yet: the outsider still speaks plaintext. Suppose the platform team accepts that and"

@@ -2,11 +2,12 @@
 //!
 //! - the stats listener (:15020, pod IP, for Prometheus and the kubelet): `GET /metrics`,
 //!   `GET /healthz/ready` (200 once credentials are loaded and every listener is bound, 503
-//!   while draining or once the certificate has expired), `GET /plaintext_sources` (recent
-//!   non-mTLS clients per port, for `l4mesh migration-report`);
-//! - the admin listener (127.0.0.1:15000): `GET /config_dump` (effective config, the policies
-//!   that apply, identity and certificate validity; never key material), `POST /drain`,
-//!   `GET /logging` and `POST /logging?level=FILTER`.
+//!   while draining or once the certificate has expired);
+//! - the admin listener (127.0.0.1:15000): `GET /metrics`, `GET /config_dump` (effective
+//!   config, the policies that apply, identity and certificate validity; never key material),
+//!   `GET /plaintext_sources` (recent non-mTLS client addresses per port, for `l4mesh
+//!   migration-report`: addresses are for the pod's operators, not for every pod that can reach
+//!   :15020), `POST /drain`, `GET /logging` and `POST /logging?level=FILTER`.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -182,7 +183,7 @@ fn handle(
             "text/plain; version=0.0.4",
             state.inputs.metrics.render(),
         ),
-        (Endpoints::Stats, &Method::GET, "/plaintext_sources") => text(
+        (Endpoints::Admin, &Method::GET, "/plaintext_sources") => text(
             StatusCode::OK,
             "application/json",
             state.inputs.metrics.plaintext_sources.to_json(),

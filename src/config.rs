@@ -690,6 +690,21 @@ impl Config {
                 })?;
             self.workload.pod_ip = Some(parsed);
         }
+        // The app containers' declared ports, as the injector lists them: "8080,9090".
+        if let Some(ports) = nonempty("L4MESH_APP_PORTS") {
+            for port in ports.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let parsed =
+                    port.parse()
+                        .map_err(|e: std::num::ParseIntError| ConfigError::Env {
+                            var: "L4MESH_APP_PORTS",
+                            value: ports.clone(),
+                            reason: format!("{port:?}: {e}"),
+                        })?;
+                if !self.workload.ports.contains(&parsed) {
+                    self.workload.ports.push(parsed);
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -813,9 +828,11 @@ mod tests {
             "POD_NAMESPACE" => Some("shop".into()),
             "SERVICE_ACCOUNT" => Some("cart".into()),
             "POD_IP" => Some("10.1.2.3".into()),
+            "L4MESH_APP_PORTS" => Some("8080, 9090".into()),
             _ => None,
         })
         .unwrap();
+        assert_eq!(c.workload.ports, vec![8080, 9090]);
         assert_eq!(c.workload.namespace.as_deref(), Some("shop"));
         assert_eq!(c.workload.service_account.as_deref(), Some("cart"));
         assert_eq!(c.workload.pod_ip, Some("10.1.2.3".parse().unwrap()));
@@ -824,6 +841,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("POD_IP=\"10.1.2\""), "{err}");
+        let err = c
+            .apply_env(|v| (v == "L4MESH_APP_PORTS").then(|| "8080,http".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("L4MESH_APP_PORTS"), "{err}");
     }
 
     #[test]

@@ -126,8 +126,8 @@ pub enum CertIdentityError {
     Malformed(String),
     #[error("has no spiffe:// URI SAN")]
     NoSpiffeId,
-    #[error("has more than one spiffe:// URI SAN")]
-    SeveralSpiffeIds,
+    #[error("has {0} URI SANs; an X.509-SVID has exactly one URI SAN, its SPIFFE ID")]
+    SeveralUris(usize),
     #[error("URI SAN {uri:?} is not a valid SPIFFE ID: {reason}")]
     BadSpiffeId { uri: String, reason: SpiffeIdError },
 }
@@ -156,24 +156,27 @@ fn spiffe_id_in(x509: &X509Certificate<'_>) -> Result<SpiffeId, CertIdentityErro
     let san = x509
         .subject_alternative_name()
         .map_err(|e| CertIdentityError::Malformed(e.to_string()))?;
-    let mut found = None;
-    for name in san.iter().flat_map(|san| san.value.general_names.iter()) {
-        if let GeneralName::URI(uri) = name {
-            if uri.starts_with("spiffe://") {
-                if found.is_some() {
-                    return Err(CertIdentityError::SeveralSpiffeIds);
-                }
-                let id = uri
-                    .parse()
-                    .map_err(|reason| CertIdentityError::BadSpiffeId {
-                        uri: uri.to_string(),
-                        reason,
-                    })?;
-                found = Some(id);
-            }
+    let uris: Vec<&str> = san
+        .iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        })
+        .collect();
+    // The SPIFFE X.509-SVID spec: exactly one URI SAN. A second one (`https://...`) could
+    // mean another identity to some other verifier; refuse rather than pick.
+    match uris.as_slice() {
+        [uri] if uri.starts_with("spiffe://") => {
+            uri.parse()
+                .map_err(|reason| CertIdentityError::BadSpiffeId {
+                    uri: uri.to_string(),
+                    reason,
+                })
         }
+        [] | [_] => Err(CertIdentityError::NoSpiffeId),
+        several => Err(CertIdentityError::SeveralUris(several.len())),
     }
-    found.ok_or(CertIdentityError::NoSpiffeId)
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -120,6 +120,10 @@ impl InboundConnection {
             client_addr,
         } = self;
         let client_addr = socket::canonical(client_addr);
+        // A mesh client has this long from accept to a finished handshake, detection
+        // included: a client that trickles its ClientHello cannot hold the connection for
+        // the detect timeout and then the handshake timeout again (issue 13).
+        let deadline = tokio::time::Instant::now() + inputs.config.timeouts.handshake;
         let dst = socket::original_dst(&client)
             .map(socket::canonical)
             .map_err(InboundError::OriginalDst)?;
@@ -172,7 +176,9 @@ impl InboundConnection {
             .inc();
 
         match (protocol, mode) {
-            (Protocol::MeshTls, _) => terminate(&inputs, &policy, client, client_addr, dst).await,
+            (Protocol::MeshTls, _) => {
+                terminate(&inputs, &policy, client, client_addr, dst, deadline).await
+            }
             (_, Mode::Strict) => {
                 metrics
                     .strict_refusals
@@ -207,11 +213,11 @@ async fn terminate<S>(
     client: S,
     client_addr: SocketAddr,
     dst: SocketAddr,
+    deadline: tokio::time::Instant,
 ) -> Result<(), InboundError>
 where
     S: AsyncRead + AsyncWrite + crate::relay::Abortable + Unpin,
 {
-    let timeouts = &inputs.config.timeouts;
     let failures = &inputs.metrics.handshake_failures;
     let started = std::time::Instant::now();
     let tls_state = inputs.tls.borrow().clone();
@@ -220,7 +226,7 @@ where
     let handshake = tls_state
         .acceptor
         .accept(crate::tls_io::Batched::new(client));
-    let tls = Box::pin(tokio::time::timeout(timeouts.handshake, handshake))
+    let tls = Box::pin(tokio::time::timeout_at(deadline, handshake))
         .await
         .map_err(|_| {
             failures.with_label_values(&["inbound", "timeout"]).inc();

@@ -217,7 +217,28 @@ fn inject_pod(pod: &mut Value, opts: &Options) -> Result<bool, String> {
     // Spec: init container, sidecar, volumes.
     let spec = entry_mapping(pod_map, "spec")?;
     let mut init = vec![init_container(opts, capture_env)];
-    let sidecar = sidecar_container(opts);
+    let mut sidecar = sidecar_container(opts);
+    // The app's declared ports: the sidecar's per-port metrics name them; other ports a
+    // client picks are counted as `other` (bounded series).
+    let app_ports: Vec<String> = spec
+        .get("containers")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("ports")?.as_sequence())
+        .flatten()
+        .filter_map(|p| p.get("containerPort")?.as_u64())
+        .map(|p| p.to_string())
+        .collect();
+    if !app_ports.is_empty() {
+        let env = sidecar.get_mut("env").and_then(Value::as_sequence_mut);
+        if let Some(env) = env {
+            env.push(yaml(&format!(
+                "{{name: L4MESH_APP_PORTS, value: {}}}",
+                json_str(&app_ports.join(","))
+            )));
+        }
+    }
     if opts.native_sidecar {
         let mut s = sidecar;
         if let Some(m) = s.as_mapping_mut() {

@@ -78,8 +78,10 @@ enum Cmd {
     /// Per workload and port: did anything but mTLS arrive lately, from where, and so is
     /// STRICT safe? Reads sidecars' stats endpoints or Prometheus.
     MigrationReport {
-        /// A sidecar's stats base URL, e.g. http://10.1.2.3:15020 (repeatable); it is scraped
-        /// twice, --window apart.
+        /// A sidecar's admin base URL, e.g. http://127.0.0.1:15000 inside the pod or through
+        /// `kubectl port-forward` (repeatable); it is scraped twice, --window apart. A stats
+        /// URL (:15020) gives the counts without the non-mTLS source addresses, which only the
+        /// loopback-only admin port tells.
         #[arg(long = "sidecar", required_unless_present = "prometheus")]
         sidecars: Vec<String>,
         /// A Prometheus base URL, e.g. http://prometheus:9090; counts over the last --window.

@@ -139,6 +139,9 @@ pub struct WorkloadReport {
     pub target: String,
     pub ports: Vec<PortTraffic>,
     pub verdict: Verdict,
+    /// Something the reader should know about how complete this report is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl WorkloadReport {
@@ -186,6 +189,7 @@ impl WorkloadReport {
             target: target.to_string(),
             ports,
             verdict,
+            note: None,
         }
     }
 }
@@ -243,6 +247,9 @@ pub fn render_text(reports: &[WorkloadReport], window: Duration) -> String {
         ));
         if r.ports.is_empty() {
             out.push_str("  no inbound connections\n");
+        }
+        if let Some(note) = &r.note {
+            out.push_str(&format!("  note: {note}\n"));
         }
         for p in &r.ports {
             let what = match p.verdict {
@@ -391,14 +398,21 @@ pub async fn from_sidecars(
         let after = parse_exposition(&http_get(&format!("{}/metrics", base(s))).await?);
         let mut report =
             WorkloadReport::new(s, workload_info(&after), &detection_deltas(&before, &after));
+        // Source addresses are served on the admin port only (issue 13: the stats port is
+        // open to every pod); from a stats URL the report has counts but no addresses.
         let sources_url = format!("{}/plaintext_sources", base(s));
-        let sources: BTreeMap<String, Vec<Source>> =
-            serde_json::from_str(&http_get(&sources_url).await?).map_err(|e| {
-                ReportError::Answer {
-                    url: sources_url.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
+        let sources: BTreeMap<String, Vec<Source>> = match http_get(&sources_url).await {
+            Ok(body) => serde_json::from_str(&body).map_err(|e| ReportError::Answer {
+                url: sources_url.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(_) => {
+                report.note = Some(format!(
+                    "{sources_url} did not answer: source addresses come from the admin port (e.g. http://127.0.0.1:15000)"
+                ));
+                BTreeMap::new()
+            }
+        };
         for p in &mut report.ports {
             if let Some(seen) = sources.get(&p.port.to_string()) {
                 // Only sources seen during the window (clocks: the sidecar's and ours).

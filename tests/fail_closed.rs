@@ -395,3 +395,261 @@ fn strict_stays_strict_through_broken_torn_and_deleted_policy_files() {
     );
     assert_eq!(plaintext_probe(prober, app), b"probe");
 }
+
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// HTTP GET from the calling thread's netns; the status line's code (0 when nothing came).
+fn http_status(addr: SocketAddr, path: &str) -> u16 {
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)) else {
+        return 0;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let got = read_all(&mut s).0;
+    let text = String::from_utf8_lossy(&got);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Opens up to N idle connections to HOST:PORT from its own process (so this test binary's
+/// descriptors stay free), prints how many it holds, and holds them until stdin closes.
+const HOLD_IDLE: &str = r#"
+import resource, socket, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+held, failed = [], 0
+while len(held) < n and failed < 3:
+    try:
+        held.append(socket.create_connection((host, port), timeout=2))
+        failed = 0
+    except OSError:
+        failed += 1
+print("held", len(held), flush=True)
+sys.stdin.read()
+"#;
+
+#[test]
+fn idle_connections_to_the_stats_port_cannot_starve_readiness_or_the_data_path() {
+    if !privileged("stats_flood") {
+        return;
+    }
+    const CLIENT: usize = 1;
+    const ATTACKER: usize = 2;
+    const KUBELET: usize = 3;
+    // As many as the attacker's descriptor limit allows, less a few for itself: more than the
+    // sidecar could hold (same hard limit), were it to keep them all.
+    let limit = l4mesh::socket::raise_fd_limit().expect("raise RLIMIT_NOFILE") as usize;
+    let n = limit.saturating_sub(10);
+    let mut c = Cluster::new("stats", 4);
+    let ca = c.make_ca();
+    c.mesh_sidecar(&ca, CLIENT, "client", "");
+    c.mesh_sidecar(&ca, VICTIM, "victim", "");
+    let pid = c.sidecar_pids()[1];
+    let app = c.pod(VICTIM).addr(8080);
+    echo_server(c.pod(VICTIM), app, None);
+    let stats = c.pod(VICTIM).addr(15020);
+
+    let mut attacker = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.pod(ATTACKER).netns,
+            "timeout",
+            "300",
+            "python3",
+            "-c",
+        ])
+        .args([HOLD_IDLE, &stats.ip().to_string(), "15020", &n.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(attacker.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let held: usize = line.trim().trim_start_matches("held ").parse().unwrap_or(0);
+    let fds = open_descriptors(pid);
+    eprintln!(
+        "stats flood: {held} of {n} idle connections to :15020 held by the attacker; sidecar holds {fds} descriptors"
+    );
+    assert!(held >= 19_000.min(n), "only {held} connected");
+    // Readiness from outside the pod, as the kubelet asks, while they are held.
+    for _ in 0..5 {
+        assert_eq!(
+            c.pod(KUBELET)
+                .run(move || http_status(stats, "/healthz/ready")),
+            200,
+            "readiness did not answer"
+        );
+    }
+    for i in 0..20 {
+        assert_eq!(
+            c.pod(CLIENT).run(move || exchange_here(app, 100)),
+            100,
+            "mesh request {i} failed"
+        );
+    }
+    assert!(fds < 1_000, "the sidecar holds {fds} descriptors");
+    let evicted = metric_sum(
+        &c,
+        VICTIM,
+        "l4mesh_admin_connections_evicted_total",
+        "stats",
+    );
+    assert!(evicted >= (held - 1_000) as f64, "evicted {evicted}");
+    drop(attacker.stdin.take());
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+}
+
+#[test]
+fn client_chosen_ports_do_not_grow_the_metric_series() {
+    if !privileged("port_series") {
+        return;
+    }
+    let mut c = Cluster::new("ports", 2);
+    let ca = c.make_ca();
+    let (_, extra) = c.policy("policy.yaml", &peer_authentication("STRICT"));
+    c.mesh_sidecar(
+        &ca,
+        VICTIM,
+        "victim",
+        &format!("{extra}workload:\n  ports: [8080]\n"),
+    );
+    let pid = c.sidecar_pids()[0];
+    let series = |c: &Cluster| {
+        c.pod(VICTIM)
+            .exec(&["curl", "-s", "http://127.0.0.1:15020/metrics"])
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .count()
+    };
+    let (before, rss_before) = (series(&c), rss_kib(pid));
+    let ip = c.pod(VICTIM).ip4;
+    // One byte to each of 20,000 ports (not the sidecar's own, which are not captured).
+    let threads: Vec<_> = (0..4u16)
+        .map(|t| {
+            c.pod(1).spawn(move || {
+                let mut sent = 0;
+                for port in (1..=20_000u16).filter(|p| p % 4 == t && !(15000..=15021).contains(p)) {
+                    let addr = SocketAddr::new(ip, port);
+                    if let Ok(mut s) =
+                        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                    {
+                        let _ = s.write_all(b"x");
+                        sent += 1;
+                    }
+                }
+                sent
+            })
+        })
+        .collect();
+    let sent: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(sent >= 19_900, "only {sent} ports reached");
+    // Wait for the sidecar to have refused them all.
+    let start = std::time::Instant::now();
+    while metric_sum(&c, VICTIM, "l4mesh_strict_refusals_total", "") < sent as f64 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "refusals not counted"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (after, rss_after) = (series(&c), rss_kib(pid));
+    eprintln!(
+        "ports: {sent} ports probed; /metrics series {before} -> {after}; sidecar RSS {rss_before} -> {rss_after} KiB"
+    );
+    // A fixed set, whatever the ports: before issue 13 this was one series per port (39,826).
+    assert!(after < 100, "series {before} -> {after}");
+    let text = c
+        .pod(VICTIM)
+        .exec(&["curl", "-s", "http://127.0.0.1:15020/metrics"]);
+    assert!(
+        text.contains("l4mesh_strict_refusals_total{port=\"other\",protocol=\"plaintext\"}"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_reset_reaches_the_client_as_a_reset() {
+    if !privileged("resets") {
+        return;
+    }
+    const CLIENT: usize = 1;
+    const PLAIN: usize = 2;
+    let mut c = Cluster::new("rst", 3);
+    let ca = c.make_ca();
+    c.mesh_sidecar(&ca, CLIENT, "client", "");
+    c.mesh_sidecar(&ca, VICTIM, "server", "");
+    let victim_sidecar = c.sidecar_pids()[1];
+    // The app answers part of a response, then aborts the connection.
+    let resetting = c.pod(VICTIM).addr(8082);
+    let listener = c.pod(VICTIM).run(move || listen(resetting));
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = s.write_all(b"partial");
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        }
+    });
+    let outcome = |pod: &Pod, addr: SocketAddr| {
+        pod.run(move || {
+            let mut s = connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let _ = s.write_all(b"request");
+            let (_, err) = read_all(&mut s);
+            err.map(|e| e.kind())
+        })
+    };
+    use std::io::ErrorKind::ConnectionReset;
+    // Through both sidecars (mTLS), and from a client without a sidecar (PERMISSIVE).
+    assert_eq!(
+        outcome(c.pod(CLIENT), resetting),
+        Some(ConnectionReset),
+        "mTLS"
+    );
+    assert_eq!(
+        outcome(c.pod(PLAIN), resetting),
+        Some(ConnectionReset),
+        "plaintext"
+    );
+
+    // The server's sidecar dies (no close_notify) while the client waits for an answer.
+    let silent = c.pod(VICTIM).addr(8083);
+    let listener = c.pod(VICTIM).run(move || listen(silent));
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().take(1).flatten().collect();
+        std::thread::sleep(Duration::from_secs(15));
+        drop(held);
+    });
+    let waiting = c.pod(CLIENT).spawn(move || {
+        let mut s = connect(silent).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"request").unwrap();
+        let (_, err) = read_all(&mut s);
+        err.map(|e| e.kind())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim_sidecar as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(
+        waiting.join().unwrap(),
+        Some(ConnectionReset),
+        "peer sidecar died"
+    );
+}

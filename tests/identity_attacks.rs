@@ -104,6 +104,16 @@ fn only_a_verifying_chain_with_a_spiffe_uri_san_in_our_trust_domain_is_an_identi
             "has no spiffe:// URI SAN",
         ),
         (
+            "a SPIFFE URI SAN and a second URI SAN",
+            vec![leaf(&root, |p| {
+                p.subject_alt_names.push(SanType::URI(
+                    "https://cart.shop.example/".try_into().unwrap(),
+                ));
+            })],
+            Usage::Client,
+            "exactly one URI SAN",
+        ),
+        (
             "serverAuth only, used as a client",
             vec![leaf(&root, |p| {
                 p.extended_key_usages = vec![Eku::ServerAuth]

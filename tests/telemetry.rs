@@ -600,7 +600,7 @@ fn report_while_calling(c: &Cluster, from: usize, addr: SocketAddr) -> (serde_js
             ])
             .args([
                 "--sidecar",
-                "http://127.0.0.1:15020",
+                "http://127.0.0.1:15000",
                 "--window",
                 "2s",
                 "--output",
