@@ -217,9 +217,11 @@ pub struct IdentityConfig {
     /// How often the files above are checked for a rotation.
     #[serde(default = "default_reload", with = "humantime_serde")]
     pub reload_interval: Duration,
-    /// A rotation is read once the files have not changed for this long, so files copied in
-    /// one at a time are read together.
-    #[serde(default = "default_settle", with = "humantime_serde")]
+    /// A rotation is read once the files have not changed for this long. Off by default:
+    /// a new set is checked whole before use (a half-copied one is refused and counted, the
+    /// old one stays), and Kubernetes swaps the files at once; set it where a tool copies them
+    /// one by one, to spare the failure counts.
+    #[serde(default, with = "humantime_serde")]
     pub settle: Duration,
     /// Log a warning when the certificate has less than each of these left.
     #[serde(default = "default_expiry_warnings")]

@@ -22,6 +22,9 @@ pub fn fingerprint(path: &Path) -> Fingerprint {
     )
 }
 
+/// How many settle periods a change waits at most for the files to stop changing.
+const SETTLE_AT_MOST: u32 = 5;
+
 /// What `poll` reports.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Change {
@@ -35,7 +38,9 @@ pub enum Change {
 /// Reports each change to any of `paths`, checking every `interval`, forever. A change is
 /// reported only once the files have looked the same for `settle`: a writer that truncates
 /// and then writes (`cmd > file`), or copies several files one by one, is never read half
-/// done (issue 13). The first state seen is the one at the call.
+/// done (issue 13). Files that never stop changing are read anyway after `SETTLE_AT_MOST`
+/// settle periods, so a busy writer cannot freeze what is in force. The first state seen is
+/// the one at the call.
 pub async fn poll(
     paths: Vec<PathBuf>,
     interval: Duration,
@@ -46,6 +51,8 @@ pub async fn poll(
     let mut acted_on = all(&paths);
     let mut seen = acted_on.clone();
     let mut seen_since = tokio::time::Instant::now();
+    // When the files first differed from what was last acted on.
+    let mut pending_since = None;
     loop {
         tokio::time::sleep(interval).await;
         let now = all(&paths);
@@ -53,9 +60,15 @@ pub async fn poll(
             seen = now;
             seen_since = tokio::time::Instant::now();
         }
-        if seen == acted_on || seen_since.elapsed() < settle {
+        if seen == acted_on {
+            pending_since = None;
             continue;
         }
+        let pending = *pending_since.get_or_insert_with(tokio::time::Instant::now);
+        if seen_since.elapsed() < settle && pending.elapsed() < settle * SETTLE_AT_MOST {
+            continue;
+        }
+        pending_since = None;
         let missing: Vec<PathBuf> = paths
             .iter()
             .zip(&seen)
@@ -146,5 +159,32 @@ mod tests {
         std::fs::write(&file, "back").unwrap();
         step(3000).await;
         assert_eq!(rx.recv().await, Some((Change::Changed, "back".into())));
+    }
+
+    /// A file that never stops changing is still read, after at most `SETTLE_AT_MOST` periods.
+    #[tokio::test(start_paused = true)]
+    async fn a_file_that_never_settles_is_read_anyway() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policy.yaml");
+        std::fs::write(&file, "0").unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(poll(
+            vec![file.clone()],
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            move |c| {
+                let _ = tx.send(c);
+            },
+        ));
+        // Rewritten every 300 ms for 8 s: never stable for the 1 s settle time.
+        for i in 1..=26 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            std::fs::write(&file, i.to_string()).unwrap();
+        }
+        let mut changes = 0;
+        while rx.try_recv().is_ok() {
+            changes += 1;
+        }
+        assert!((1..=2).contains(&changes), "{changes} changes reported");
     }
 }
