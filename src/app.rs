@@ -354,7 +354,7 @@ fn reload_policy(
 ) -> impl FnMut(Change) {
     move |change| {
         if let Change::Missing(paths) = change {
-            warn!(path = %paths[0].display(), "policy file is gone; keeping the policy in force");
+            warn!(path = ?paths, "policy file is gone; keeping the policy in force");
             metrics.policy_reloads.with_label_values(&["missing"]).inc();
             return;
         }

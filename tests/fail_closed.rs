@@ -21,15 +21,6 @@ const RAW: usize = 2;
 
 const SECRET: &[u8] = b"LOCALHOST-ONLY-SECRET";
 
-fn metric_sum(c: &Cluster, pod: usize, name: &str, filter: &str) -> f64 {
-    c.pods[pod]
-        .exec(&["curl", "-s", "http://127.0.0.1:15020/metrics"])
-        .lines()
-        .filter(|l| l.starts_with(name) && l.contains(filter))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// An app bound only to 127.0.0.1:9000 in `pod` that hands every client the secret; returns
 /// how many connections reached it.
 fn localhost_only_app(pod: &Pod) -> Arc<AtomicUsize> {

@@ -27,15 +27,6 @@ fn alive(pid: u32) -> bool {
     matches!(state, Some(s) if s != "Z" && s != "X")
 }
 
-fn metric_sum(c: &Cluster, pod: usize, name: &str, filter: &str) -> f64 {
-    c.pods[pod]
-        .exec(&["curl", "-s", "http://127.0.0.1:15020/metrics"])
-        .lines()
-        .filter(|l| l.starts_with(name) && l.contains(filter))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Raises this test process's soft descriptor limit to its hard limit (sidecars it starts
 /// inherit it) and returns that limit. Raising the hard limit needs CAP_SYS_RESOURCE, which
 /// root does not have on every machine.

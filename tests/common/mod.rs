@@ -455,6 +455,17 @@ pub fn make_proxy_readable(dir: &Path) {
     }
 }
 
+/// The sum of the samples of metric `name` whose line contains `filter`, as pod `pod`'s
+/// sidecar serves them on :15020.
+pub fn metric_sum(c: &Cluster, pod: usize, name: &str, filter: &str) -> f64 {
+    c.pods[pod]
+        .exec(&["curl", "-s", "http://127.0.0.1:15020/metrics"])
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Waits until `log` contains `needle`, panicking with the log after `timeout`.
 pub fn wait_for_log(log: &Path, needle: &str, timeout: Duration) {
     let start = Instant::now();
