@@ -493,6 +493,12 @@ fn idle_connections_to_the_stats_port_cannot_starve_readiness_or_the_data_path()
         );
     }
     assert!(fds < 1_000, "the sidecar holds {fds} descriptors");
+    // Client addresses are not served to other pods any more (admin port only).
+    assert_eq!(
+        c.pod(KUBELET)
+            .run(move || http_status(stats, "/plaintext_sources")),
+        404
+    );
     let evicted = metric_sum(
         &c,
         VICTIM,
@@ -643,5 +649,60 @@ fn a_reset_reaches_the_client_as_a_reset() {
         waiting.join().unwrap(),
         Some(ConnectionReset),
         "peer sidecar died"
+    );
+}
+
+#[test]
+fn idle_and_slow_handshaking_clients_are_let_go() {
+    if !privileged("idle_and_slow_clients") {
+        return;
+    }
+    const CLIENT: usize = 1;
+    const PLAIN: usize = 2;
+    let mut c = Cluster::new("idle", 3);
+    let ca = c.make_ca();
+    let (_, extra) = c.policy("policy.yaml", &peer_authentication("STRICT"));
+    c.mesh_sidecar(&ca, CLIENT, "client", "");
+    let log = c.mesh_sidecar(
+        &ca,
+        VICTIM,
+        "victim",
+        &format!("{extra}timeouts:\n  handshake: 4s\n  idle: 1s\ndetection:\n  timeout: 3s\n"),
+    );
+    let app = c.pod(VICTIM).addr(8080);
+    echo_server(c.pod(VICTIM), app, None);
+
+    // An established mesh connection that goes quiet is closed by timeouts.idle.
+    let ended = c.pod(CLIENT).run(move || {
+        let mut s = connect(app).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(b"ping").unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).unwrap();
+        let (_, err) = read_all(&mut s);
+        !matches!(err.map(|e| e.kind()), Some(std::io::ErrorKind::WouldBlock))
+    });
+    assert!(ended, "the idle connection was not closed within 20 s");
+    wait_for_log(&log, "idle for 1s", Duration::from_secs(5));
+
+    // A mesh ClientHello sent in two halves, the second just before the detect timeout, then
+    // nothing: the handshake deadline counts from accept (4 s), not from the end of detection
+    // (which would let it hold the connection 3 + 4 s).
+    let hello = l4mesh::sniff::sample_client_hello(&[l4mesh::tls::MESH_ALPN]);
+    let took = c.pod(PLAIN).run(move || {
+        let started = std::time::Instant::now();
+        let mut s = connect(app).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let half = hello.len() / 2;
+        s.write_all(&hello[..half]).unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+        s.write_all(&hello[half..]).unwrap();
+        let _ = read_all(&mut s);
+        started.elapsed()
+    });
+    eprintln!("slow handshake: closed {took:?} after connect");
+    assert!(
+        took < Duration::from_millis(6500),
+        "held {took:?}: the handshake deadline did not count from accept"
     );
 }
