@@ -106,8 +106,9 @@ say "migrating both pods to the mesh: certificates, capture rules, sidecars (UID
 "$BIN" certs ca --out "$WORK/ca" >/dev/null
 "$BIN" certs issue --ca "$WORK/ca" --namespace shop --service-account frontend --out "$WORK/client" >/dev/null
 "$BIN" certs issue --ca "$WORK/ca" --namespace shop --service-account backend --out "$WORK/server" >/dev/null
-# The mesh's policy file (a ConfigMap in Kubernetes): nothing yet, which means PERMISSIVE.
-: >"$WORK/policy.yaml"
+# The mesh's policy file (a ConfigMap in Kubernetes): no policies yet, which means PERMISSIVE.
+# An empty file would be refused (it is what a failed write leaves); "none" is said explicitly.
+printf 'apiVersion: v1\nkind: List\nitems: []\n' >"$WORK/policy.yaml"
 chmod 644 "$WORK/policy.yaml"
 for pod in client server; do
     chown -R 1337:1337 "$WORK/$pod"

@@ -1,0 +1,358 @@
+//! Inbound: connections to the pod, redirected by iptables to :15006.
+//! accept → original destination → loop guard → port's mTLS mode → detect the first bytes →
+//! mesh mTLS: terminate, identify the peer | anything else: forward (PERMISSIVE) or refuse
+//! (STRICT) → connect to the application at the original destination → relay.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::proxy::ProxyInputs;
+use crate::authz::{Decision, Peer};
+use crate::identity::SpiffeId;
+use crate::metrics::ConnectionLabels;
+use crate::policy::{Mode, Source, WorkloadPolicy};
+use crate::proxy::relay::{self, RelayError};
+use crate::proxy::sniff::{self, Protocol};
+use crate::proxy::socket;
+use crate::tls;
+
+/// Why an inbound connection was refused or ended early; the variant says who failed.
+#[derive(Debug, Error)]
+pub enum InboundError {
+    #[error("reading the original destination: {0}")]
+    OriginalDst(io::Error),
+    #[error("connection was not redirected by iptables (dialled the inbound port directly)")]
+    NotRedirected,
+    #[error("refusing a connection from this sidecar's own application-side address (loop)")]
+    Loop,
+    #[error("refused: original destination {dst} is not this pod's address (localhost or forged)")]
+    NotPodAddress { dst: SocketAddr },
+    #[error("client failed during detection: {0}")]
+    Detect(io::Error),
+    #[error("refused: {protocol} is not mesh mTLS (STRICT, from {decided_by})")]
+    Strict {
+        protocol: &'static str,
+        decided_by: Source,
+    },
+    #[error("refused: not mesh mTLS: {0}")]
+    Handshake(tls::HandshakeError),
+    #[error("refused: mTLS handshake timed out")]
+    HandshakeTimeout,
+    #[error("refused: TLS without the mesh ALPN (STRICT)")]
+    NotMesh,
+    #[error("denied by authorization: peer {peer} to port {port}, decided by {policy}")]
+    Denied {
+        peer: String,
+        port: u16,
+        policy: String,
+    },
+    #[error("connecting to the application at {dst}: {source}")]
+    ConnectApp { dst: SocketAddr, source: io::Error },
+    #[error("relay: {0}")]
+    Relay(#[from] RelayError),
+}
+
+/// One captured inbound connection.
+pub struct InboundConnection {
+    pub inputs: Arc<ProxyInputs>,
+    pub client: TcpStream,
+    pub client_addr: SocketAddr,
+}
+
+impl InboundError {
+    /// The `reason` label of `l4mesh_connection_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            InboundError::OriginalDst(_) => "original_dst",
+            InboundError::NotRedirected => "not_redirected",
+            InboundError::Loop => "loop",
+            InboundError::NotPodAddress { .. } => "not_pod_address",
+            InboundError::Detect(_) => "detect",
+            InboundError::Strict { .. } => "strict",
+            InboundError::Handshake(_) => "handshake",
+            InboundError::HandshakeTimeout => "handshake_timeout",
+            InboundError::NotMesh => "not_mesh",
+            InboundError::Denied { .. } => "denied",
+            InboundError::ConnectApp { .. } => "connect_app",
+            InboundError::Relay(RelayError::Client(_)) => "client_relay",
+            InboundError::Relay(RelayError::Upstream(_)) => "app_relay",
+            InboundError::Relay(RelayError::Idle(_)) => "idle",
+        }
+    }
+
+    /// Whether an operator must act: the rest are what any remote peer can cause at will,
+    /// logged at debug (and counted) so a hostile client cannot flood the log.
+    fn needs_operator(&self) -> bool {
+        matches!(
+            self,
+            InboundError::OriginalDst(_) | InboundError::Loop | InboundError::ConnectApp { .. }
+        )
+    }
+}
+
+impl InboundConnection {
+    pub async fn run(self) {
+        let client_addr = socket::canonical(self.client_addr);
+        let metrics = self.inputs.metrics.clone();
+        if let Err(e) = self.proxy().await {
+            metrics
+                .connection_failures
+                .with_label_values(&["inbound", e.reason()])
+                .inc();
+            if e.needs_operator() {
+                warn!(src = %client_addr, error = %e, "inbound connection refused or failed");
+            } else {
+                debug!(src = %client_addr, error = %e, "inbound connection refused or failed");
+            }
+        }
+    }
+
+    async fn proxy(self) -> Result<(), InboundError> {
+        let InboundConnection {
+            inputs,
+            client,
+            client_addr,
+        } = self;
+        let client_addr = socket::canonical(client_addr);
+        // A mesh client has this long from accept to a finished handshake, detection
+        // included: a client that trickles its ClientHello cannot hold the connection for
+        // the detect timeout and then the handshake timeout again (issue 13).
+        let deadline = tokio::time::Instant::now() + inputs.config.timeouts.handshake;
+        let dst = socket::original_dst(&client)
+            .map(socket::canonical)
+            .map_err(InboundError::OriginalDst)?;
+        // A client dialling :15006 directly must not be proxied to the listener itself.
+        if socket::is_self(dst, &client) {
+            return Err(InboundError::NotRedirected);
+        }
+        // Our own connections to the application come from 127.0.0.6 / ::6 and are exempt
+        // from capture; seeing one here means the rules are wrong, and proxying it would loop.
+        if client_addr.ip() == socket::inbound_passthrough_source(dst) {
+            return Err(InboundError::Loop);
+        }
+        // Only the pod's own addresses are served (issue 13): a frame sent to the pod's MAC
+        // with destination 127.0.0.1 that got past the capture rules would otherwise reach an
+        // app bound only to localhost, in any mode.
+        if !inputs.local_addrs.is_pod_address(dst.ip()) {
+            return Err(InboundError::NotPodAddress { dst });
+        }
+
+        // The policy in force when the connection arrived decides it, start to finish.
+        let policy = inputs.policy.borrow().clone();
+        let (mode, source) = policy.mtls.mode_for(dst.port()).clone();
+        if mode == Mode::Disable {
+            debug!(src = %client_addr, %dst, %source, "inbound DISABLE: forwarding as is");
+            authorize(&inputs, &policy, None, client_addr, dst)?;
+            return forward(&inputs, client, client_addr, dst, None).await;
+        }
+
+        let detection = &inputs.config.detection;
+        let limits = sniff::Limits {
+            timeout: detection.timeout_for(dst.port()),
+            max_bytes: detection.max_bytes,
+        };
+        let (protocol, client) = sniff::detect(client, tls::MESH_ALPN, limits)
+            .await
+            .map_err(InboundError::Detect)?;
+        debug!(src = %client_addr, %dst, protocol = %protocol.name(), %mode, "detected");
+
+        let port = inputs.port_label(dst.port(), &policy);
+        let refused = protocol != Protocol::MeshTls && mode == Mode::Strict;
+        let outcome = if refused {
+            "refused_strict"
+        } else {
+            protocol.name()
+        };
+        let metrics = &inputs.metrics;
+        metrics
+            .inbound_detections
+            .with_label_values(&[&port, outcome])
+            .inc();
+
+        match (protocol, mode) {
+            (Protocol::MeshTls, _) => {
+                terminate(&inputs, &policy, client, client_addr, dst, deadline).await
+            }
+            (_, Mode::Strict) => {
+                metrics
+                    .strict_refusals
+                    .with_label_values(&[&port, protocol.name()])
+                    .inc();
+                Err(InboundError::Strict {
+                    protocol: protocol.name(),
+                    decided_by: source,
+                })
+            }
+            (_, _) => {
+                authorize(&inputs, &policy, None, client_addr, dst)?;
+                metrics
+                    .plaintext_sources
+                    .record(dst.port(), client_addr.ip(), protocol.name());
+                info!(
+                    src = %client_addr,
+                    %dst,
+                    protocol = %protocol.name(),
+                    "inbound non-mesh connection forwarded (PERMISSIVE)"
+                );
+                forward(&inputs, client, client_addr, dst, None).await
+            }
+        }
+    }
+}
+
+/// Mesh mTLS: terminate, check the ALPN, identify the peer, authorize, then forward.
+async fn terminate<S>(
+    inputs: &ProxyInputs,
+    policy: &WorkloadPolicy,
+    client: S,
+    client_addr: SocketAddr,
+    dst: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Result<(), InboundError>
+where
+    S: AsyncRead + AsyncWrite + crate::proxy::relay::Abortable + Unpin,
+{
+    let failures = &inputs.metrics.handshake_failures;
+    let started = std::time::Instant::now();
+    let tls_state = inputs.tls.borrow().clone();
+    // The handshake's state is boxed (freed when it ends) and so is the stream after it: an
+    // idle connection's task then holds a pointer, not a copy of rustls' connection state.
+    let handshake = tls_state
+        .acceptor
+        .accept(crate::proxy::tls_io::Batched::new(client));
+    let tls = Box::pin(tokio::time::timeout_at(deadline, handshake))
+        .await
+        .map_err(|_| {
+            failures.with_label_values(&["inbound", "timeout"]).inc();
+            InboundError::HandshakeTimeout
+        })?
+        .and_then(|tls| {
+            let trust = &tls_state.creds.trust;
+            tls::revalidate(tls.get_ref().1, trust, tls::Usage::Client, &[])
+                .map(|()| Box::new(tls))
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        })
+        .map_err(|e| {
+            let e = tls::HandshakeError(e);
+            failures.with_label_values(&["inbound", e.reason()]).inc();
+            InboundError::Handshake(e)
+        })?;
+    let conn = tls.get_ref().1;
+    let metrics = &inputs.metrics;
+    metrics
+        .handshake_duration
+        .with_label_values(&["inbound"])
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .handshakes
+        .with_label_values(&["inbound", tls::handshake_kind(conn)])
+        .inc();
+    if conn.alpn_protocol() != Some(tls::MESH_ALPN) {
+        return Err(InboundError::NotMesh);
+    }
+    let (peer_id, peer_serial) = tls::peer(conn);
+    let peer = peer_id
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    info!(%peer, %peer_serial, src = %client_addr, %dst, "inbound mTLS accepted, client identity verified");
+    // A denied peer learns it after the handshake: the connection is closed with nothing
+    // forwarded, which it can tell apart from a failed handshake.
+    authorize(inputs, policy, peer_id.as_ref(), client_addr, dst)?;
+    forward(inputs, tls, client_addr, dst, peer_id.as_ref()).await
+}
+
+/// Applies the workload's AuthorizationPolicies to a connection; logs and counts the decision.
+fn authorize(
+    inputs: &ProxyInputs,
+    policy: &WorkloadPolicy,
+    peer: Option<&SpiffeId>,
+    client_addr: SocketAddr,
+    dst: SocketAddr,
+) -> Result<(), InboundError> {
+    // Istio principals are SPIFFE IDs without the scheme.
+    let principal = peer.map(|id| format!("{}{}", id.trust_domain(), id.path()));
+    let namespace = peer.and_then(|id| id.namespace_and_service_account().map(|(ns, _)| ns));
+    let (decision, audits) = policy.authz.decide(&Peer {
+        principal: principal.as_deref(),
+        namespace,
+        source_ip: client_addr.ip(),
+        destination: dst,
+    });
+    let metrics = &inputs.metrics.authorization_decisions;
+    let shown = principal.as_deref().unwrap_or("(plaintext: none)");
+    for audit in audits {
+        info!(principal = %shown, src = %client_addr, port = dst.port(), policy = %audit, "authorization AUDIT match");
+        metrics.with_label_values(&[audit, "audit"]).inc();
+    }
+    let label = decision.policy_label().to_string();
+    match decision {
+        Decision::Allow { .. } => {
+            metrics.with_label_values(&[label.as_str(), "allow"]).inc();
+            Ok(())
+        }
+        Decision::Deny { .. } => {
+            metrics.with_label_values(&[label.as_str(), "deny"]).inc();
+            Err(InboundError::Denied {
+                peer: shown.to_string(),
+                port: dst.port(),
+                policy: label,
+            })
+        }
+    }
+}
+
+/// Connects to the application and relays, recording the connection in Istio's TCP metrics.
+/// The application is reached at the address the client asked for (the pod IP), not
+/// 127.0.0.1, so an app bound only to localhost stays private.
+async fn forward<S>(
+    inputs: &ProxyInputs,
+    client: S,
+    client_addr: SocketAddr,
+    dst: SocketAddr,
+    peer: Option<&SpiffeId>,
+) -> Result<(), InboundError>
+where
+    S: AsyncRead + AsyncWrite + crate::proxy::relay::Abortable + Unpin,
+{
+    let source = socket::inbound_passthrough_source(dst);
+    let app = socket::connect(dst, Some(source), inputs.config.timeouts.connect)
+        .await
+        .map_err(|source| InboundError::ConnectApp { dst, source })?;
+    let unknown = || "unknown".to_string();
+    let labels = ConnectionLabels {
+        reporter: "destination",
+        source_workload: unknown(),
+        source_workload_namespace: peer
+            .and_then(|p| p.namespace_and_service_account())
+            .map_or_else(unknown, |(ns, _)| ns.to_string()),
+        source_principal: peer.map_or_else(unknown, ToString::to_string),
+        destination_workload: inputs.workload_name.clone(),
+        destination_workload_namespace: inputs.namespace.clone(),
+        destination_principal: match peer {
+            Some(_) => inputs.identity.to_string(),
+            None => unknown(),
+        },
+        destination_service: unknown(),
+        connection_security_policy: if peer.is_some() { "mutual_tls" } else { "none" },
+    };
+    let security = labels.connection_security_policy;
+    let recorder = inputs.metrics.connection(labels, "inbound");
+    let idle = inputs.config.timeouts.idle;
+    let (sent, result) = relay::relay(client, app, &recorder, idle).await;
+    debug!(
+        src = %client_addr,
+        %dst,
+        security = %security,
+        received = sent.client_to_upstream,
+        sent = sent.upstream_to_client,
+        "inbound connection closed"
+    );
+    result.map_or(Ok(()), |e| Err(e.into()))
+}

@@ -1,0 +1,216 @@
+//! Sockets: the kernel-facing edges of every connection. Listener binding, upstream connects,
+//! and `SO_ORIGINAL_DST`, the address a captured connection was really headed for before
+//! iptables' REDIRECT rewrote it. Linux-only; everything here is safe wrappers (nix, socket2).
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::time::Duration;
+
+use nix::sys::socket::{getsockopt, sockopt};
+use socket2::{Domain, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// The source address the inbound side uses to reach the application. The capture rules let
+/// traffic from it through untouched; anything else the proxy user sends to the pod's own IP
+/// over `lo` is sent back to the inbound listener (Istio uses the same address).
+pub const INBOUND_PASSTHROUGH_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+pub const INBOUND_PASSTHROUGH_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+/// Binds a listener. `[::]` is bound dual-stack so one listener serves IPv4 and IPv6; where
+/// the pod has no IPv6 it falls back to `0.0.0.0`.
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    match bind(addr) {
+        Err(e) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
+            tracing::warn!(%addr, error = %e, "no IPv6 here, listening on IPv4 only");
+            bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), addr.port()))
+        }
+        other => other,
+    }
+}
+
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Where a redirected connection was going. For a connection that was not redirected (a
+/// client dialling the proxy port directly) this is the listener's own address.
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let local = stream.local_addr()?;
+    // An IPv4 connection accepted on a dual-stack socket shows v4-mapped addresses, but
+    // conntrack knows it as IPv4, so the IPv4 option is the one to ask.
+    let is_v4 = match local.ip() {
+        IpAddr::V4(_) => true,
+        IpAddr::V6(ip) => ip.to_ipv4_mapped().is_some(),
+    };
+    if is_v4 {
+        let sin = getsockopt(stream, sockopt::OriginalDst).map_err(io::Error::from)?;
+        let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+        Ok(SocketAddrV4::new(ip, u16::from_be(sin.sin_port)).into())
+    } else {
+        let sin6 = getsockopt(stream, sockopt::Ip6tOriginalDst).map_err(io::Error::from)?;
+        let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+        Ok(SocketAddrV6::new(ip, u16::from_be(sin6.sin6_port), 0, 0).into())
+    }
+}
+
+/// Whether `dst` is the listener the connection arrived on, i.e. nobody redirected it.
+pub fn is_self(dst: SocketAddr, stream: &TcpStream) -> bool {
+    stream
+        .local_addr()
+        .map(|local| canonical(local) == canonical(dst))
+        .unwrap_or(false)
+}
+
+/// The address with any v4-mapped IPv6 form turned back into IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Connects to `dst`, optionally from a chosen source IP, within `timeout`.
+pub async fn connect(
+    dst: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = match dst {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = tokio::time::timeout(timeout, socket.connect(dst))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Raises the soft file-descriptor limit to the hard limit, so one sidecar can hold tens of
+/// thousands of connections (two descriptors each) instead of the usual 1,024. Returns the
+/// limit now in force.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
+    }
+    Ok(hard.max(soft))
+}
+
+/// The source IP the inbound side uses to reach the application at `app`.
+pub fn inbound_passthrough_source(app: SocketAddr) -> IpAddr {
+    match app {
+        SocketAddr::V4(_) => INBOUND_PASSTHROUGH_V4.into(),
+        SocketAddr::V6(_) => INBOUND_PASSTHROUGH_V6.into(),
+    }
+}
+
+/// The addresses of this pod's own interfaces, for telling whether a captured inbound
+/// connection was really addressed to the pod. Read from the kernel at start and again when an
+/// address is not found (at most once a second, so a stream of forged destinations cannot
+/// turn into a stream of netlink dumps); an address added later is picked up on first use.
+pub struct LocalAddrs {
+    known: std::sync::RwLock<(std::collections::HashSet<IpAddr>, std::time::Instant)>,
+}
+
+/// How often a miss may re-read the interface addresses.
+const LOCAL_ADDRS_REFRESH: Duration = Duration::from_secs(1);
+
+impl LocalAddrs {
+    pub fn new() -> LocalAddrs {
+        LocalAddrs {
+            known: std::sync::RwLock::new((interface_addrs(), std::time::Instant::now())),
+        }
+    }
+
+    /// Whether `ip` may be an inbound connection's destination: one of the pod's own
+    /// addresses, and not a loopback one. Traffic to 127.0.0.0/8 or ::1 never legitimately
+    /// arrives from outside the pod; forwarding it would expose apps bound only to localhost.
+    pub fn is_pod_address(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+            return false;
+        }
+        let stale = {
+            let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+            if known.0.contains(&ip) {
+                return true;
+            }
+            known.1.elapsed() >= LOCAL_ADDRS_REFRESH
+        };
+        if !stale {
+            return false;
+        }
+        let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+        if known.1.elapsed() >= LOCAL_ADDRS_REFRESH {
+            *known = (interface_addrs(), std::time::Instant::now());
+        }
+        known.0.contains(&ip)
+    }
+}
+
+impl Default for LocalAddrs {
+    fn default() -> Self {
+        LocalAddrs::new()
+    }
+}
+
+/// Every address on this network namespace's interfaces (empty if they cannot be read: then
+/// nothing is a pod address, and inbound refuses rather than guesses).
+fn interface_addrs() -> std::collections::HashSet<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        tracing::warn!(
+            "cannot list this pod's addresses; refusing inbound connections until it can"
+        );
+        return Default::default();
+    };
+    addrs
+        .filter_map(|a| {
+            let addr = a.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_and_foreign_destinations_are_not_pod_addresses() {
+        let local = LocalAddrs::new();
+        for ip in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(!local.is_pod_address(ip.parse().unwrap()), "{ip}");
+        }
+        // TEST-NET-3: on no interface here.
+        assert!(!local.is_pod_address("203.0.113.9".parse().unwrap()));
+        // Some non-loopback address of this machine is one.
+        let own = interface_addrs().into_iter().find(|ip| {
+            !ip.is_loopback() && !matches!(ip, IpAddr::V6(v6) if v6.segments()[0] == 0xfe80)
+        });
+        if let Some(ip) = own {
+            assert!(local.is_pod_address(ip), "{ip}");
+        }
+    }
+}
