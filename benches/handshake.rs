@@ -14,10 +14,10 @@ use rustls::pki_types::ServerName;
 fn credentials(dir: &std::path::Path, sa: &str) -> Credentials {
     let ca = dir.join("ca");
     if !ca.exists() {
-        l4mesh::certs::make_ca(&ca, "bench CA", std::time::Duration::from_secs(3600)).unwrap();
+        l4mesh::cmd::certs::make_ca(&ca, "bench CA", std::time::Duration::from_secs(3600)).unwrap();
     }
-    let req = l4mesh::certs::IssueRequest::new("cluster.local", "bench", sa);
-    l4mesh::certs::issue_and_load(&ca, &req, &dir.join(sa)).unwrap()
+    let req = l4mesh::cmd::certs::IssueRequest::new("cluster.local", "bench", sa);
+    l4mesh::cmd::certs::issue_and_load(&ca, &req, &dir.join(sa)).unwrap()
 }
 
 /// One handshake in memory, tickets delivered, the server's check of a resumed client

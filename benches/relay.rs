@@ -43,7 +43,7 @@ fn bench(c: &mut Criterion) {
                     n
                 };
                 let ((moved, error), _app, received) = tokio::join!(
-                    l4mesh::relay::relay(proxy_in, proxy_out, &recorder, None),
+                    l4mesh::proxy::relay::relay(proxy_in, proxy_out, &recorder, None),
                     send,
                     receive
                 );

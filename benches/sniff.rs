@@ -5,11 +5,11 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use l4mesh::sniff::{classify, Protocol, Verdict};
+use l4mesh::proxy::sniff::{classify, Protocol, Verdict};
 use l4mesh::tls::MESH_ALPN;
 
 fn client_hello() -> Vec<u8> {
-    l4mesh::sniff::sample_client_hello(&[b"h2", MESH_ALPN])
+    l4mesh::proxy::sniff::sample_client_hello(&[b"h2", MESH_ALPN])
 }
 
 fn bench(c: &mut Criterion) {

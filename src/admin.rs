@@ -21,8 +21,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
-use crate::app::ProxyInputs;
 use crate::drain::Drain;
+use crate::proxy::ProxyInputs;
 
 /// Changes the log filter at run time (a tracing-subscriber reload handle, behind a closure so
 /// this module does not care how the subscriber is built).
@@ -122,7 +122,7 @@ impl Drop for Slot {
 /// Serves HTTP/1.1 on `listener` until the process exits.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, endpoints: Endpoints) {
     let open = Arc::new(Mutex::new(Open::default()));
-    let mut errors = crate::app::AcceptErrors::default();
+    let mut errors = crate::proxy::socket::AcceptErrors::default();
     let evicted = state
         .inputs
         .metrics

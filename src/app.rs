@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
 use tokio::sync::watch;
@@ -20,64 +19,13 @@ use crate::admin::{self, AdminState, Endpoints, LogControl};
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::identity::{self, unix_seconds, CredentialPaths, Credentials, Expected, SpiffeId};
-use crate::inbound::InboundConnection;
 use crate::metrics::Metrics;
-use crate::outbound::{OutboundConnection, Routes};
 use crate::policy::{self, PolicyError, PolicySet, WorkloadPolicy};
+use crate::proxy::inbound::InboundConnection;
+use crate::proxy::outbound::OutboundConnection;
+use crate::proxy::{ProxyInputs, TlsState};
 use crate::tls;
 use crate::watch::Change;
-
-/// Everything a connection needs, built once at start-up and shared.
-pub struct ProxyInputs {
-    pub config: Config,
-    /// The workload's identity (rotation keeps it: a new certificate must carry the same).
-    pub identity: SpiffeId,
-    /// The credentials and TLS configurations in force; replaced whole on rotation.
-    pub tls: watch::Receiver<Arc<TlsState>>,
-    /// The mTLS mode of each inbound port; replaced whole when the policy file changes.
-    pub policy: watch::Receiver<Arc<WorkloadPolicy>>,
-    pub metrics: Arc<Metrics>,
-    /// Ports per-port metrics name by number (see `port_label`), from the config.
-    pub known_ports: std::collections::BTreeSet<u16>,
-    /// The pod's own addresses: the only destinations inbound serves.
-    pub local_addrs: crate::socket::LocalAddrs,
-    /// This workload as Istio's metrics name it.
-    pub workload_name: String,
-    pub namespace: String,
-}
-
-/// The credentials in force and the TLS configurations built from them: an immutable
-/// snapshot, replaced whole on rotation. A connection keeps the snapshot it started with, so
-/// rotation never touches an established connection.
-pub struct TlsState {
-    pub creds: Arc<Credentials>,
-    pub acceptor: TlsAcceptor,
-    pub routes: Routes,
-}
-
-impl TlsState {
-    /// `ticketer` is `Some` when session resumption is on; it is made once per process (see
-    /// `tls::server_config`).
-    pub fn new(
-        config: &Config,
-        creds: Credentials,
-        ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
-    ) -> Result<TlsState, tls::ConfigError> {
-        let acceptor =
-            TlsAcceptor::from(tls::server_config(&creds, creds.trust.clone(), ticketer)?);
-        let routes = Routes::new(
-            &config.outbound,
-            &creds,
-            &creds.trust,
-            config.tls.session_resumption,
-        )?;
-        Ok(TlsState {
-            creds: Arc::new(creds),
-            acceptor,
-            routes,
-        })
-    }
-}
 
 /// Where the config says the credentials are.
 pub fn credential_paths(config: &Config) -> CredentialPaths {
@@ -119,7 +67,7 @@ pub fn load_policy(config: &Config, id: &SpiffeId) -> Result<WorkloadPolicy, Pol
         debug!(document = index, kind = %kind, "ignoring a resource of another kind");
     }
     let workload = policy::Workload {
-        namespace: workload_namespace(config, id),
+        namespace: crate::proxy::workload_namespace(config, id),
         labels: config.workload.labels.clone(),
     };
     let resolved = WorkloadPolicy::resolve(&set, &workload, &config.policy.root_namespace);
@@ -127,65 +75,6 @@ pub fn load_policy(config: &Config, id: &SpiffeId) -> Result<WorkloadPolicy, Pol
         warn!("{w}");
     }
     Ok(resolved)
-}
-
-/// The workload's namespace: configured, else the one in its SPIFFE ID.
-fn workload_namespace(config: &Config, id: &SpiffeId) -> String {
-    config.workload.namespace.clone().unwrap_or_else(|| {
-        id.namespace_and_service_account()
-            .map(|(ns, _)| ns.to_string())
-            .unwrap_or_default()
-    })
-}
-
-impl ProxyInputs {
-    pub fn new(
-        config: Config,
-        tls: watch::Receiver<Arc<TlsState>>,
-        policy: watch::Receiver<Arc<WorkloadPolicy>>,
-        metrics: Arc<Metrics>,
-    ) -> ProxyInputs {
-        let identity = tls.borrow().creds.id.clone();
-        let namespace = workload_namespace(&config, &identity);
-        let workload_name = config
-            .workload
-            .workload_name
-            .clone()
-            .or_else(|| config.workload.labels.get("app").cloned())
-            .unwrap_or_else(|| "unknown".to_string());
-        let detection = &config.detection;
-        let known_ports = config
-            .workload
-            .ports
-            .iter()
-            .chain(&detection.server_first_ports)
-            .chain(detection.port_timeouts.keys())
-            .copied()
-            .collect();
-        ProxyInputs {
-            workload_name,
-            namespace,
-            identity,
-            config,
-            tls,
-            policy,
-            metrics,
-            local_addrs: crate::socket::LocalAddrs::new(),
-            known_ports,
-        }
-    }
-
-    /// The `port` label of the per-port `l4mesh_*` metrics: the number for a port the
-    /// workload serves or configures (`workload.ports`, `portLevelMtls`, server-first and
-    /// per-port detection settings), `other` for the rest. The client picks the port: one
-    /// byte to each of 20,000 ports must not become 20,000 series (issue 13).
-    pub fn port_label(&self, port: u16, policy: &WorkloadPolicy) -> std::borrow::Cow<'static, str> {
-        if self.known_ports.contains(&port) || policy.mtls.ports.contains_key(&port) {
-            port.to_string().into()
-        } else {
-            "other".into()
-        }
-    }
 }
 
 /// Runs the sidecar until it is told to stop: SIGTERM, SIGINT or `POST /drain` start a drain
@@ -249,7 +138,8 @@ pub async fn run(
         .set(1);
     let listeners = &inputs.config.listeners;
     let bind = |addr, what: &str| {
-        crate::socket::listen(addr).with_context(|| format!("binding the {what} listener {addr}"))
+        crate::proxy::socket::listen(addr)
+            .with_context(|| format!("binding the {what} listener {addr}"))
     };
     let outbound = bind(listeners.outbound, "outbound")?;
     let inbound = bind(listeners.inbound, "inbound")?;
@@ -475,7 +365,7 @@ where
     F: Fn(TcpStream, std::net::SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut errors = AcceptErrors::default();
+    let mut errors = crate::proxy::socket::AcceptErrors::default();
     loop {
         let accepted = tokio::select! {
             _ = drain.started() => return,
@@ -494,34 +384,6 @@ where
             Err(e) => {
                 errors.record(name, &e);
                 tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// Accept failures (running out of descriptors, mostly) said once, then summed up every
-/// `ACCEPT_ERROR_SUMMARY` while they go on: at 10 retries a second the log would otherwise be
-/// the first thing to fill up.
-#[derive(Default)]
-pub(crate) struct AcceptErrors {
-    /// When the last line was logged, and how many failures since.
-    last: Option<(std::time::Instant, u64)>,
-}
-
-const ACCEPT_ERROR_SUMMARY: Duration = Duration::from_secs(10);
-
-impl AcceptErrors {
-    pub(crate) fn record(&mut self, listener: &str, e: &std::io::Error) {
-        match &mut self.last {
-            Some((at, since)) if at.elapsed() < ACCEPT_ERROR_SUMMARY => *since += 1,
-            Some((at, since)) => {
-                error!(listener, error = %e, failures = *since + 1, period = ?ACCEPT_ERROR_SUMMARY, "accept still failing; backing off");
-                *at = std::time::Instant::now();
-                *since = 0;
-            }
-            None => {
-                error!(listener, error = %e, "accept failed; backing off");
-                self.last = Some((std::time::Instant::now(), 0));
             }
         }
     }

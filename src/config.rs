@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::consts;
 use crate::identity::SpiffeId;
 use crate::tls::IdentityPattern;
 
@@ -190,10 +191,10 @@ pub struct Listeners {
 impl Default for Listeners {
     fn default() -> Self {
         Listeners {
-            outbound: SocketAddr::from(([0u16; 8], 15001)),
-            inbound: SocketAddr::from(([0u16; 8], 15006)),
-            metrics: SocketAddr::from(([0u16; 8], 15020)),
-            admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            outbound: SocketAddr::from(([0u16; 8], consts::OUTBOUND_PORT)),
+            inbound: SocketAddr::from(([0u16; 8], consts::INBOUND_PORT)),
+            metrics: SocketAddr::from(([0u16; 8], consts::STATS_PORT)),
+            admin: SocketAddr::from(([127, 0, 0, 1], consts::ADMIN_PORT)),
         }
     }
 }
@@ -567,24 +568,30 @@ pub enum ConfigError {
 
 /// The configuration an injected sidecar runs with when no `--config` is given: the files
 /// where `l4mesh inject` mounts them.
-pub const KUBERNETES_DEFAULTS: &str = "\
-identity:
-  cert_chain: /var/run/secrets/l4mesh/cert-chain.pem
-  private_key: /var/run/secrets/l4mesh/key.pem
-  trust_bundle: /var/run/secrets/l4mesh/root-cert.pem
+pub fn kubernetes_defaults() -> String {
+    format!(
+        "identity:
+  cert_chain: {certs}/cert-chain.pem
+  private_key: {certs}/key.pem
+  trust_bundle: {certs}/root-cert.pem
 policy:
-  file: /etc/l4mesh/policy/policy.yaml
+  file: {policy}/policy.yaml
   optional: true
 workload:
-  labels_file: /etc/l4mesh/podinfo/labels
-";
+  labels_file: {podinfo}/labels
+",
+        certs = consts::CERTS_DIR,
+        policy = consts::POLICY_DIR,
+        podinfo = consts::PODINFO_DIR,
+    )
+}
 
 impl Config {
-    /// The Kubernetes defaults (see [`KUBERNETES_DEFAULTS`]) with the environment applied.
+    /// The Kubernetes defaults (see [`kubernetes_defaults`]) with the environment applied.
     pub fn kubernetes() -> Result<Config, ConfigError> {
         let mut config = Config::parse(
             Path::new("(built-in Kubernetes defaults)"),
-            KUBERNETES_DEFAULTS,
+            &kubernetes_defaults(),
         )?;
         config.apply_env(|var| std::env::var(var).ok())?;
         config.load_labels_file()?;

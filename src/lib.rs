@@ -2,41 +2,39 @@
 //! pod's TCP connections into it; it wraps outbound connections in mutual TLS with the
 //! workload's SPIFFE identity and unwraps inbound ones.
 //!
-//! # Layout
+//! # The path of a connection
 //!
-//! A connection passes through these modules, in this order:
+//! 1. [`cmd::iptables`] (run once, by the init container) redirects the pod's TCP traffic:
+//!    outbound to :15001, inbound to :15006.
+//! 2. [`app`] accepts it and hands it, with the shared [`proxy::ProxyInputs`], to
+//! 3. [`proxy::outbound`] (this pod's app calling out): original destination
+//!    ([`proxy::socket`]) → destination rule → mTLS ([`tls`], reads batched by
+//!    [`proxy::tls_io`]) or passthrough, or
+//! 4. [`proxy::inbound`] (a peer calling in): original destination → the pod's own address
+//!    only → the port's mode ([`policy`]) → first bytes ([`proxy::sniff`]) → mesh mTLS
+//!    terminated and the peer identified ([`tls`], [`identity`]) or plaintext forwarded /
+//!    refused → authorization ([`authz`]) → the application;
+//! 5. [`proxy::relay`] copies both ways until both sides are done, passing half-closes and
+//!    resets on; [`metrics`] counts every step and every failure by reason.
 //!
-//! - [`iptables`]: the capture rules that redirect the pod's traffic (run once, at pod start).
-//! - [`socket`]: listeners, `SO_ORIGINAL_DST`, upstream connects.
-//! - [`outbound`]: :15001, app → original destination, mTLS originated per destination rule.
-//! - [`inbound`]: :15006, peer → app, mTLS terminated and the peer identified.
-//! - [`tls`]: rustls configurations and the SPIFFE verifiers both sides use.
-//! - [`tls_io`]: batches the socket reads under each mTLS stream.
-//! - [`relay`]: the bidirectional copy every connection ends in.
+//! # Around the path
 //!
-//! Around them: [`config`] (the YAML file), [`identity`] (credentials and SPIFFE IDs),
-//! [`app`] (wiring and lifetime), [`certs`] (a dev PKI for demos and tests).
+//! [`config`] (the YAML file), [`consts`] (ports, UID, mount paths), [`watch`] (file reloads: credentials and policy), [`admin`]
+//! (the stats and admin listeners), [`drain`] (graceful shutdown), and in [`cmd`] the
+//! subcommands that are not the sidecar (dev PKI, injection, migration report).
 
 #![deny(unsafe_code)]
 
 pub mod admin;
 pub mod app;
 pub mod authz;
-pub mod certs;
+pub mod cmd;
 pub mod config;
+pub mod consts;
 pub mod drain;
 pub mod identity;
-pub mod inbound;
-pub mod inject;
-pub mod injector;
-pub mod iptables;
 pub mod metrics;
-pub mod outbound;
 pub mod policy;
-pub mod relay;
-pub mod report;
-pub mod sniff;
-pub mod socket;
+pub mod proxy;
 pub mod tls;
-pub mod tls_io;
 pub mod watch;

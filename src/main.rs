@@ -11,7 +11,8 @@ use ipnet::IpNet;
 use std::sync::Arc;
 
 use l4mesh::admin::LogControl;
-use l4mesh::{app, certs, config::Config, inject, injector, iptables, report};
+use l4mesh::cmd::{certs, inject, injector, iptables, report};
+use l4mesh::{app, config::Config};
 
 /// Transparent L4 service-mesh sidecar: iptables capture + mutual TLS with SPIFFE identities.
 #[derive(Parser)]
@@ -115,16 +116,16 @@ enum IptablesCmd {
 #[derive(Args)]
 struct IptablesArgs {
     /// UID the proxy runs as; its traffic is never captured.
-    #[arg(long, default_value_t = 1337)]
+    #[arg(long, default_value_t = l4mesh::consts::PROXY_UID)]
     proxy_uid: u32,
     /// GID the proxy runs as.
-    #[arg(long, default_value_t = 1337)]
+    #[arg(long, default_value_t = l4mesh::consts::PROXY_GID)]
     proxy_gid: u32,
     /// Port of the outbound listener.
-    #[arg(long, default_value_t = 15001)]
+    #[arg(long, default_value_t = l4mesh::consts::OUTBOUND_PORT)]
     outbound_port: u16,
     /// Port of the inbound listener.
-    #[arg(long, default_value_t = 15006)]
+    #[arg(long, default_value_t = l4mesh::consts::INBOUND_PORT)]
     inbound_port: u16,
     /// Inbound ports to capture, comma-separated, or `*` for all.
     #[arg(long, default_value = "*")]
@@ -375,7 +376,7 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
             let config = load_config(config.as_deref()).map_err(bad)?;
             let creds = app::load_credentials(&config, None).map_err(bad)?;
             let policy = app::load_policy(&config, &creds.id).map_err(bad)?;
-            match l4mesh::socket::raise_fd_limit() {
+            match l4mesh::proxy::socket::raise_fd_limit() {
                 Ok(limit) => tracing::debug!(limit, "file descriptor limit"),
                 Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
             }
@@ -407,7 +408,7 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
             print_policy(&policy);
             // Building the TLS configurations is the last thing `run` does before binding.
             let ticketer = l4mesh::tls::ticketer().map_err(bad)?;
-            app::TlsState::new(&config, creds, Some(ticketer)).map_err(bad)?;
+            l4mesh::proxy::TlsState::new(&config, creds, Some(ticketer)).map_err(bad)?;
             Ok(())
         }
         Cmd::Iptables(IptablesCmd::Apply(args)) => {

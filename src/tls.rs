@@ -679,10 +679,11 @@ mod tests {
     fn credentials(dir: &std::path::Path, sa: &str) -> Credentials {
         let ca = dir.join("ca");
         if !ca.exists() {
-            crate::certs::make_ca(&ca, "test CA", std::time::Duration::from_secs(3600)).unwrap();
+            crate::cmd::certs::make_ca(&ca, "test CA", std::time::Duration::from_secs(3600))
+                .unwrap();
         }
-        let req = crate::certs::IssueRequest::new("cluster.local", "shop", sa);
-        crate::certs::issue_and_load(&ca, &req, &dir.join(sa)).unwrap()
+        let req = crate::cmd::certs::IssueRequest::new("cluster.local", "shop", sa);
+        crate::cmd::certs::issue_and_load(&ca, &req, &dir.join(sa)).unwrap()
     }
 
     /// Runs a handshake in memory, then delivers what follows it (the session ticket).
@@ -738,7 +739,7 @@ mod tests {
 
         // ... and fail once the client is revoked, or the server is not the pinned identity.
         let crl = dir.path().join("crl.pem");
-        crate::certs::make_crl(
+        crate::cmd::certs::make_crl(
             &dir.path().join("ca"),
             &[dir.path().join("client/cert-chain.pem")],
             &crl,

@@ -438,7 +438,7 @@ fn idle_connections_to_the_stats_port_cannot_starve_readiness_or_the_data_path()
     const KUBELET: usize = 3;
     // As many as the attacker's descriptor limit allows, less a few for itself: more than the
     // sidecar could hold (same hard limit), were it to keep them all.
-    let limit = l4mesh::socket::raise_fd_limit().expect("raise RLIMIT_NOFILE") as usize;
+    let limit = l4mesh::proxy::socket::raise_fd_limit().expect("raise RLIMIT_NOFILE") as usize;
     let n = limit.saturating_sub(10);
     let mut c = Cluster::new("stats", 4);
     let ca = c.make_ca();
@@ -688,7 +688,7 @@ fn idle_and_slow_handshaking_clients_are_let_go() {
     // A mesh ClientHello sent in two halves, the second just before the detect timeout, then
     // nothing: the handshake deadline counts from accept (4 s), not from the end of detection
     // (which would let it hold the connection 3 + 4 s).
-    let hello = l4mesh::sniff::sample_client_hello(&[l4mesh::tls::MESH_ALPN]);
+    let hello = l4mesh::proxy::sniff::sample_client_hello(&[l4mesh::tls::MESH_ALPN]);
     let took = c.pod(PLAIN).run(move || {
         let started = std::time::Instant::now();
         let mut s = connect(app).unwrap();

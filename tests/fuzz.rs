@@ -7,14 +7,14 @@ use std::path::Path;
 
 use l4mesh::config::Config;
 use l4mesh::policy::PolicySet;
-use l4mesh::sniff::{classify, Protocol, Verdict};
+use l4mesh::proxy::sniff::{classify, Protocol, Verdict};
 use l4mesh::tls::MESH_ALPN;
 use proptest::prelude::*;
 
 const LIMIT: usize = 2048;
 
 fn client_hello() -> Vec<u8> {
-    l4mesh::sniff::sample_client_hello(&[b"h2", MESH_ALPN])
+    l4mesh::proxy::sniff::sample_client_hello(&[b"h2", MESH_ALPN])
 }
 
 /// A real ClientHello with some bytes changed, some removed, and some appended.

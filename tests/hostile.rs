@@ -31,7 +31,7 @@ fn alive(pid: u32) -> bool {
 /// inherit it) and returns that limit. Raising the hard limit needs CAP_SYS_RESOURCE, which
 /// root does not have on every machine.
 fn raise_fd_limit() -> u64 {
-    l4mesh::socket::raise_fd_limit().expect("raise RLIMIT_NOFILE")
+    l4mesh::proxy::socket::raise_fd_limit().expect("raise RLIMIT_NOFILE")
 }
 
 #[test]

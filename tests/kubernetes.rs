@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use base64::Engine;
-use l4mesh::inject::{inject_yaml, Options};
+use l4mesh::cmd::inject::{inject_yaml, Options};
 use serde_json::{json, Value};
 
 use common::*;
@@ -111,7 +111,7 @@ fn pod_json() -> Value {
 #[test]
 fn webhook_patch_gives_exactly_what_inject_gives() {
     let pod = pod_json();
-    let (status, answer) = l4mesh::injector::review(&review(&pod), &Options::default());
+    let (status, answer) = l4mesh::cmd::injector::review(&review(&pod), &Options::default());
     assert_eq!(status, 200);
     let response = &answer["response"];
     assert_eq!(answer["kind"], "AdmissionReview");
@@ -133,7 +133,7 @@ fn webhook_patch_gives_exactly_what_inject_gives() {
 fn webhook_leaves_opted_out_and_other_objects_alone_and_answers_bad_requests_cleanly() {
     let mut pod = pod_json();
     pod["metadata"]["annotations"]["l4mesh.io/inject"] = json!("false");
-    let (status, answer) = l4mesh::injector::review(&review(&pod), &Options::default());
+    let (status, answer) = l4mesh::cmd::injector::review(&review(&pod), &Options::default());
     assert_eq!(status, 200);
     assert_eq!(answer["response"]["allowed"], true);
     assert!(answer["response"].get("patch").is_none(), "{answer}");
@@ -141,7 +141,7 @@ fn webhook_leaves_opted_out_and_other_objects_alone_and_answers_bad_requests_cle
     // A pod that cannot be injected is admitted unchanged, with a warning.
     let mut host = pod_json();
     host["spec"]["hostNetwork"] = json!(true);
-    let (_, answer) = l4mesh::injector::review(&review(&host), &Options::default());
+    let (_, answer) = l4mesh::cmd::injector::review(&review(&host), &Options::default());
     assert_eq!(answer["response"]["allowed"], true);
     assert!(answer["response"]["warnings"][0]
         .as_str()
@@ -156,7 +156,7 @@ fn webhook_leaves_opted_out_and_other_objects_alone_and_answers_bad_requests_cle
         ),
         (&br#"[1,2,3]"#[..], "AdmissionReview"),
     ] {
-        let (status, answer) = l4mesh::injector::review(body, &Options::default());
+        let (status, answer) = l4mesh::cmd::injector::review(body, &Options::default());
         assert_eq!(status, 400);
         assert_eq!(answer["kind"], "AdmissionReview");
         assert_eq!(answer["response"]["allowed"], false);

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use l4mesh::certs::{self, IssueRequest, KeyType};
+use l4mesh::cmd::certs::{self, IssueRequest, KeyType};
 use l4mesh::identity::{self, CredentialPaths, Expected};
 
 const BIN: &str = env!("CARGO_BIN_EXE_l4mesh");

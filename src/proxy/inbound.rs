@@ -12,7 +12,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use crate::proxy::ProxyInputs;
 use crate::authz::{Decision, Peer};
 use crate::identity::SpiffeId;
 use crate::metrics::ConnectionLabels;
@@ -20,6 +19,7 @@ use crate::policy::{Mode, Source, WorkloadPolicy};
 use crate::proxy::relay::{self, RelayError};
 use crate::proxy::sniff::{self, Protocol};
 use crate::proxy::socket;
+use crate::proxy::ProxyInputs;
 use crate::tls;
 
 /// Why an inbound connection was refused or ended early; the variant says who failed.

@@ -11,12 +11,12 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
-use crate::proxy::ProxyInputs;
 use crate::config::{Action, Outbound};
 use crate::identity::Credentials;
 use crate::metrics::ConnectionLabels;
 use crate::proxy::relay::{self, RelayError};
 use crate::proxy::socket;
+use crate::proxy::ProxyInputs;
 use crate::tls::{self, TrustStore};
 
 /// The compiled destination rules: first match wins, else the default.
@@ -186,7 +186,8 @@ impl OutboundConnection {
                 let name = ServerName::IpAddress(dst.ip().into());
                 let failures = &inputs.metrics.handshake_failures;
                 let started = std::time::Instant::now();
-                let handshake = connector.connect(name, crate::proxy::tls_io::Batched::new(upstream));
+                let handshake =
+                    connector.connect(name, crate::proxy::tls_io::Batched::new(upstream));
                 // Boxed, as inbound: the task of an idle connection holds pointers only.
                 let tls = Box::pin(tokio::time::timeout(timeouts.handshake, handshake))
                     .await

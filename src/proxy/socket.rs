@@ -185,6 +185,34 @@ fn interface_addrs() -> std::collections::HashSet<IpAddr> {
         .collect()
 }
 
+/// Accept failures (running out of descriptors, mostly) said once, then summed up every
+/// `ACCEPT_ERROR_SUMMARY` while they go on: at 10 retries a second the log would otherwise be
+/// the first thing to fill up.
+#[derive(Default)]
+pub struct AcceptErrors {
+    /// When the last line was logged, and how many failures since.
+    last: Option<(std::time::Instant, u64)>,
+}
+
+const ACCEPT_ERROR_SUMMARY: Duration = Duration::from_secs(10);
+
+impl AcceptErrors {
+    pub fn record(&mut self, listener: &str, e: &std::io::Error) {
+        match &mut self.last {
+            Some((at, since)) if at.elapsed() < ACCEPT_ERROR_SUMMARY => *since += 1,
+            Some((at, since)) => {
+                tracing::error!(listener, error = %e, failures = *since + 1, period = ?ACCEPT_ERROR_SUMMARY, "accept still failing; backing off");
+                *at = std::time::Instant::now();
+                *since = 0;
+            }
+            None => {
+                tracing::error!(listener, error = %e, "accept failed; backing off");
+                self.last = Some((std::time::Instant::now(), 0));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

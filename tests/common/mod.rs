@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_l4mesh");
-pub const PROXY_UID: u32 = 1337;
+pub const PROXY_UID: u32 = l4mesh::consts::PROXY_UID;
 
 /// Whether privileged tests can run here. Without root, `ip`, `iptables`, `tcpdump`,
 /// `setpriv`, `openssl`, `curl` or `prometheus` they print a loud SKIPPED line, unless

@@ -18,7 +18,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use crate::inject::{self, Options};
+use crate::cmd::inject::{self, Options};
 
 /// Why the injector could not start.
 #[derive(Debug, Error)]

@@ -7,10 +7,13 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use ipnet::IpNet;
+
+use crate::consts;
 use thiserror::Error;
 
 /// Ports never captured inbound: admin, metrics/readiness, health (as Istio).
-pub const ALWAYS_EXCLUDED_INBOUND: [u16; 3] = [15000, 15020, 15021];
+pub const ALWAYS_EXCLUDED_INBOUND: [u16; 3] =
+    [consts::ADMIN_PORT, consts::STATS_PORT, consts::HEALTH_PORT];
 
 const CHAINS: [&str; 4] = [
     "L4MESH_INBOUND",
@@ -45,10 +48,10 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            proxy_uid: 1337,
-            proxy_gid: 1337,
-            outbound_port: 15001,
-            inbound_port: 15006,
+            proxy_uid: consts::PROXY_UID,
+            proxy_gid: consts::PROXY_GID,
+            outbound_port: consts::OUTBOUND_PORT,
+            inbound_port: consts::INBOUND_PORT,
             inbound_ports: None,
             exclude_inbound_ports: Vec::new(),
             exclude_outbound_ports: Vec::new(),

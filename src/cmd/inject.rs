@@ -7,6 +7,8 @@
 use serde_yaml::{Mapping, Value};
 use thiserror::Error;
 
+use crate::consts;
+
 /// Annotation (on the object or its pod template) that opts a workload out: `"false"`.
 pub const INJECT: &str = "l4mesh.io/inject";
 /// Set on injected pod templates (annotation and label).
@@ -203,10 +205,11 @@ fn inject_pod(pod: &mut Value, opts: &Options) -> Result<bool, String> {
         .collect();
     {
         let annotations = entry_mapping(meta, "annotations")?;
+        let stats_port = consts::STATS_PORT.to_string();
         for (k, v) in [
             (INJECTED, "true"),
             ("prometheus.io/scrape", "true"),
-            ("prometheus.io/port", "15020"),
+            ("prometheus.io/port", stats_port.as_str()),
             ("prometheus.io/path", "/metrics"),
         ] {
             annotations.insert(k.into(), v.into());
@@ -290,22 +293,28 @@ fn init_container(opts: &Options, env: Vec<Value>) -> Value {
 fn sidecar_container(opts: &Options) -> Value {
     yaml(&format!(
         r#"{{name: l4mesh, image: {}, args: [run],
-            ports: [{{name: l4mesh-stats, containerPort: 15020, protocol: TCP}}],
+            ports: [{{name: l4mesh-stats, containerPort: {stats}, protocol: TCP}}],
             env: [
               {{name: POD_NAMESPACE, valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}}},
               {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}},
               {{name: SERVICE_ACCOUNT, valueFrom: {{fieldRef: {{fieldPath: spec.serviceAccountName}}}}}},
               {{name: POD_IP, valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}}}],
-            readinessProbe: {{httpGet: {{path: /healthz/ready, port: 15020}}, periodSeconds: 2, failureThreshold: 30}},
-            startupProbe: {{httpGet: {{path: /healthz/ready, port: 15020}}, periodSeconds: 1, failureThreshold: 60}},
+            readinessProbe: {{httpGet: {{path: /healthz/ready, port: {stats}}}, periodSeconds: 2, failureThreshold: 30}},
+            startupProbe: {{httpGet: {{path: /healthz/ready, port: {stats}}}, periodSeconds: 1, failureThreshold: 60}},
             lifecycle: {{preStop: {{exec: {{command: [l4mesh, drain]}}}}}},
             resources: {{requests: {{cpu: 10m, memory: 16Mi}}, limits: {{memory: 256Mi}}}},
-            securityContext: {{runAsUser: 1337, runAsGroup: 1337, runAsNonRoot: true, allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: {{drop: [ALL]}}}},
+            securityContext: {{runAsUser: {uid}, runAsGroup: {gid}, runAsNonRoot: true, allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: {{drop: [ALL]}}}},
             volumeMounts: [
-              {{name: l4mesh-certs, mountPath: /var/run/secrets/l4mesh, readOnly: true}},
-              {{name: l4mesh-policy, mountPath: /etc/l4mesh/policy, readOnly: true}},
-              {{name: l4mesh-podinfo, mountPath: /etc/l4mesh/podinfo, readOnly: true}}]}}"#,
-        json_str(&opts.image)
+              {{name: l4mesh-certs, mountPath: {certs}, readOnly: true}},
+              {{name: l4mesh-policy, mountPath: {policy}, readOnly: true}},
+              {{name: l4mesh-podinfo, mountPath: {podinfo}, readOnly: true}}]}}"#,
+        json_str(&opts.image),
+        stats = consts::STATS_PORT,
+        uid = consts::PROXY_UID,
+        gid = consts::PROXY_GID,
+        certs = consts::CERTS_DIR,
+        policy = consts::POLICY_DIR,
+        podinfo = consts::PODINFO_DIR,
     ))
 }
 
