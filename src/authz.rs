@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::config::PortRange;
+use crate::parse::PortRange;
 
 /// What a policy does when one of its rules matches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -129,7 +129,7 @@ impl std::str::FromStr for IpBlock {
 
 impl<'de> Deserialize<'de> for IpBlock {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        crate::config::from_str(d, "an IP address or CIDR", |s: &str| s.parse::<IpBlock>())
+        crate::parse::from_str(d, "an IP address or CIDR", |s: &str| s.parse::<IpBlock>())
     }
 }
 

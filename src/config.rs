@@ -3,7 +3,6 @@
 //! with the file, line and field it came from, before anything starts.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::consts;
+use crate::identity::IdentityPattern;
 use crate::identity::SpiffeId;
-use crate::tls::IdentityPattern;
+pub use crate::parse::PortRange;
 
 /// The whole sidecar configuration.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -255,38 +255,10 @@ pub struct TrustDomain(String);
 
 impl<'de> Deserialize<'de> for TrustDomain {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        from_str(d, "a trust domain such as cluster.local", |s| {
+        crate::parse::from_str(d, "a trust domain such as cluster.local", |s| {
             TrustDomain::try_from(s.to_string())
         })
     }
-}
-
-/// Deserializes a string through `parse`, raising its error while the scalar is being read so
-/// serde_yaml reports the value's own line and field (a `try_from` error would point at the
-/// enclosing mapping instead).
-pub(crate) fn from_str<'de, D, T, E>(
-    d: D,
-    expecting: &'static str,
-    parse: fn(&str) -> Result<T, E>,
-) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    E: fmt::Display,
-{
-    struct V<T, E> {
-        expecting: &'static str,
-        parse: fn(&str) -> Result<T, E>,
-    }
-    impl<T, E: fmt::Display> serde::de::Visitor<'_> for V<T, E> {
-        type Value = T;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str(self.expecting)
-        }
-        fn visit_str<Er: serde::de::Error>(self, v: &str) -> Result<T, Er> {
-            (self.parse)(v).map_err(Er::custom)
-        }
-    }
-    d.deserialize_str(V { expecting, parse })
 }
 
 impl TrustDomain {
@@ -435,78 +407,6 @@ impl DestinationRule {
         let ip = dst.ip().to_canonical();
         (self.cidrs.is_empty() || self.cidrs.iter().any(|net| net.contains(&ip)))
             && (self.ports.is_empty() || self.ports.iter().any(|p| p.contains(dst.port())))
-    }
-}
-
-/// A port (`8080`) or inclusive range (`"9000-9100"`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRange {
-    pub first: u16,
-    pub last: u16,
-}
-
-impl PortRange {
-    pub fn contains(&self, port: u16) -> bool {
-        (self.first..=self.last).contains(&port)
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.first == self.last {
-            write!(f, "{}", self.first)
-        } else {
-            write!(f, "{}-{}", self.first, self.last)
-        }
-    }
-}
-
-impl std::str::FromStr for PortRange {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let port = |p: &str| {
-            p.trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| format!("invalid port {p:?}: expected 1-65535"))
-        };
-        let (first, last) = match s.split_once('-') {
-            Some((a, b)) => (port(a)?, port(b)?),
-            None => (port(s)?, port(s)?),
-        };
-        if first > last {
-            return Err(format!("invalid port range {s:?}: {first} > {last}"));
-        }
-        Ok(PortRange { first, last })
-    }
-}
-
-impl Serialize for PortRange {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for PortRange {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = PortRange;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a port number or a range like \"9000-9100\"")
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortRange, E> {
-                self.visit_str(&v.to_string())
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortRange, E> {
-                self.visit_str(&v.to_string())
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PortRange, E> {
-                v.parse().map_err(E::custom)
-            }
-        }
-        d.deserialize_any(V)
     }
 }
 
@@ -740,26 +640,6 @@ mod tests {
         assert_eq!(c.timeouts.handshake, Duration::from_secs(10));
         assert_eq!(c.detection.timeout_for(8025), Duration::from_millis(100));
         assert_eq!(c.policy.file.as_deref(), Some(Path::new("policy.yaml")));
-    }
-
-    #[test]
-    fn the_example_policy_gives_the_cart_what_its_comments_say() {
-        use crate::policy::{EffectiveMtls, Mode, PolicySet, Workload};
-        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/policy.yaml"));
-        let set = PolicySet::parse(path, include_str!("../config/policy.yaml")).unwrap();
-        let cart = Workload {
-            namespace: "shop".into(),
-            labels: [("app".to_string(), "cart".to_string())].into(),
-        };
-        let e = EffectiveMtls::resolve(&set, &cart, "istio-system");
-        assert_eq!(e.mode_for(8080).0, Mode::Strict);
-        assert_eq!(e.mode_for(9102).0, Mode::Permissive);
-        let elsewhere = Workload {
-            namespace: "web".into(),
-            ..Workload::default()
-        };
-        let e = EffectiveMtls::resolve(&set, &elsewhere, "istio-system");
-        assert_eq!(e.mode_for(8080).0, Mode::Permissive);
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub mod consts;
 pub mod drain;
 pub mod identity;
 pub mod metrics;
+pub mod parse;
 pub mod policy;
 pub mod proxy;
 pub mod tls;

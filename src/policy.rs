@@ -861,4 +861,23 @@ mod tests {
         assert_eq!(set.ignored, vec![(1, "RequestAuthentication".to_string())]);
         assert_eq!(set.peer_authentications.len(), 1);
     }
+
+    #[test]
+    fn the_example_policy_gives_the_cart_what_its_comments_say() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/policy.yaml"));
+        let set = PolicySet::parse(path, include_str!("../config/policy.yaml")).unwrap();
+        let cart = Workload {
+            namespace: "shop".into(),
+            labels: [("app".to_string(), "cart".to_string())].into(),
+        };
+        let e = EffectiveMtls::resolve(&set, &cart, "istio-system");
+        assert_eq!(e.mode_for(8080).0, Mode::Strict);
+        assert_eq!(e.mode_for(9102).0, Mode::Permissive);
+        let elsewhere = Workload {
+            namespace: "web".into(),
+            ..Workload::default()
+        };
+        let e = EffectiveMtls::resolve(&set, &elsewhere, "istio-system");
+        assert_eq!(e.mode_for(8080).0, Mode::Permissive);
+    }
 }

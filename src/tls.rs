@@ -2,301 +2,25 @@
 //! Outbound originates mTLS with a `ClientConfig`; inbound terminates it with a `ServerConfig`.
 //! Both verify the peer's chain against the trust bundle and take its identity from the URI SAN.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use thiserror::Error;
 
-use crate::identity::{spiffe_id_of, Credentials, SpiffeId};
+use crate::identity::credentials::Credentials;
+use crate::identity::spiffe::{IdentityPattern, SpiffeId};
+
+pub mod trust;
+
+use trust::other;
+pub use trust::{cert_error_reason, provider, PeerIdentityError, TrustStore, Usage};
 
 /// The ALPN protocol mesh clients offer. An inbound TLS connection without it is not mesh
 /// traffic (it is a client doing its own TLS), however valid its certificate.
 pub const MESH_ALPN: &[u8] = b"l4mesh/1";
-
-/// Which extended key usage a chain is checked for.
-#[derive(Clone, Copy, Debug)]
-pub enum Usage {
-    Client,
-    Server,
-}
-
-impl Usage {
-    pub fn name(self) -> &'static str {
-        match self {
-            Usage::Client => "clientAuth",
-            Usage::Server => "serverAuth",
-        }
-    }
-}
-
-/// The trust bundle plus the trust domain peers must belong to.
-#[derive(Debug)]
-pub struct TrustStore {
-    anchors: Vec<TrustAnchor<'static>>,
-    trust_domain: String,
-    algorithms: WebPkiSupportedAlgorithms,
-    /// Revocation lists; a peer whose certificate (or an intermediate) is listed is refused.
-    crls: Vec<webpki::CertRevocationList<'static>>,
-    /// Chains this store has verified, by digest (see [`TrustStore::verify`]).
-    verified: Mutex<HashMap<[u8; 32], Verified>>,
-}
-
-/// A verified chain's verdict, and the seconds (Unix time) in which every certificate in it
-/// is within its validity period: within them the verdict still holds, since the anchors and
-/// revocation lists of a store never change (a reload builds a new store).
-#[derive(Clone, Debug)]
-struct Verified {
-    id: SpiffeId,
-    not_before: u64,
-    not_after: u64,
-}
-
-/// Verified chains a store remembers; when full it starts over.
-const VERIFIED_CAPACITY: usize = 4096;
-
-/// Why a peer's certificate was refused by the SPIFFE check (after the chain verified).
-#[derive(Debug, Error)]
-pub enum PeerIdentityError {
-    #[error("peer certificate {0}")]
-    Certificate(#[from] crate::identity::CertIdentityError),
-    #[error("peer {id} is not in trust domain {trust_domain:?}")]
-    WrongTrustDomain { id: SpiffeId, trust_domain: String },
-    #[error("peer {id} is not one of the identities this destination may present: {allowed}")]
-    NotPinned { id: SpiffeId, allowed: String },
-}
-
-impl TrustStore {
-    /// Builds the store; on a bad root returns its index in the bundle and the reason.
-    pub fn new(
-        roots: &[CertificateDer<'_>],
-        trust_domain: &str,
-    ) -> Result<Self, (usize, webpki::Error)> {
-        let anchors = roots
-            .iter()
-            .enumerate()
-            .map(|(i, der)| {
-                webpki::anchor_from_trusted_cert(der)
-                    .map(|a| a.to_owned())
-                    .map_err(|e| (i, e))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(TrustStore {
-            anchors,
-            trust_domain: trust_domain.to_string(),
-            algorithms: provider().signature_verification_algorithms,
-            crls: Vec::new(),
-            verified: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// Adds revocation lists (DER); on a bad one returns its index and the reason.
-    pub fn with_crls(
-        mut self,
-        crls: &[rustls::pki_types::CertificateRevocationListDer<'_>],
-    ) -> Result<Self, (usize, webpki::Error)> {
-        for (i, der) in crls.iter().enumerate() {
-            let owned =
-                webpki::OwnedCertRevocationList::from_der(der.as_ref()).map_err(|e| (i, e))?;
-            self.crls.push(owned.into());
-        }
-        Ok(self)
-    }
-
-    /// Verifies the chain for `usage` and returns the peer's SPIFFE ID, which must be in our
-    /// trust domain.
-    ///
-    /// A chain verified before is not verified again while `now` is inside every one of its
-    /// certificates' validity periods: the signatures, usages, revocation and identity checks
-    /// give the same answer against the same store, and the signature checks are most of a
-    /// handshake's cost after our own signature. Outside that window (or on a miss) the chain
-    /// is verified in full.
-    pub fn verify(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-        usage: Usage,
-    ) -> Result<SpiffeId, rustls::Error> {
-        let key = chain_digest(end_entity, intermediates, usage);
-        let remembered = self.verified.lock().ok().and_then(|m| m.get(&key).cloned());
-        if let Some(v) = remembered {
-            if (v.not_before..=v.not_after).contains(&now.as_secs()) {
-                return Ok(v.id);
-            }
-        }
-        let id = self.verify_in_full(end_entity, intermediates, now, usage)?;
-        if let (Some((not_before, not_after)), Ok(mut map)) = (
-            validity_window(end_entity, intermediates),
-            self.verified.lock(),
-        ) {
-            if map.len() >= VERIFIED_CAPACITY {
-                map.clear();
-            }
-            let id = id.clone();
-            map.insert(
-                key,
-                Verified {
-                    id,
-                    not_before,
-                    not_after,
-                },
-            );
-        }
-        Ok(id)
-    }
-
-    fn verify_in_full(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-        usage: Usage,
-    ) -> Result<SpiffeId, rustls::Error> {
-        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
-        let eku = match usage {
-            Usage::Client => webpki::KeyUsage::client_auth(),
-            Usage::Server => webpki::KeyUsage::server_auth(),
-        };
-        let crls: Vec<&webpki::CertRevocationList<'_>> = self.crls.iter().collect();
-        // Unknown status (a CRL from another issuer) allows: CRLs here are an extra deny list,
-        // not a requirement. An old CRL still counts (nextUpdate ignored): revocations never
-        // expire, and a stale list is better than none.
-        let revocation = webpki::RevocationOptionsBuilder::new(&crls).ok().map(|b| {
-            b.with_depth(webpki::RevocationCheckDepth::Chain)
-                .with_status_policy(webpki::UnknownStatusPolicy::Allow)
-                .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
-                .build()
-        });
-        cert.verify_for_usage(
-            self.algorithms.all,
-            &self.anchors,
-            intermediates,
-            now,
-            eku,
-            revocation,
-            None,
-        )
-        .map_err(pki_error)?;
-        let id = spiffe_id_of(end_entity).map_err(|e| other(PeerIdentityError::from(e)))?;
-        if id.trust_domain() != self.trust_domain {
-            return Err(other(PeerIdentityError::WrongTrustDomain {
-                id,
-                trust_domain: self.trust_domain.clone(),
-            }));
-        }
-        Ok(id)
-    }
-}
-
-/// SHA-256 over the usage and the length-prefixed certificates: the key of a verified chain.
-fn chain_digest(
-    end_entity: &CertificateDer<'_>,
-    intermediates: &[CertificateDer<'_>],
-    usage: Usage,
-) -> [u8; 32] {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(usage.name().as_bytes());
-    for cert in std::iter::once(end_entity).chain(intermediates) {
-        ctx.update(&(cert.len() as u64).to_be_bytes());
-        ctx.update(cert.as_ref());
-    }
-    let mut key = [0u8; 32];
-    key.copy_from_slice(ctx.finish().as_ref());
-    key
-}
-
-/// The seconds in which every certificate given is valid (all of them, used in the path or
-/// not: narrower than the truth can only mean an extra full verification).
-fn validity_window(
-    end_entity: &CertificateDer<'_>,
-    intermediates: &[CertificateDer<'_>],
-) -> Option<(u64, u64)> {
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    let mut window = (0u64, u64::MAX);
-    for cert in std::iter::once(end_entity).chain(intermediates) {
-        let (_, x509) = X509Certificate::from_der(cert.as_ref()).ok()?;
-        let validity = x509.validity();
-        let not_before = u64::try_from(validity.not_before.timestamp()).ok()?;
-        let not_after = u64::try_from(validity.not_after.timestamp()).ok()?;
-        window = (window.0.max(not_before), window.1.min(not_after));
-    }
-    Some(window)
-}
-
-/// A SPIFFE ID pattern a destination's server must match: exact, or with one leading or
-/// trailing `*` (as Istio principals are written).
-///
-/// ```
-/// use l4mesh::tls::IdentityPattern;
-///
-/// let pattern = IdentityPattern::try_from("spiffe://cluster.local/ns/payments/*".to_string()).unwrap();
-/// assert!(pattern.matches(&"spiffe://cluster.local/ns/payments/sa/api".parse().unwrap()));
-/// assert!(!pattern.matches(&"spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap()));
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(into = "String")]
-pub struct IdentityPattern(String);
-
-impl<'de> serde::Deserialize<'de> for IdentityPattern {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        crate::config::from_str(
-            d,
-            "a SPIFFE ID, optionally with one leading or trailing *",
-            |s| IdentityPattern::try_from(s.to_string()),
-        )
-    }
-}
-
-impl TryFrom<String> for IdentityPattern {
-    type Error = String;
-
-    fn try_from(s: String) -> Result<Self, String> {
-        let stars = s.matches('*').count();
-        let ok = match stars {
-            0 => s.parse::<SpiffeId>().map(|_| ()).map_err(|e| e.to_string()),
-            1 if s.starts_with('*') || s.ends_with('*') => Ok(()),
-            _ => Err("only one leading or trailing '*' is allowed".to_string()),
-        };
-        ok.map(|_| IdentityPattern(s))
-            .map_err(|reason| format!("invalid identity pattern {reason}"))
-    }
-}
-
-impl From<IdentityPattern> for String {
-    fn from(p: IdentityPattern) -> String {
-        p.0
-    }
-}
-
-impl IdentityPattern {
-    pub fn matches(&self, id: &SpiffeId) -> bool {
-        let id = id.to_string();
-        if let Some(suffix) = self.0.strip_prefix('*') {
-            id.ends_with(suffix)
-        } else if let Some(prefix) = self.0.strip_suffix('*') {
-            id.starts_with(prefix)
-        } else {
-            id == self.0
-        }
-    }
-}
-
-/// The crypto provider l4mesh uses everywhere (ring: small, fast to build), preferring
-/// TLS_AES_128_GCM_SHA256: its handshake hash is SHA-256, which CPUs accelerate (SHA-384
-/// runs in software and was a quarter of a resumed handshake's time), and AES-128 is the
-/// suite every TLS 1.3 stack must have (Envoy, and so Istio, prefer it too).
-pub fn provider() -> CryptoProvider {
-    let mut provider = rustls::crypto::ring::default_provider();
-    provider
-        .cipher_suites
-        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
-    provider
-}
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, Error)]
@@ -407,7 +131,7 @@ fn check_pins(id: SpiffeId, pins: &[IdentityPattern]) -> Result<(), rustls::Erro
     }
     let allowed = pins
         .iter()
-        .map(|p| p.0.as_str())
+        .map(IdentityPattern::as_str)
         .collect::<Vec<_>>()
         .join(", ");
     Err(other(PeerIdentityError::NotPinned { id, allowed }))
@@ -418,7 +142,7 @@ fn check_pins(id: SpiffeId, pins: &[IdentityPattern]) -> Result<(), rustls::Erro
 pub fn peer(conn: &rustls::CommonState) -> (Option<SpiffeId>, String) {
     conn.peer_certificates()
         .and_then(|certs| certs.first())
-        .map(crate::identity::id_and_serial)
+        .map(crate::identity::spiffe::id_and_serial)
         .unwrap_or_default()
 }
 
@@ -538,32 +262,6 @@ impl std::fmt::Display for HandshakeError {
     }
 }
 
-/// Why a certificate was refused, in words a person can act on.
-pub fn cert_error_reason(e: &rustls::Error) -> String {
-    let rustls::Error::InvalidCertificate(e) = e else {
-        return e.to_string();
-    };
-    match e {
-        CertificateError::Other(other) => other.to_string(),
-        CertificateError::UnknownIssuer => "its issuer is not in the trust bundle".into(),
-        CertificateError::BadSignature => {
-            "its signature does not verify against the trust bundle (a CA of the same name \
-             but another key?)"
-                .into()
-        }
-        CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired".into(),
-        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-            "not valid yet".into()
-        }
-        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
-            "lacks the required extended key usage (clientAuth/serverAuth)".into()
-        }
-        CertificateError::Revoked => "revoked".into(),
-        CertificateError::BadEncoding => "not valid DER".into(),
-        other => format!("{other:?}"),
-    }
-}
-
 impl std::error::Error for HandshakeError {}
 
 impl HandshakeError {
@@ -602,30 +300,6 @@ fn reason_of(e: &rustls::Error) -> &'static str {
 
 fn tls12_refused() -> rustls::Error {
     rustls::Error::General("TLS 1.2 is not accepted in the mesh".to_string())
-}
-
-fn other(e: PeerIdentityError) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
-}
-
-/// Maps webpki's verdicts onto rustls' certificate errors, so the alert the peer receives and
-/// the reason we log say the same thing (expired, unknown CA, wrong usage, ...).
-fn pki_error(e: webpki::Error) -> rustls::Error {
-    use webpki::Error as W;
-    let cert_error = match e {
-        W::BadDer | W::BadDerTime => CertificateError::BadEncoding,
-        W::CertExpired { .. } => CertificateError::Expired,
-        W::CertNotValidYet { .. } => CertificateError::NotValidYet,
-        W::UnknownIssuer => CertificateError::UnknownIssuer,
-        W::CertRevoked => CertificateError::Revoked,
-        W::InvalidSignatureForPublicKey
-        | W::UnsupportedSignatureAlgorithmContext(_)
-        | W::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => CertificateError::BadSignature,
-        W::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
-        W::CaUsedAsEndEntity | W::EndEntityUsedAsCa => CertificateError::InvalidPurpose,
-        other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
-    };
-    rustls::Error::InvalidCertificate(cert_error)
 }
 
 #[cfg(test)]
@@ -772,7 +446,7 @@ mod tests {
         // The client's store verifies the server's chain (one it has not seen yet).
         let (leaf, rest) = (&server.chain[0], &server.chain[1..]);
         let trust = &client.trust;
-        let remembered = || trust.verified.lock().unwrap().len();
+        let remembered = || trust.remembered();
         let before = remembered();
         let now = UnixTime::now();
         let first = trust.verify(leaf, rest, now, Usage::Server).unwrap();

@@ -36,7 +36,7 @@ pub enum RouteKind {
     /// resumed session is checked against `pins` again after the handshake).
     Mtls {
         connector: TlsConnector,
-        pins: Vec<tls::IdentityPattern>,
+        pins: Vec<crate::identity::IdentityPattern>,
     },
     /// Forward the bytes as they are.
     Passthrough,
@@ -51,7 +51,7 @@ impl Routes {
         trust: &Arc<TrustStore>,
         resume: bool,
     ) -> Result<Self, tls::ConfigError> {
-        let route = |name: String, action: Action, pins: Vec<tls::IdentityPattern>| {
+        let route = |name: String, action: Action, pins: Vec<crate::identity::IdentityPattern>| {
             let kind = match action {
                 Action::Passthrough => RouteKind::Passthrough,
                 Action::Mtls => RouteKind::Mtls {

@@ -1,0 +1,297 @@
+//! SPIFFE identities: the ID (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`), how it is read from
+//! a certificate's URI SAN, and the patterns destination rules pin servers with. The bottom of
+//! the identity stack: everything else that names a workload uses these types.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rustls::pki_types::CertificateDer;
+use thiserror::Error;
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+/// A SPIFFE ID, `spiffe://<trust-domain>/<path>`; for workloads the path is
+/// `/ns/<namespace>/sa/<service-account>` as Istio issues them.
+///
+/// ```
+/// use l4mesh::identity::SpiffeId;
+///
+/// let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap();
+/// assert_eq!(id.trust_domain(), "cluster.local");
+/// assert_eq!(id.namespace_and_service_account(), Some(("shop", "cart")));
+/// assert!("spiffe://cluster.local/ns//sa/cart".parse::<SpiffeId>().is_err());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SpiffeId {
+    trust_domain: String,
+    path: String,
+}
+
+/// Why a string is not a SPIFFE ID (as the SPIFFE ID specification defines it).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SpiffeIdError {
+    #[error("does not start with spiffe://")]
+    Scheme,
+    #[error("empty trust domain")]
+    EmptyTrustDomain,
+    #[error("trust domain may hold only a-z, 0-9, '.', '-' and '_'")]
+    TrustDomainChars,
+    #[error("path segments must be non-empty and hold only letters, digits, '.', '-' and '_'")]
+    PathChars,
+    #[error("longer than 2048 bytes")]
+    TooLong,
+}
+
+impl SpiffeId {
+    /// The Istio-style identity of a workload: `spiffe://td/ns/NS/sa/SA`.
+    pub fn workload(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, SpiffeIdError> {
+        format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The path after the trust domain, starting with `/` (or empty).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// `(namespace, service account)` when the path has the Istio `/ns/X/sa/Y` shape.
+    pub fn namespace_and_service_account(&self) -> Option<(&str, &str)> {
+        let mut parts = self.path.strip_prefix('/')?.split('/');
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
+            _ => None,
+        }
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = SpiffeIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() > 2048 {
+            return Err(SpiffeIdError::TooLong);
+        }
+        let rest = s.strip_prefix("spiffe://").ok_or(SpiffeIdError::Scheme)?;
+        let (td, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        if td.is_empty() {
+            return Err(SpiffeIdError::EmptyTrustDomain);
+        }
+        let td_ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-_".contains(c);
+        if !td.chars().all(td_ok) {
+            return Err(SpiffeIdError::TrustDomainChars);
+        }
+        if !path.is_empty() {
+            let seg_ok = |c: char| c.is_ascii_alphanumeric() || ".-_".contains(c);
+            let bad = path[1..]
+                .split('/')
+                .any(|seg| seg.is_empty() || seg == "." || seg == ".." || !seg.chars().all(seg_ok));
+            if bad {
+                return Err(SpiffeIdError::PathChars);
+            }
+        }
+        Ok(SpiffeId {
+            trust_domain: td.to_string(),
+            path: path.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "spiffe://{}{}", self.trust_domain, self.path)
+    }
+}
+
+/// Why a certificate carries no usable workload identity.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CertIdentityError {
+    #[error("not a valid X.509 certificate: {0}")]
+    Malformed(String),
+    #[error("has no spiffe:// URI SAN")]
+    NoSpiffeId,
+    #[error("has {0} URI SANs; an X.509-SVID has exactly one URI SAN, its SPIFFE ID")]
+    SeveralUris(usize),
+    #[error("URI SAN {uri:?} is not a valid SPIFFE ID: {reason}")]
+    BadSpiffeId { uri: String, reason: SpiffeIdError },
+}
+
+/// The SPIFFE ID in a certificate's URI SAN. Identity only ever comes from here: a CN or DNS
+/// SAN that looks like a principal grants nothing.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, CertIdentityError> {
+    let (_, x509) = X509Certificate::from_der(cert.as_ref())
+        .map_err(|e| CertIdentityError::Malformed(e.to_string()))?;
+    spiffe_id_in(&x509)
+}
+
+/// A verified peer's SPIFFE ID (if it has a valid one) and serial (hex), from one parse of its
+/// certificate: this runs once per handshake.
+pub fn id_and_serial(cert: &CertificateDer<'_>) -> (Option<SpiffeId>, String) {
+    match X509Certificate::from_der(cert.as_ref()) {
+        Ok((_, x509)) => (
+            spiffe_id_in(&x509).ok(),
+            hex(x509.tbs_certificate.raw_serial()),
+        ),
+        Err(_) => (None, "?".to_string()),
+    }
+}
+
+fn spiffe_id_in(x509: &X509Certificate<'_>) -> Result<SpiffeId, CertIdentityError> {
+    let san = x509
+        .subject_alternative_name()
+        .map_err(|e| CertIdentityError::Malformed(e.to_string()))?;
+    let uris: Vec<&str> = san
+        .iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        })
+        .collect();
+    // The SPIFFE X.509-SVID spec: exactly one URI SAN. A second one (`https://...`) could
+    // mean another identity to some other verifier; refuse rather than pick.
+    match uris.as_slice() {
+        [uri] if uri.starts_with("spiffe://") => {
+            uri.parse()
+                .map_err(|reason| CertIdentityError::BadSpiffeId {
+                    uri: uri.to_string(),
+                    reason,
+                })
+        }
+        [] | [_] => Err(CertIdentityError::NoSpiffeId),
+        several => Err(CertIdentityError::SeveralUris(several.len())),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A certificate's serial number, as its bytes.
+pub fn serial_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, String> {
+    let (_, x509) = X509Certificate::from_der(cert.as_ref()).map_err(|e| e.to_string())?;
+    Ok(x509.tbs_certificate.raw_serial().to_vec())
+}
+
+/// A certificate's serial number in lowercase hex (for logs; `?` if unreadable).
+pub fn serial_hex(cert: &CertificateDer<'_>) -> String {
+    serial_of(cert)
+        .map(|s| hex(&s))
+        .unwrap_or_else(|_| "?".to_string())
+}
+
+/// A SPIFFE ID pattern a destination's server must match: exact, or with one leading or
+/// trailing `*` (as Istio principals are written).
+///
+/// ```
+/// use l4mesh::identity::IdentityPattern;
+///
+/// let pattern = IdentityPattern::try_from("spiffe://cluster.local/ns/payments/*".to_string()).unwrap();
+/// assert!(pattern.matches(&"spiffe://cluster.local/ns/payments/sa/api".parse().unwrap()));
+/// assert!(!pattern.matches(&"spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap()));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(into = "String")]
+pub struct IdentityPattern(String);
+
+impl<'de> serde::Deserialize<'de> for IdentityPattern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::parse::from_str(
+            d,
+            "a SPIFFE ID, optionally with one leading or trailing *",
+            |s| IdentityPattern::try_from(s.to_string()),
+        )
+    }
+}
+
+impl TryFrom<String> for IdentityPattern {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        let stars = s.matches('*').count();
+        let ok = match stars {
+            0 => s.parse::<SpiffeId>().map(|_| ()).map_err(|e| e.to_string()),
+            1 if s.starts_with('*') || s.ends_with('*') => Ok(()),
+            _ => Err("only one leading or trailing '*' is allowed".to_string()),
+        };
+        ok.map(|_| IdentityPattern(s))
+            .map_err(|reason| format!("invalid identity pattern {reason}"))
+    }
+}
+
+impl From<IdentityPattern> for String {
+    fn from(p: IdentityPattern) -> String {
+        p.0
+    }
+}
+
+impl IdentityPattern {
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        let id = id.to_string();
+        if let Some(suffix) = self.0.strip_prefix('*') {
+            id.ends_with(suffix)
+        } else if let Some(prefix) = self.0.strip_suffix('*') {
+            id.starts_with(prefix)
+        } else {
+            id == self.0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints_workload_ids() {
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
+        assert_eq!(id.trust_domain(), "cluster.local");
+        assert_eq!(id.namespace_and_service_account(), Some(("default", "web")));
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/web");
+        assert_eq!(
+            SpiffeId::workload("td", "a", "b").unwrap().to_string(),
+            "spiffe://td/ns/a/sa/b"
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_ids() {
+        let cases = [
+            ("https://x/ns/a/sa/b", SpiffeIdError::Scheme),
+            ("spiffe:///ns/a", SpiffeIdError::EmptyTrustDomain),
+            ("spiffe://Cluster.local/x", SpiffeIdError::TrustDomainChars),
+            ("spiffe://td/ns//sa/b", SpiffeIdError::PathChars),
+            ("spiffe://td/ns/a/sa/b/", SpiffeIdError::PathChars),
+            ("spiffe://td/ns/../sa/b", SpiffeIdError::PathChars),
+            ("spiffe://td/ns/a?x=1", SpiffeIdError::PathChars),
+        ];
+        for (input, want) in cases {
+            assert_eq!(input.parse::<SpiffeId>(), Err(want), "{input}");
+        }
+    }
+
+    #[test]
+    fn non_workload_paths_have_no_namespace() {
+        let id: SpiffeId = "spiffe://td/gateway".parse().unwrap();
+        assert_eq!(id.namespace_and_service_account(), None);
+    }
+}
