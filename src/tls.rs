@@ -22,6 +22,106 @@ pub use trust::{cert_error_reason, provider, PeerIdentityError, TrustStore, Usag
 /// traffic (it is a client doing its own TLS), however valid its certificate.
 pub const MESH_ALPN: &[u8] = b"l4mesh/1";
 
+/// Which side of a handshake this sidecar is: the label of the handshake metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Terminating a peer's mTLS (:15006); the peer's chain is checked for clientAuth.
+    Inbound,
+    /// Originating mTLS to a destination (:15001); checked for serverAuth and the pins.
+    Outbound,
+}
+
+impl Direction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// A TLS stream whose connection state can be read (both tokio-rustls stream types).
+pub trait Established {
+    fn state(&self) -> &rustls::CommonState;
+}
+
+impl<S> Established for tokio_rustls::server::TlsStream<S> {
+    fn state(&self) -> &rustls::CommonState {
+        self.get_ref().1
+    }
+}
+
+impl<S> Established for tokio_rustls::client::TlsStream<S> {
+    fn state(&self) -> &rustls::CommonState {
+        self.get_ref().1
+    }
+}
+
+/// How a handshake failed.
+#[derive(Debug)]
+pub enum HandshakeFailure {
+    /// Not finished by the deadline.
+    Timeout,
+    /// Refused or broken, with the reason.
+    Failed(HandshakeError),
+}
+
+/// One mTLS handshake, either direction, the one routine both sides use: bounded by
+/// `deadline`, the peer's chain checked again as of now (so a resumed session is held to
+/// today's trust store, revocation lists and `pins`), and counted: the failure by reason, or
+/// the duration and kind (full or resumed). The stream comes back boxed: the task of an idle
+/// connection then holds a pointer, not a copy of rustls' connection state.
+pub async fn handshake<S, F>(
+    direction: Direction,
+    handshake: F,
+    deadline: tokio::time::Instant,
+    trust: &TrustStore,
+    pins: &[IdentityPattern],
+    metrics: &crate::metrics::Metrics,
+) -> Result<Box<S>, HandshakeFailure>
+where
+    F: std::future::Future<Output = std::io::Result<S>>,
+    S: Established,
+{
+    let dir = direction.name();
+    let usage = match direction {
+        Direction::Inbound => Usage::Client,
+        Direction::Outbound => Usage::Server,
+    };
+    let started = std::time::Instant::now();
+    let tls = Box::pin(tokio::time::timeout_at(deadline, handshake))
+        .await
+        .map_err(|_| {
+            metrics
+                .handshake_failures
+                .with_label_values(&[dir, "timeout"])
+                .inc();
+            HandshakeFailure::Timeout
+        })?
+        .and_then(|tls| {
+            revalidate(tls.state(), trust, usage, pins)
+                .map(|()| Box::new(tls))
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        })
+        .map_err(|e| {
+            let e = HandshakeError(e);
+            metrics
+                .handshake_failures
+                .with_label_values(&[dir, e.reason()])
+                .inc();
+            HandshakeFailure::Failed(e)
+        })?;
+    metrics
+        .handshake_duration
+        .with_label_values(&[dir])
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .handshakes
+        .with_label_values(&[dir, handshake_kind(tls.state())])
+        .inc();
+    Ok(tls)
+}
+
 /// Why a TLS configuration could not be built.
 #[derive(Debug, Error)]
 #[error("building TLS configuration: {0}")]

@@ -218,41 +218,25 @@ async fn terminate<S>(
 where
     S: AsyncRead + AsyncWrite + crate::proxy::relay::Abortable + Unpin,
 {
-    let failures = &inputs.metrics.handshake_failures;
-    let started = std::time::Instant::now();
     let tls_state = inputs.tls.borrow().clone();
-    // The handshake's state is boxed (freed when it ends) and so is the stream after it: an
-    // idle connection's task then holds a pointer, not a copy of rustls' connection state.
     let handshake = tls_state
         .acceptor
         .accept(crate::proxy::tls_io::Batched::new(client));
-    let tls = Box::pin(tokio::time::timeout_at(deadline, handshake))
-        .await
-        .map_err(|_| {
-            failures.with_label_values(&["inbound", "timeout"]).inc();
-            InboundError::HandshakeTimeout
-        })?
-        .and_then(|tls| {
-            let trust = &tls_state.creds.trust;
-            tls::revalidate(tls.get_ref().1, trust, tls::Usage::Client, &[])
-                .map(|()| Box::new(tls))
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-        })
-        .map_err(|e| {
-            let e = tls::HandshakeError(e);
-            failures.with_label_values(&["inbound", e.reason()]).inc();
-            InboundError::Handshake(e)
-        })?;
+    let trust = &tls_state.creds.trust;
+    let tls = tls::handshake(
+        tls::Direction::Inbound,
+        handshake,
+        deadline,
+        trust,
+        &[],
+        &inputs.metrics,
+    )
+    .await
+    .map_err(|e| match e {
+        tls::HandshakeFailure::Timeout => InboundError::HandshakeTimeout,
+        tls::HandshakeFailure::Failed(e) => InboundError::Handshake(e),
+    })?;
     let conn = tls.get_ref().1;
-    let metrics = &inputs.metrics;
-    metrics
-        .handshake_duration
-        .with_label_values(&["inbound"])
-        .observe(started.elapsed().as_secs_f64());
-    metrics
-        .handshakes
-        .with_label_values(&["inbound", tls::handshake_kind(conn)])
-        .inc();
     if conn.alpn_protocol() != Some(tls::MESH_ALPN) {
         return Err(InboundError::NotMesh);
     }

@@ -184,39 +184,23 @@ impl OutboundConnection {
                 // SPIFFE identities are not DNS names: the verifier ignores the name, and an
                 // IP address name keeps rustls from sending SNI.
                 let name = ServerName::IpAddress(dst.ip().into());
-                let failures = &inputs.metrics.handshake_failures;
-                let started = std::time::Instant::now();
                 let handshake =
                     connector.connect(name, crate::proxy::tls_io::Batched::new(upstream));
-                // Boxed, as inbound: the task of an idle connection holds pointers only.
-                let tls = Box::pin(tokio::time::timeout(timeouts.handshake, handshake))
-                    .await
-                    .map_err(|_| {
-                        failures.with_label_values(&["outbound", "timeout"]).inc();
-                        OutboundError::HandshakeTimeout { dst }
-                    })?
-                    .and_then(|tls| {
-                        let trust = &tls_state.creds.trust;
-                        tls::revalidate(tls.get_ref().1, trust, tls::Usage::Server, pins)
-                            .map(|()| Box::new(tls))
-                            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-                    })
-                    .map_err(|e| {
-                        let source = tls::HandshakeError(e);
-                        failures
-                            .with_label_values(&["outbound", source.reason()])
-                            .inc();
+                let tls = tls::handshake(
+                    tls::Direction::Outbound,
+                    handshake,
+                    tokio::time::Instant::now() + timeouts.handshake,
+                    &tls_state.creds.trust,
+                    pins,
+                    &inputs.metrics,
+                )
+                .await
+                .map_err(|e| match e {
+                    tls::HandshakeFailure::Timeout => OutboundError::HandshakeTimeout { dst },
+                    tls::HandshakeFailure::Failed(source) => {
                         OutboundError::Handshake { dst, source }
-                    })?;
-                let metrics = &inputs.metrics;
-                metrics
-                    .handshake_duration
-                    .with_label_values(&["outbound"])
-                    .observe(started.elapsed().as_secs_f64());
-                metrics
-                    .handshakes
-                    .with_label_values(&["outbound", tls::handshake_kind(tls.get_ref().1)])
-                    .inc();
+                    }
+                })?;
                 let (peer, peer_serial) = tls::peer(tls.get_ref().1);
                 info!(
                     src = %client_addr,
