@@ -138,9 +138,10 @@ pub struct Metrics {
     pub inbound_detections: IntCounterVec,
     /// STRICT refusals by destination port and what the client spoke.
     pub strict_refusals: IntCounterVec,
-    /// Connections that ended in an error, by direction and reason (one per error variant:
-    /// `not_pod_address`, `strict`, `handshake`, `connect_app`, ...).
-    pub connection_failures: IntCounterVec,
+    /// Every connection once it ends, by direction and outcome: `completed`, or the error
+    /// that ended it (`not_pod_address`, `strict`, `handshake`, `connect_app`, ...). One
+    /// series per outcome; see `proxy::Ending`.
+    pub connections_ended: IntCounterVec,
     /// Connections to the stats or admin listener closed because it was serving its maximum
     /// and a newer one arrived, by listener (`stats`, `admin`).
     pub admin_evictions: IntCounterVec,
@@ -266,10 +267,10 @@ impl Metrics {
                 "Inbound connections refused because the port is STRICT and the client did not speak mesh mTLS",
                 &["port", "protocol"],
             ),
-            connection_failures: counter(
-                "l4mesh_connection_failures_total",
-                "Connections that ended in an error, by direction and reason",
-                &["direction", "reason"],
+            connections_ended: counter(
+                "l4mesh_connections_total",
+                "Connections by direction and how they ended (completed, or the error that ended them)",
+                &["direction", "outcome"],
             ),
             admin_evictions: counter(
                 "l4mesh_admin_connections_evicted_total",

@@ -24,6 +24,47 @@ pub mod tls_io;
 
 use outbound::Routes;
 
+/// How a connection that ended in an error is told: the `outcome` label of
+/// `l4mesh_connections_total` (one per error variant) and whether an operator must act on it
+/// (warn) or any remote peer can cause it at will (debug, so a hostile client cannot flood
+/// the log; the counter still moves).
+pub trait Ending: std::fmt::Display {
+    fn outcome(&self) -> &'static str;
+    fn operator_must_act(&self) -> bool;
+}
+
+/// Records how a connection ended, in one place for both directions: the counter series of
+/// its outcome, and for an error a log line at the error's level.
+pub fn record_end<E: Ending>(
+    metrics: &Metrics,
+    direction: &'static str,
+    client: std::net::SocketAddr,
+    result: &Result<(), E>,
+) {
+    let error = result.as_ref().err().map(|e| e as &dyn Ending);
+    record(metrics, direction, client, error);
+}
+
+fn record(
+    metrics: &Metrics,
+    direction: &'static str,
+    client: std::net::SocketAddr,
+    error: Option<&dyn Ending>,
+) {
+    let outcome = error.map_or("completed", |e| e.outcome());
+    metrics
+        .connections_ended
+        .with_label_values(&[direction, outcome])
+        .inc();
+    if let Some(e) = error {
+        if e.operator_must_act() {
+            tracing::warn!(direction, src = %client, outcome, error = %e, "connection failed");
+        } else {
+            tracing::debug!(direction, src = %client, outcome, error = %e, "connection refused or failed");
+        }
+    }
+}
+
 /// Everything a connection needs, built once at start-up and shared.
 pub struct ProxyInputs {
     pub config: Config,
@@ -133,4 +174,106 @@ pub fn workload_namespace(config: &Config, id: &SpiffeId) -> String {
             .map(|(ns, _)| ns.to_string())
             .unwrap_or_default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inbound::InboundError;
+    use super::outbound::OutboundError;
+    use super::relay::RelayError;
+    use super::*;
+
+    fn io() -> std::io::Error {
+        std::io::ErrorKind::ConnectionReset.into()
+    }
+
+    /// Every way a connection can end moves exactly its own series, and no two share one.
+    #[test]
+    fn each_outcome_moves_its_own_counter() {
+        let dst: std::net::SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let source = crate::policy::Source {
+            level: crate::policy::Level::Default,
+            resource: None,
+        };
+        let inbound = vec![
+            InboundError::OriginalDst(io()),
+            InboundError::NotRedirected,
+            InboundError::Loop,
+            InboundError::NotPodAddress { dst },
+            InboundError::Detect(io()),
+            InboundError::Strict {
+                protocol: "plaintext",
+                decided_by: source,
+            },
+            InboundError::Handshake(tls::HandshakeError(io())),
+            InboundError::HandshakeTimeout,
+            InboundError::NotMesh,
+            InboundError::Denied {
+                peer: "p".into(),
+                port: 80,
+                policy: "ns/p".into(),
+            },
+            InboundError::ConnectApp { dst, source: io() },
+            InboundError::Relay(RelayError::Client(io())),
+            InboundError::Relay(RelayError::Upstream(io())),
+            InboundError::Relay(RelayError::Idle(std::time::Duration::from_secs(1))),
+        ];
+        let outbound = vec![
+            OutboundError::OriginalDst(io()),
+            OutboundError::NotRedirected,
+            OutboundError::Connect { dst, source: io() },
+            OutboundError::Handshake {
+                dst,
+                source: tls::HandshakeError(io()),
+            },
+            OutboundError::HandshakeTimeout { dst },
+            OutboundError::Relay(RelayError::Client(io())),
+            OutboundError::Relay(RelayError::Upstream(io())),
+            OutboundError::Relay(RelayError::Idle(std::time::Duration::from_secs(1))),
+        ];
+        let metrics = Metrics::new();
+        let client: std::net::SocketAddr = "10.0.0.2:40000".parse().unwrap();
+        let series = |m: &Metrics| {
+            m.render()
+                .lines()
+                .filter(|l| l.starts_with("l4mesh_connections_total{"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        let mut check = |direction: &'static str, result: Result<(), &dyn Ending>, want: &str| {
+            let before = series(&metrics);
+            record(&metrics, direction, client, result.err());
+            let after = series(&metrics);
+            let moved: Vec<_> = after.iter().filter(|l| !before.contains(l)).collect();
+            assert_eq!(moved.len(), 1, "{direction} {want}: {moved:?}");
+            assert!(
+                moved[0].contains(&format!("outcome=\"{want}\"")),
+                "{moved:?}"
+            );
+            assert!(seen.insert((direction, want.to_string())), "{want} twice");
+        };
+        check("inbound", Ok(()), "completed");
+        check("outbound", Ok(()), "completed");
+        for e in &inbound {
+            check("inbound", Err(e), e.outcome());
+        }
+        for e in &outbound {
+            check("outbound", Err(e), e.outcome());
+        }
+        // The log level is decided per outcome too: capture faults and a missing app warn,
+        // what any peer can cause does not.
+        let warns: Vec<_> = inbound
+            .iter()
+            .filter(|e| e.operator_must_act())
+            .map(|e| e.outcome())
+            .collect();
+        assert_eq!(warns, ["original_dst", "loop", "connect_app"]);
+        assert!(!OutboundError::NotRedirected.operator_must_act());
+        // And record_end counts an error under its outcome.
+        record_end(&metrics, "inbound", client, &Err(InboundError::NotMesh));
+        assert!(metrics
+            .render()
+            .contains("l4mesh_connections_total{direction=\"inbound\",outcome=\"not_mesh\"} 2"));
+    }
 }

@@ -218,8 +218,8 @@ fn localhost_only_apps_stay_private_in_every_mode() {
     let refused = metric_sum(
         &c,
         VICTIM,
-        "l4mesh_connection_failures_total",
-        "reason=\"not_pod_address\"",
+        "l4mesh_connections_total",
+        "outcome=\"not_pod_address\"",
     );
     assert!(refused >= 3.0, "refusals counted: {refused}");
 

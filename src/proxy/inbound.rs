@@ -10,7 +10,7 @@ use std::sync::Arc;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::authz::{Decision, Peer};
 use crate::identity::SpiffeId;
@@ -19,7 +19,7 @@ use crate::policy::{Mode, Source, WorkloadPolicy};
 use crate::proxy::relay::{self, RelayError};
 use crate::proxy::sniff::{self, Protocol};
 use crate::proxy::socket;
-use crate::proxy::ProxyInputs;
+use crate::proxy::{Ending, ProxyInputs};
 use crate::tls;
 
 /// Why an inbound connection was refused or ended early; the variant says who failed.
@@ -65,9 +65,8 @@ pub struct InboundConnection {
     pub client_addr: SocketAddr,
 }
 
-impl InboundError {
-    /// The `reason` label of `l4mesh_connection_failures_total`.
-    pub fn reason(&self) -> &'static str {
+impl Ending for InboundError {
+    fn outcome(&self) -> &'static str {
         match self {
             InboundError::OriginalDst(_) => "original_dst",
             InboundError::NotRedirected => "not_redirected",
@@ -86,9 +85,9 @@ impl InboundError {
         }
     }
 
-    /// Whether an operator must act: the rest are what any remote peer can cause at will,
-    /// logged at debug (and counted) so a hostile client cannot flood the log.
-    fn needs_operator(&self) -> bool {
+    /// A broken capture (no original destination, a loop) or an application that is not
+    /// listening is the operator's to fix; everything else a remote peer can cause at will.
+    fn operator_must_act(&self) -> bool {
         matches!(
             self,
             InboundError::OriginalDst(_) | InboundError::Loop | InboundError::ConnectApp { .. }
@@ -100,17 +99,8 @@ impl InboundConnection {
     pub async fn run(self) {
         let client_addr = socket::canonical(self.client_addr);
         let metrics = self.inputs.metrics.clone();
-        if let Err(e) = self.proxy().await {
-            metrics
-                .connection_failures
-                .with_label_values(&["inbound", e.reason()])
-                .inc();
-            if e.needs_operator() {
-                warn!(src = %client_addr, error = %e, "inbound connection refused or failed");
-            } else {
-                debug!(src = %client_addr, error = %e, "inbound connection refused or failed");
-            }
-        }
+        let result = self.proxy().await;
+        crate::proxy::record_end(&metrics, "inbound", client_addr, &result);
     }
 
     async fn proxy(self) -> Result<(), InboundError> {

@@ -9,14 +9,14 @@ use rustls::pki_types::ServerName;
 use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::config::{Action, Outbound};
 use crate::identity::Credentials;
 use crate::metrics::ConnectionLabels;
 use crate::proxy::relay::{self, RelayError};
 use crate::proxy::socket;
-use crate::proxy::ProxyInputs;
+use crate::proxy::{Ending, ProxyInputs};
 use crate::tls::{self, TrustStore};
 
 /// The compiled destination rules: first match wins, else the default.
@@ -116,9 +116,8 @@ pub struct OutboundConnection {
     pub client_addr: SocketAddr,
 }
 
-impl OutboundError {
-    /// The `reason` label of `l4mesh_connection_failures_total`.
-    pub fn reason(&self) -> &'static str {
+impl Ending for OutboundError {
+    fn outcome(&self) -> &'static str {
         match self {
             OutboundError::OriginalDst(_) => "original_dst",
             OutboundError::NotRedirected => "not_redirected",
@@ -130,25 +129,20 @@ impl OutboundError {
             OutboundError::Relay(RelayError::Idle(_)) => "idle",
         }
     }
+
+    /// Anyone can dial :15001 directly; every other failure comes from this pod's app or the
+    /// destination it chose, worth a warning.
+    fn operator_must_act(&self) -> bool {
+        !matches!(self, OutboundError::NotRedirected)
+    }
 }
 
 impl OutboundConnection {
     pub async fn run(self) {
         let client_addr = socket::canonical(self.client_addr);
         let metrics = self.inputs.metrics.clone();
-        if let Err(e) = self.proxy().await {
-            metrics
-                .connection_failures
-                .with_label_values(&["outbound", e.reason()])
-                .inc();
-            // Anyone can dial :15001 directly; every other failure comes from this pod's app
-            // or the destination it chose, worth a warning.
-            if matches!(e, OutboundError::NotRedirected) {
-                debug!(src = %client_addr, error = %e, "outbound connection failed");
-            } else {
-                warn!(src = %client_addr, error = %e, "outbound connection failed");
-            }
-        }
+        let result = self.proxy().await;
+        crate::proxy::record_end(&metrics, "outbound", client_addr, &result);
     }
 
     async fn proxy(self) -> Result<(), OutboundError> {
