@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::policy::{self, PolicyError, PolicySet, WorkloadPolicy};
 use crate::proxy::inbound::InboundConnection;
 use crate::proxy::outbound::OutboundConnection;
-use crate::proxy::{ProxyInputs, TlsState};
+use crate::proxy::{Capture, ProxyInputs, TlsState};
 use crate::tls;
 use crate::watch::Change;
 
@@ -86,6 +86,39 @@ pub async fn run(
     policy: WorkloadPolicy,
     log: Arc<LogControl>,
 ) -> anyhow::Result<()> {
+    start(config, creds, policy, log, Capture::Kernel)
+        .await?
+        .run_until_stopped()
+        .await
+}
+
+/// A started sidecar: every listener bound and serving, readiness true.
+pub struct Sidecar {
+    pub inputs: Arc<ProxyInputs>,
+    /// Where the listeners are bound (a port 0 in the config is the port the kernel chose).
+    pub bound: Bound,
+    drain: Drain,
+}
+
+/// The listeners' addresses.
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    pub outbound: std::net::SocketAddr,
+    pub inbound: std::net::SocketAddr,
+    pub metrics: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+}
+
+/// Loads nothing more: builds the shared inputs from what was loaded, binds every listener,
+/// starts the reload watchers and serves. `capture` says where captured connections were
+/// going: the kernel's record everywhere, a fixed address in in-process tests (no iptables).
+pub async fn start(
+    config: Config,
+    creds: Credentials,
+    policy: WorkloadPolicy,
+    log: Arc<LogControl>,
+    capture: Capture,
+) -> anyhow::Result<Sidecar> {
     let metrics = Arc::new(Metrics::new());
     metrics
         .certificate_expiry
@@ -127,7 +160,13 @@ pub async fn run(
             reload_policy(config.clone(), id.clone(), metrics.clone(), policy_tx),
         ));
     }
-    let inputs = Arc::new(ProxyInputs::new(config, tls_rx, policy_rx, metrics.clone()));
+    let inputs = Arc::new(ProxyInputs::new(
+        config,
+        tls_rx,
+        policy_rx,
+        metrics.clone(),
+        capture,
+    ));
     metrics
         .workload_info
         .with_label_values(&[
@@ -145,6 +184,13 @@ pub async fn run(
     let inbound = bind(listeners.inbound, "inbound")?;
     let stats = bind(listeners.metrics, "metrics")?;
     let admin = bind(listeners.admin, "admin")?;
+    let local = |l: &TcpListener| l.local_addr().context("reading a listener's address");
+    let bound = Bound {
+        outbound: local(&outbound)?,
+        inbound: local(&inbound)?,
+        metrics: local(&stats)?,
+        admin: local(&admin)?,
+    };
 
     let drain = Drain::new();
     let state = Arc::new(AdminState {
@@ -200,13 +246,29 @@ pub async fn run(
     info!(
         identity = %inputs.identity,
         serial = %inputs.tls.borrow().creds.serial,
-        outbound = %listeners.outbound,
-        inbound = %listeners.inbound,
-        metrics = %listeners.metrics,
-        admin = %listeners.admin,
+        outbound = %bound.outbound,
+        inbound = %bound.inbound,
+        metrics = %bound.metrics,
+        admin = %bound.admin,
         "l4mesh ready"
     );
+    Ok(Sidecar {
+        inputs,
+        bound,
+        drain,
+    })
+}
 
+impl Sidecar {
+    /// Serves until a signal or `POST /drain`, then drains (see [`run`]).
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let Sidecar { inputs, drain, .. } = self;
+        stop(&inputs, &drain).await;
+        Ok(())
+    }
+}
+
+async fn stop(inputs: &ProxyInputs, drain: &Drain) {
     tokio::select! {
         _ = shutdown_signal() => drain.start(),
         _ = drain.started() => {}
@@ -230,7 +292,6 @@ pub async fn run(
             std::process::exit(0);
         }
     }
-    Ok(())
 }
 
 /// What to do when the policy file changes: load and resolve it; if good, publish it for new

@@ -24,6 +24,17 @@ pub mod tls_io;
 
 use outbound::Routes;
 
+/// Where captured connections were going.
+#[derive(Clone, Copy, Debug)]
+pub enum Capture {
+    /// iptables redirected them: the kernel recorded each one's original destination
+    /// (`SO_ORIGINAL_DST`), and inbound serves only the pod's own addresses.
+    Kernel,
+    /// In-process tests, without iptables or root: every connection was headed for `dst`,
+    /// which stands for the pod's (or the peer's) address.
+    Fixed { dst: std::net::SocketAddr },
+}
+
 /// How a connection that ended in an error is told: the `outcome` label of
 /// `l4mesh_connections_total` (one per error variant) and whether an operator must act on it
 /// (warn) or any remote peer can cause it at will (debug, so a hostile client cannot flood
@@ -77,6 +88,8 @@ pub struct ProxyInputs {
     pub metrics: Arc<Metrics>,
     /// Ports per-port metrics name by number (see `port_label`), from the config.
     pub known_ports: std::collections::BTreeSet<u16>,
+    /// Where captured connections were going: the kernel's record, or a test's.
+    pub capture: Capture,
     /// The pod's own addresses: the only destinations inbound serves.
     pub local_addrs: crate::proxy::socket::LocalAddrs,
     /// This workload as Istio's metrics name it.
@@ -123,6 +136,7 @@ impl ProxyInputs {
         tls: watch::Receiver<Arc<TlsState>>,
         policy: watch::Receiver<Arc<WorkloadPolicy>>,
         metrics: Arc<Metrics>,
+        capture: Capture,
     ) -> ProxyInputs {
         let identity = tls.borrow().creds.id.clone();
         let namespace = workload_namespace(&config, &identity);
@@ -150,6 +164,7 @@ impl ProxyInputs {
             policy,
             metrics,
             local_addrs: crate::proxy::socket::LocalAddrs::new(),
+            capture,
             known_ports,
         }
     }
@@ -158,6 +173,25 @@ impl ProxyInputs {
     /// workload serves or configures (`workload.ports`, `portLevelMtls`, server-first and
     /// per-port detection settings), `other` for the rest. The client picks the port: one
     /// byte to each of 20,000 ports must not become 20,000 series (issue 13).
+    /// Where a captured connection was going (see [`Capture`]).
+    pub fn original_dst(
+        &self,
+        stream: &tokio::net::TcpStream,
+    ) -> std::io::Result<std::net::SocketAddr> {
+        match self.capture {
+            Capture::Kernel => socket::original_dst(stream).map(socket::canonical),
+            Capture::Fixed { dst } => Ok(dst),
+        }
+    }
+
+    /// Whether inbound may serve `ip`: one of the pod's own, non-loopback addresses.
+    pub fn is_pod_address(&self, ip: std::net::IpAddr) -> bool {
+        match self.capture {
+            Capture::Kernel => self.local_addrs.is_pod_address(ip),
+            Capture::Fixed { dst } => ip == dst.ip(),
+        }
+    }
+
     pub fn port_label(&self, port: u16, policy: &WorkloadPolicy) -> std::borrow::Cow<'static, str> {
         if self.known_ports.contains(&port) || policy.mtls.ports.contains_key(&port) {
             port.to_string().into()

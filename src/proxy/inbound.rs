@@ -114,8 +114,8 @@ impl InboundConnection {
         // included: a client that trickles its ClientHello cannot hold the connection for
         // the detect timeout and then the handshake timeout again (issue 13).
         let deadline = tokio::time::Instant::now() + inputs.config.timeouts.handshake;
-        let dst = socket::original_dst(&client)
-            .map(socket::canonical)
+        let dst = inputs
+            .original_dst(&client)
             .map_err(InboundError::OriginalDst)?;
         // A client dialling :15006 directly must not be proxied to the listener itself.
         if socket::is_self(dst, &client) {
@@ -129,7 +129,7 @@ impl InboundConnection {
         // Only the pod's own addresses are served (issue 13): a frame sent to the pod's MAC
         // with destination 127.0.0.1 that got past the capture rules would otherwise reach an
         // app bound only to localhost, in any mode.
-        if !inputs.local_addrs.is_pod_address(dst.ip()) {
+        if !inputs.is_pod_address(dst.ip()) {
             return Err(InboundError::NotPodAddress { dst });
         }
 

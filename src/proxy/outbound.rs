@@ -152,8 +152,8 @@ impl OutboundConnection {
             client_addr,
         } = self;
         let client_addr = socket::canonical(client_addr);
-        let dst = socket::original_dst(&client)
-            .map(socket::canonical)
+        let dst = inputs
+            .original_dst(&client)
             .map_err(OutboundError::OriginalDst)?;
         if socket::is_self(dst, &client) {
             return Err(OutboundError::NotRedirected);
