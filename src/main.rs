@@ -370,6 +370,33 @@ fn other<E: Into<anyhow::Error>>(e: E) -> Failure {
     Failure::Other(e.into())
 }
 
+/// How many threads a subcommand's runtime gets: the sidecar and the webhook serve many
+/// connections; the one-shot clients need one.
+enum Threads {
+    One,
+    /// A multi-threaded runtime; `None` is one worker per CPU.
+    Workers(Option<std::num::NonZeroUsize>),
+}
+
+/// Every tokio runtime of the program is built here. Tasks still running when `future` ends
+/// (connections past the drain deadline) are cut without waiting.
+fn block_on<F: std::future::Future>(threads: Threads, future: F) -> Result<F::Output, Failure> {
+    let mut builder = match threads {
+        Threads::One => tokio::runtime::Builder::new_current_thread(),
+        Threads::Workers(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = n {
+                b.worker_threads(n.get());
+            }
+            b
+        }
+    };
+    let runtime = builder.enable_all().build().map_err(other)?;
+    let output = runtime.block_on(future);
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    Ok(output)
+}
+
 fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
     match cmd {
         Cmd::Run { config } => {
@@ -381,15 +408,8 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
                 Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
             }
             trim_freed_memory_periodically();
-            let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = config.runtime.worker_threads {
-                runtime.worker_threads(n.get());
-            }
-            let runtime = runtime.enable_all().build().map_err(other)?;
-            let result = runtime.block_on(app::run(config, creds, policy, log));
-            // Connections still open after the drain deadline are cut here, without waiting.
-            runtime.shutdown_timeout(std::time::Duration::from_millis(200));
-            result.map_err(other)
+            let threads = Threads::Workers(config.runtime.worker_threads);
+            block_on(threads, app::run(config, creds, policy, log))?.map_err(other)
         }
         Cmd::Check { config } => {
             let config = load_config(config.as_deref()).map_err(bad)?;
@@ -442,41 +462,16 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
             inject,
         } => {
             let opts = inject.options();
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(other)?;
-            runtime
-                .block_on(injector::serve(listen, &tls_cert, &tls_key, opts))
-                .map_err(other)
+            let serve = injector::serve(listen, &tls_cert, &tls_key, opts);
+            block_on(Threads::Workers(None), serve)?.map_err(other)
         }
         Cmd::WaitReady { url, timeout } => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(other)?;
-            runtime.block_on(async {
-                let deadline = tokio::time::Instant::now() + timeout;
-                loop {
-                    match report::http_get(&url).await {
-                        Ok(_) => return Ok(()),
-                        Err(e) if tokio::time::Instant::now() >= deadline => {
-                            return Err(other(anyhow::anyhow!("not ready after {timeout:?}: {e}")))
-                        }
-                        Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
-                    }
-                }
-            })
+            block_on(Threads::One, report::wait_ready(&url, timeout))?
+                .map_err(|e| other(anyhow::anyhow!("not ready after {timeout:?}: {e}")))
         }
         Cmd::Drain { url } => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(other)?;
-            runtime
-                .block_on(report::http_request(hyper::Method::POST, &url))
-                .map(|_| ())
-                .map_err(other)
+            let post = report::http_request(hyper::Method::POST, &url);
+            block_on(Threads::One, post)?.map(|_| ()).map_err(other)
         }
         Cmd::MigrationReport {
             sidecars,
@@ -484,24 +479,8 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
             window,
             output,
         } => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(other)?;
-            let (reports, window) = runtime
-                .block_on(async {
-                    match &prometheus {
-                        Some(url) => {
-                            let w = window.unwrap_or(std::time::Duration::from_secs(3600));
-                            report::from_prometheus(url, w).await.map(|r| (r, w))
-                        }
-                        None => {
-                            let w = window.unwrap_or(std::time::Duration::from_secs(30));
-                            report::from_sidecars(&sidecars, w).await.map(|r| (r, w))
-                        }
-                    }
-                })
-                .map_err(other)?;
+            let gather = report::gather(&sidecars, prometheus.as_deref(), window);
+            let (reports, window) = block_on(Threads::One, gather)?.map_err(other)?;
             match output {
                 ReportFormat::Text => print!("{}", report::render_text(&reports, window)),
                 ReportFormat::Json => println!("{}", report::render_json(&reports, window)),

@@ -503,6 +503,37 @@ pub async fn from_prometheus(
         .collect())
 }
 
+/// `migration-report`'s numbers: from Prometheus over `window` (1 h unless given), else
+/// from the sidecars watched for `window` (30 s unless given). Returns the window used.
+pub async fn gather(
+    sidecars: &[String],
+    prometheus: Option<&str>,
+    window: Option<Duration>,
+) -> Result<(Vec<WorkloadReport>, Duration), ReportError> {
+    match prometheus {
+        Some(url) => {
+            let w = window.unwrap_or(Duration::from_secs(3600));
+            from_prometheus(url, w).await.map(|r| (r, w))
+        }
+        None => {
+            let w = window.unwrap_or(Duration::from_secs(30));
+            from_sidecars(sidecars, w).await.map(|r| (r, w))
+        }
+    }
+}
+
+/// `wait-ready`: asks `url` every 200 ms until it answers 2xx, for at most `timeout`.
+pub async fn wait_ready(url: &str, timeout: Duration) -> Result<(), ReportError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match http_get(url).await {
+            Ok(_) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
