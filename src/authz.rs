@@ -12,6 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::identity::spiffe::Glob;
 use crate::parse::PortRange;
 
 /// What a policy does when one of its rules matches.
@@ -193,41 +194,6 @@ impl Key {
     }
 }
 
-/// A principal or namespace pattern: exact, `*`, `prefix*` or `*suffix`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum StrMatch {
-    Any,
-    Exact(String),
-    Prefix(String),
-    Suffix(String),
-}
-
-impl StrMatch {
-    fn new(s: &str) -> StrMatch {
-        if s == "*" {
-            StrMatch::Any
-        } else if let Some(p) = s.strip_suffix('*') {
-            StrMatch::Prefix(p.to_string())
-        } else if let Some(p) = s.strip_prefix('*') {
-            StrMatch::Suffix(p.to_string())
-        } else {
-            StrMatch::Exact(s.to_string())
-        }
-    }
-
-    /// A value that is absent (a plaintext peer has no principal) matches no pattern, not
-    /// even `*`: `principals: ["*"]` means "any authenticated peer".
-    fn matches(&self, value: Option<&str>) -> bool {
-        let Some(v) = value else { return false };
-        match self {
-            StrMatch::Any => true,
-            StrMatch::Exact(e) => v == e,
-            StrMatch::Prefix(p) => v.starts_with(p.as_str()),
-            StrMatch::Suffix(s) => v.ends_with(s.as_str()),
-        }
-    }
-}
-
 /// One constraint: `values` (any must match, when given) and `notValues` (none may match).
 #[derive(Clone, Debug)]
 struct Field<T> {
@@ -258,8 +224,8 @@ impl<T> Field<T> {
 /// present.
 #[derive(Clone, Debug, Default)]
 struct Matcher {
-    principals: Field<StrMatch>,
-    namespaces: Field<StrMatch>,
+    principals: Field<Glob>,
+    namespaces: Field<Glob>,
     source_ips: Field<IpNet>,
     remote_ips: Field<IpNet>,
     destination_ips: Field<IpNet>,
@@ -485,7 +451,7 @@ fn exact_principals_only(rule: &Rule) -> Option<Vec<String>> {
 
 fn compile_rule(rule: &Rule) -> CompiledRule {
     let mut http = false;
-    let strs = |v: &[String]| v.iter().map(|s| StrMatch::new(s)).collect::<Vec<_>>();
+    let strs = |v: &[String]| v.iter().map(|s| Glob::new(s)).collect::<Vec<_>>();
     let nets = |v: &[IpBlock]| v.iter().map(|b| b.0).collect::<Vec<_>>();
     let from = rule
         .from

@@ -206,7 +206,7 @@ pub fn serial_hex(cert: &CertificateDer<'_>) -> String {
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(into = "String")]
-pub struct IdentityPattern(String);
+pub struct IdentityPattern(String, Glob);
 
 impl<'de> serde::Deserialize<'de> for IdentityPattern {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -228,8 +228,11 @@ impl TryFrom<String> for IdentityPattern {
             1 if s.starts_with('*') || s.ends_with('*') => Ok(()),
             _ => Err("only one leading or trailing '*' is allowed".to_string()),
         };
-        ok.map(|_| IdentityPattern(s))
-            .map_err(|reason| format!("invalid identity pattern {reason}"))
+        ok.map(|_| {
+            let glob = Glob::new(&s);
+            IdentityPattern(s, glob)
+        })
+        .map_err(|reason| format!("invalid identity pattern {reason}"))
     }
 }
 
@@ -246,13 +249,43 @@ impl IdentityPattern {
     }
 
     pub fn matches(&self, id: &SpiffeId) -> bool {
-        let id = id.to_string();
-        if let Some(suffix) = self.0.strip_prefix('*') {
-            id.ends_with(suffix)
-        } else if let Some(prefix) = self.0.strip_suffix('*') {
-            id.starts_with(prefix)
+        self.1.matches(Some(&id.to_string()))
+    }
+}
+
+/// The one pattern matcher for identities, as Istio writes them: exact, `*`, `prefix*` or
+/// `*suffix`. AuthorizationPolicy principals and namespaces and destination rules' server
+/// identities all match through it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Glob {
+    Any,
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+}
+
+impl Glob {
+    pub fn new(s: &str) -> Glob {
+        if s == "*" {
+            Glob::Any
+        } else if let Some(p) = s.strip_suffix('*') {
+            Glob::Prefix(p.to_string())
+        } else if let Some(p) = s.strip_prefix('*') {
+            Glob::Suffix(p.to_string())
         } else {
-            id == self.0
+            Glob::Exact(s.to_string())
+        }
+    }
+
+    /// A value that is absent (a plaintext peer has no principal) matches no pattern, not
+    /// even `*`: `principals: ["*"]` means "any authenticated peer".
+    pub fn matches(&self, value: Option<&str>) -> bool {
+        let Some(v) = value else { return false };
+        match self {
+            Glob::Any => true,
+            Glob::Exact(e) => v == e,
+            Glob::Prefix(p) => v.starts_with(p.as_str()),
+            Glob::Suffix(s) => v.ends_with(s.as_str()),
         }
     }
 }
