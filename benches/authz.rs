@@ -8,7 +8,7 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use l4mesh::authz::{AuthorizationPolicy, Authorizer, Peer, Spec};
+use l4mesh::policy::authz::{AuthorizationPolicy, Authorizer, Peer, Spec};
 
 /// 1,000 policies in namespace `shop`: 600 ALLOW lists of exact principals (indexed), 300 ALLOW
 /// rules with wildcards, namespaces and ports (scanned), 100 DENY rules on IP blocks.

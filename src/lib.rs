@@ -13,7 +13,7 @@
 //! 4. [`proxy::inbound`] (a peer calling in): original destination → the pod's own address
 //!    only → the port's mode ([`policy`]) → first bytes ([`proxy::sniff`]) → mesh mTLS
 //!    terminated and the peer identified ([`tls`], [`identity`]) or plaintext forwarded /
-//!    refused → authorization ([`authz`]) → the application;
+//!    refused → authorization ([`policy::authz`]) → the application;
 //! 5. [`proxy::relay`] copies both ways until both sides are done, passing half-closes and
 //!    resets on; [`metrics`] counts every step and every failure by reason.
 //!
@@ -27,7 +27,6 @@
 
 pub mod admin;
 pub mod app;
-pub mod authz;
 pub mod cmd;
 pub mod config;
 pub mod consts;

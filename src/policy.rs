@@ -16,7 +16,9 @@ use std::time::SystemTime;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::authz::{self, AuthorizationPolicy, Authorizer};
+pub mod authz;
+
+use authz::{AuthorizationPolicy, Authorizer};
 
 /// An mTLS mode as written in a resource.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

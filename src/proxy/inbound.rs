@@ -12,9 +12,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
-use crate::authz::{Decision, Peer};
 use crate::identity::SpiffeId;
 use crate::metrics::ConnectionLabels;
+use crate::policy::authz::{Decision, Peer};
 use crate::policy::{Mode, Source, WorkloadPolicy};
 use crate::proxy::relay::{self, RelayError};
 use crate::proxy::sniff::{self, Protocol};
