@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
-use ipnet::IpNet;
+use clap::{Parser, Subcommand};
 use std::sync::Arc;
 
 use l4mesh::admin::LogControl;
@@ -106,67 +105,11 @@ enum ReportFormat {
 #[derive(Subcommand)]
 enum IptablesCmd {
     /// Install the capture rules in this network namespace (atomic, idempotent).
-    Apply(IptablesArgs),
+    Apply(iptables::Options),
     /// Remove exactly the rules `apply` installed.
-    Cleanup(IptablesArgs),
+    Cleanup(iptables::Options),
     /// Print the rules `apply` would install.
-    Print(IptablesArgs),
-}
-
-#[derive(Args)]
-struct IptablesArgs {
-    /// UID the proxy runs as; its traffic is never captured.
-    #[arg(long, default_value_t = l4mesh::consts::PROXY_UID)]
-    proxy_uid: u32,
-    /// GID the proxy runs as.
-    #[arg(long, default_value_t = l4mesh::consts::PROXY_GID)]
-    proxy_gid: u32,
-    /// Port of the outbound listener.
-    #[arg(long, default_value_t = l4mesh::consts::OUTBOUND_PORT)]
-    outbound_port: u16,
-    /// Port of the inbound listener.
-    #[arg(long, default_value_t = l4mesh::consts::INBOUND_PORT)]
-    inbound_port: u16,
-    /// Inbound ports to capture, comma-separated, or `*` for all.
-    #[arg(long, default_value = "*")]
-    inbound_ports: String,
-    /// Inbound ports never to capture (15000, 15020, 15021 always are excluded).
-    #[arg(long, value_delimiter = ',')]
-    exclude_inbound_ports: Vec<u16>,
-    /// Outbound destination ports never to capture.
-    #[arg(long, value_delimiter = ',')]
-    exclude_outbound_ports: Vec<u16>,
-    /// Outbound destination CIDRs never to capture.
-    #[arg(long, value_delimiter = ',')]
-    exclude_outbound_cidrs: Vec<IpNet>,
-    /// Also capture IPv6 (ip6tables).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    ipv6: bool,
-}
-
-impl IptablesArgs {
-    fn options(&self) -> anyhow::Result<iptables::Options> {
-        let inbound_ports = match self.inbound_ports.trim() {
-            "*" => None,
-            list => Some(
-                list.split(',')
-                    .map(|p| p.trim().parse::<u16>())
-                    .collect::<Result<Vec<_>, _>>()
-                    .with_context(|| format!("--inbound-ports {list:?}: expected `*` or ports"))?,
-            ),
-        };
-        Ok(iptables::Options {
-            proxy_uid: self.proxy_uid,
-            proxy_gid: self.proxy_gid,
-            outbound_port: self.outbound_port,
-            inbound_port: self.inbound_port,
-            inbound_ports,
-            exclude_inbound_ports: self.exclude_inbound_ports.clone(),
-            exclude_outbound_ports: self.exclude_outbound_ports.clone(),
-            exclude_outbound_cidrs: self.exclude_outbound_cidrs.clone(),
-            ipv6: self.ipv6,
-        })
-    }
+    Print(iptables::Options),
 }
 
 #[derive(Subcommand)]
@@ -295,7 +238,16 @@ fn init_logging(filter: &str) -> Arc<LogControl> {
 const EXIT_BAD_INPUT: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Bad flags are bad input like a bad config: status 64, not clap's 2 (help and
+    // --version still print and exit 0).
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log_level.clone());
     let log = init_logging(&filter);
     match dispatch(cli.command, log) {
@@ -431,14 +383,10 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
             l4mesh::proxy::TlsState::new(&config, creds, Some(ticketer)).map_err(bad)?;
             Ok(())
         }
-        Cmd::Iptables(IptablesCmd::Apply(args)) => {
-            iptables::apply(&args.options().map_err(bad)?).map_err(other)
-        }
-        Cmd::Iptables(IptablesCmd::Cleanup(args)) => {
-            iptables::cleanup(&args.options().map_err(bad)?).map_err(other)
-        }
+        Cmd::Iptables(IptablesCmd::Apply(args)) => iptables::apply(&args).map_err(other),
+        Cmd::Iptables(IptablesCmd::Cleanup(args)) => iptables::cleanup(&args).map_err(other),
         Cmd::Iptables(IptablesCmd::Print(args)) => {
-            print!("{}", iptables::print(&args.options().map_err(bad)?));
+            print!("{}", iptables::print(&args));
             Ok(())
         }
         Cmd::Inject { file, inject } => {

@@ -22,27 +22,59 @@ const CHAINS: [&str; 4] = [
     "L4MESH_REDIRECT",
 ];
 
-/// What to capture, as the options of istio-iptables that matter at L4.
-#[derive(Clone, Debug)]
+/// What to capture, as the options of istio-iptables that matter at L4; also the flags of
+/// `l4mesh iptables apply|cleanup|print` (one definition for both).
+#[derive(Clone, Debug, clap::Args)]
 pub struct Options {
-    /// The proxy's UID; its own sockets are never captured.
+    /// UID the proxy runs as; its traffic is never captured.
+    #[arg(long, default_value_t = consts::PROXY_UID)]
     pub proxy_uid: u32,
-    /// The proxy's GID; likewise.
+    /// GID the proxy runs as; likewise.
+    #[arg(long, default_value_t = consts::PROXY_GID)]
     pub proxy_gid: u32,
-    /// Where outbound connections are redirected.
+    /// Port of the outbound listener, where outbound connections are redirected.
+    #[arg(long, default_value_t = consts::OUTBOUND_PORT)]
     pub outbound_port: u16,
-    /// Where inbound connections are redirected.
+    /// Port of the inbound listener, where inbound connections are redirected.
+    #[arg(long, default_value_t = consts::INBOUND_PORT)]
     pub inbound_port: u16,
-    /// Inbound ports to capture; `None` = every port.
-    pub inbound_ports: Option<Vec<u16>>,
-    /// Inbound ports never captured (added to 15000, 15020, 15021).
+    /// Inbound ports to capture, comma-separated, or `*` for all.
+    #[arg(long, default_value = "*")]
+    pub inbound_ports: InboundPorts,
+    /// Inbound ports never to capture (15000, 15020, 15021 always are excluded).
+    #[arg(long, value_delimiter = ',')]
     pub exclude_inbound_ports: Vec<u16>,
-    /// Outbound destination ports never captured.
+    /// Outbound destination ports never to capture.
+    #[arg(long, value_delimiter = ',')]
     pub exclude_outbound_ports: Vec<u16>,
-    /// Outbound destination networks never captured.
+    /// Outbound destination CIDRs never to capture.
+    #[arg(long, value_delimiter = ',')]
     pub exclude_outbound_cidrs: Vec<IpNet>,
-    /// Also write ip6tables rules.
+    /// Also capture IPv6 (ip6tables).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub ipv6: bool,
+}
+
+/// Which inbound ports are captured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InboundPorts {
+    All,
+    Only(Vec<u16>),
+}
+
+impl std::str::FromStr for InboundPorts {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "*" => Ok(InboundPorts::All),
+            list => list
+                .split(',')
+                .map(|p| p.trim().parse::<u16>())
+                .collect::<Result<Vec<_>, _>>()
+                .map(InboundPorts::Only)
+                .map_err(|e| format!("{list:?}: expected `*` or comma-separated ports: {e}")),
+        }
+    }
 }
 
 impl Default for Options {
@@ -52,7 +84,7 @@ impl Default for Options {
             proxy_gid: consts::PROXY_GID,
             outbound_port: consts::OUTBOUND_PORT,
             inbound_port: consts::INBOUND_PORT,
-            inbound_ports: None,
+            inbound_ports: InboundPorts::All,
             exclude_inbound_ports: Vec::new(),
             exclude_outbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
@@ -169,8 +201,8 @@ pub fn rules(opts: &Options, family: Family) -> String {
         line(format!("-A L4MESH_INBOUND -p tcp --dport {port} -j RETURN"));
     }
     match &opts.inbound_ports {
-        None => line("-A L4MESH_INBOUND -p tcp -j L4MESH_IN_REDIRECT".into()),
-        Some(ports) => {
+        InboundPorts::All => line("-A L4MESH_INBOUND -p tcp -j L4MESH_IN_REDIRECT".into()),
+        InboundPorts::Only(ports) => {
             for port in ports.iter().filter(|p| !excluded.contains(p)) {
                 line(format!(
                     "-A L4MESH_INBOUND -p tcp --dport {port} -j L4MESH_IN_REDIRECT"
@@ -393,7 +425,7 @@ mod tests {
     #[test]
     fn options_shape_the_rules() {
         let opts = Options {
-            inbound_ports: Some(vec![8080, 15020, 9090]),
+            inbound_ports: InboundPorts::Only(vec![8080, 15020, 9090]),
             exclude_inbound_ports: vec![22],
             exclude_outbound_ports: vec![5432],
             exclude_outbound_cidrs: vec![
