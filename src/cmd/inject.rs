@@ -96,7 +96,7 @@ pub fn inject_yaml(input: &str, opts: &Options) -> Result<String, InjectError> {
     Ok(out.join("---\n"))
 }
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Injects one object (recursing into `List`s). Returns whether anything changed.
 pub fn inject_object(obj: &mut Value, opts: &Options) -> Result<bool, (String, String)> {
@@ -196,11 +196,11 @@ fn inject_pod(pod: &mut Value, opts: &Options) -> Result<bool, String> {
         .and_then(Value::as_str)
         .map(str::to_string)
         .unwrap_or_else(|| format!("{service_account}-l4mesh-certs"));
-    let capture_env: Vec<Value> = CAPTURE_ANNOTATIONS
+    let capture_env: Vec<EnvVar> = CAPTURE_ANNOTATIONS
         .iter()
         .filter_map(|(ann, env)| {
             let v = annotations_before.get(*ann)?.as_str()?;
-            Some(yaml(&format!("{{name: {env}, value: {}}}", json_str(v))))
+            Some(EnvVar::value(env, v))
         })
         .collect();
     {
@@ -219,8 +219,6 @@ fn inject_pod(pod: &mut Value, opts: &Options) -> Result<bool, String> {
 
     // Spec: init container, sidecar, volumes.
     let spec = entry_mapping(pod_map, "spec")?;
-    let mut init = vec![init_container(opts, capture_env)];
-    let mut sidecar = sidecar_container(opts);
     // The app's declared ports: the sidecar's per-port metrics name them; other ports a
     // client picks are counted as `other` (bounded series).
     let app_ports: Vec<String> = spec
@@ -233,99 +231,392 @@ fn inject_pod(pod: &mut Value, opts: &Options) -> Result<bool, String> {
         .filter_map(|p| p.get("containerPort")?.as_u64())
         .map(|p| p.to_string())
         .collect();
-    if !app_ports.is_empty() {
-        let env = sidecar.get_mut("env").and_then(Value::as_sequence_mut);
-        if let Some(env) = env {
-            env.push(yaml(&format!(
-                "{{name: L4MESH_APP_PORTS, value: {}}}",
-                json_str(&app_ports.join(","))
-            )));
-        }
-    }
+    let init = value(&InitContainer::new(opts, capture_env))?;
+    let sidecar = value(&SidecarContainer::new(opts, &app_ports))?;
     if opts.native_sidecar {
-        let mut s = sidecar;
-        if let Some(m) = s.as_mapping_mut() {
-            m.insert("restartPolicy".into(), "Always".into());
-        }
-        init.push(s);
-        prepend(spec, "initContainers", init)?;
+        prepend(spec, "initContainers", vec![init, sidecar])?;
     } else {
-        prepend(spec, "initContainers", init)?;
-        let mut s = sidecar;
-        // Classic ordering: the app containers start after this one's postStart returns,
-        // which is when the sidecar is ready (as Istio's holdApplicationUntilProxyStarts).
-        if let Some(m) = s.as_mapping_mut() {
-            m.insert(
-                "lifecycle".into(),
-                yaml("{postStart: {exec: {command: [l4mesh, wait-ready, --timeout, 60s]}}, preStop: {exec: {command: [l4mesh, drain]}}}"),
-            );
-        }
-        prepend(spec, "containers", vec![s])?;
+        prepend(spec, "initContainers", vec![init])?;
+        prepend(spec, "containers", vec![sidecar])?;
     }
     let volumes = [
-        yaml(&format!(
-            "{{name: l4mesh-certs, secret: {{secretName: {}, items: [{{key: tls.crt, path: cert-chain.pem}}, {{key: tls.key, path: key.pem}}, {{key: ca.crt, path: root-cert.pem}}]}}}}",
-            json_str(&secret)
-        )),
-        yaml(&format!(
-            "{{name: l4mesh-policy, configMap: {{name: {}, optional: true}}}}",
-            json_str(&opts.policy_configmap)
-        )),
-        yaml("{name: l4mesh-podinfo, downwardAPI: {items: [{path: labels, fieldRef: {fieldPath: metadata.labels}}]}}"),
+        Volume::secret(&secret),
+        Volume::config_map(&opts.policy_configmap),
+        Volume::pod_labels(),
     ];
-    append(spec, "volumes", volumes.to_vec())?;
+    let volumes = volumes.iter().map(value).collect::<Result<_, _>>()?;
+    append(spec, "volumes", volumes)?;
     Ok(true)
 }
 
-fn init_container(opts: &Options, env: Vec<Value>) -> Value {
-    let mut c = yaml(&format!(
-        "{{name: l4mesh-init, image: {}, command: [l4mesh-iptables-init], resources: {{requests: {{cpu: 10m, memory: 16Mi}}, limits: {{cpu: 100m, memory: 64Mi}}}}, securityContext: {{runAsUser: 0, runAsGroup: 0, runAsNonRoot: false, privileged: false, allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: {{drop: [ALL], add: [NET_ADMIN, NET_RAW]}}}}}}",
-        json_str(&opts.image)
-    ));
-    if !env.is_empty() {
-        if let Some(m) = c.as_mapping_mut() {
-            m.insert("env".into(), Value::Sequence(env));
+fn value<T: Serialize>(t: &T) -> Result<Value, String> {
+    serde_yaml::to_value(t).map_err(|e| e.to_string())
+}
+
+// What l4mesh adds to a pod, as typed values (serialized in field order, which is the order
+// the golden files show). Only the fields l4mesh sets are modelled.
+
+/// The init container: installs the capture rules, then exits.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct InitContainer {
+    name: &'static str,
+    image: String,
+    command: [&'static str; 1],
+    resources: Resources,
+    security_context: SecurityContext,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    env: Vec<EnvVar>,
+}
+
+impl InitContainer {
+    fn new(opts: &Options, env: Vec<EnvVar>) -> Self {
+        InitContainer {
+            name: "l4mesh-init",
+            image: opts.image.clone(),
+            command: ["l4mesh-iptables-init"],
+            resources: Resources {
+                requests: Quantities::new(Some("10m"), "16Mi"),
+                limits: Quantities::new(Some("100m"), "64Mi"),
+            },
+            // Root with NET_ADMIN and NET_RAW for iptables, and nothing else.
+            security_context: SecurityContext {
+                run_as_user: 0,
+                run_as_group: 0,
+                run_as_non_root: false,
+                privileged: Some(false),
+                allow_privilege_escalation: false,
+                read_only_root_filesystem: true,
+                capabilities: Capabilities {
+                    drop: ["ALL"],
+                    add: Some(vec!["NET_ADMIN", "NET_RAW"]),
+                },
+            },
+            env,
         }
     }
-    c
 }
 
-fn sidecar_container(opts: &Options) -> Value {
-    yaml(&format!(
-        r#"{{name: l4mesh, image: {}, args: [run],
-            ports: [{{name: l4mesh-stats, containerPort: {stats}, protocol: TCP}}],
-            env: [
-              {{name: POD_NAMESPACE, valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}}},
-              {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}},
-              {{name: SERVICE_ACCOUNT, valueFrom: {{fieldRef: {{fieldPath: spec.serviceAccountName}}}}}},
-              {{name: POD_IP, valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}}}],
-            readinessProbe: {{httpGet: {{path: /healthz/ready, port: {stats}}}, periodSeconds: 2, failureThreshold: 30}},
-            startupProbe: {{httpGet: {{path: /healthz/ready, port: {stats}}}, periodSeconds: 1, failureThreshold: 60}},
-            lifecycle: {{preStop: {{exec: {{command: [l4mesh, drain]}}}}}},
-            resources: {{requests: {{cpu: 10m, memory: 16Mi}}, limits: {{memory: 256Mi}}}},
-            securityContext: {{runAsUser: {uid}, runAsGroup: {gid}, runAsNonRoot: true, allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: {{drop: [ALL]}}}},
-            volumeMounts: [
-              {{name: l4mesh-certs, mountPath: {certs}, readOnly: true}},
-              {{name: l4mesh-policy, mountPath: {policy}, readOnly: true}},
-              {{name: l4mesh-podinfo, mountPath: {podinfo}, readOnly: true}}]}}"#,
-        json_str(&opts.image),
-        stats = consts::STATS_PORT,
-        uid = consts::PROXY_UID,
-        gid = consts::PROXY_GID,
-        certs = consts::CERTS_DIR,
-        policy = consts::POLICY_DIR,
-        podinfo = consts::PODINFO_DIR,
-    ))
+/// The sidecar: a native sidecar (`restartPolicy: Always` among the init containers) or,
+/// classic, the first app container, holding the others until it is ready.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SidecarContainer {
+    name: &'static str,
+    image: String,
+    args: [&'static str; 1],
+    ports: [ContainerPort; 1],
+    env: Vec<EnvVar>,
+    readiness_probe: Probe,
+    startup_probe: Probe,
+    lifecycle: Lifecycle,
+    resources: Resources,
+    security_context: SecurityContext,
+    volume_mounts: [VolumeMount; 3],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    restart_policy: Option<&'static str>,
 }
 
-/// A YAML flow literal written in this file; a typo here is a bug, caught by the golden tests.
-fn yaml(s: &str) -> Value {
-    serde_yaml::from_str(s).expect("static injection template is valid YAML")
+impl SidecarContainer {
+    fn new(opts: &Options, app_ports: &[String]) -> Self {
+        let field = EnvVar::field;
+        let mut env = vec![
+            field("POD_NAMESPACE", "metadata.namespace"),
+            field("POD_NAME", "metadata.name"),
+            field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            field("POD_IP", "status.podIP"),
+        ];
+        if !app_ports.is_empty() {
+            env.push(EnvVar::value("L4MESH_APP_PORTS", &app_ports.join(",")));
+        }
+        let ready = |period_seconds, failure_threshold| Probe {
+            http_get: HttpGet {
+                path: "/healthz/ready",
+                port: consts::STATS_PORT,
+            },
+            period_seconds,
+            failure_threshold,
+        };
+        let exec = |command: &[&'static str]| Handler {
+            exec: Exec {
+                command: command.to_vec(),
+            },
+        };
+        let mount = |name, mount_path| VolumeMount {
+            name,
+            mount_path,
+            read_only: true,
+        };
+        SidecarContainer {
+            name: "l4mesh",
+            image: opts.image.clone(),
+            args: ["run"],
+            ports: [ContainerPort {
+                name: "l4mesh-stats",
+                container_port: consts::STATS_PORT,
+                protocol: "TCP",
+            }],
+            env,
+            readiness_probe: ready(2, 30),
+            startup_probe: ready(1, 60),
+            lifecycle: Lifecycle {
+                // Classic ordering: the app containers start after this one's postStart
+                // returns, which is when the sidecar is ready (as Istio's
+                // holdApplicationUntilProxyStarts).
+                post_start: (!opts.native_sidecar)
+                    .then(|| exec(&["l4mesh", "wait-ready", "--timeout", "60s"])),
+                pre_stop: exec(&["l4mesh", "drain"]),
+            },
+            resources: Resources {
+                requests: Quantities::new(Some("10m"), "16Mi"),
+                limits: Quantities::new(None, "256Mi"),
+            },
+            security_context: SecurityContext {
+                run_as_user: consts::PROXY_UID,
+                run_as_group: consts::PROXY_GID,
+                run_as_non_root: true,
+                privileged: None,
+                allow_privilege_escalation: false,
+                read_only_root_filesystem: true,
+                capabilities: Capabilities {
+                    drop: ["ALL"],
+                    add: None,
+                },
+            },
+            volume_mounts: [
+                mount("l4mesh-certs", consts::CERTS_DIR),
+                mount("l4mesh-policy", consts::POLICY_DIR),
+                mount("l4mesh-podinfo", consts::PODINFO_DIR),
+            ],
+            restart_policy: opts.native_sidecar.then_some("Always"),
+        }
+    }
 }
 
-/// A string as a quoted YAML scalar (JSON strings are valid YAML).
-fn json_str(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string())
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EnvVar {
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_from: Option<EnvSource>,
+}
+
+impl EnvVar {
+    fn value(name: &str, value: &str) -> Self {
+        EnvVar {
+            name: name.to_string(),
+            value: Some(value.to_string()),
+            value_from: None,
+        }
+    }
+
+    /// From the downward API.
+    fn field(name: &str, field_path: &'static str) -> Self {
+        EnvVar {
+            name: name.to_string(),
+            value: None,
+            value_from: Some(EnvSource {
+                field_ref: FieldRef { field_path },
+            }),
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EnvSource {
+    field_ref: FieldRef,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FieldRef {
+    field_path: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ContainerPort {
+    name: &'static str,
+    container_port: u16,
+    protocol: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Probe {
+    http_get: HttpGet,
+    period_seconds: u32,
+    failure_threshold: u32,
+}
+
+#[derive(Serialize)]
+struct HttpGet {
+    path: &'static str,
+    port: u16,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Lifecycle {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    post_start: Option<Handler>,
+    pre_stop: Handler,
+}
+
+#[derive(Serialize)]
+struct Handler {
+    exec: Exec,
+}
+
+#[derive(Serialize)]
+struct Exec {
+    command: Vec<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Resources {
+    requests: Quantities,
+    limits: Quantities,
+}
+
+#[derive(Serialize)]
+struct Quantities {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu: Option<&'static str>,
+    memory: &'static str,
+}
+
+impl Quantities {
+    fn new(cpu: Option<&'static str>, memory: &'static str) -> Self {
+        Quantities { cpu, memory }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SecurityContext {
+    run_as_user: u32,
+    run_as_group: u32,
+    run_as_non_root: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    privileged: Option<bool>,
+    allow_privilege_escalation: bool,
+    read_only_root_filesystem: bool,
+    capabilities: Capabilities,
+}
+
+#[derive(Serialize)]
+struct Capabilities {
+    drop: [&'static str; 1],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    add: Option<Vec<&'static str>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct VolumeMount {
+    name: &'static str,
+    mount_path: &'static str,
+    read_only: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Volume {
+    name: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<SecretSource>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    config_map: Option<ConfigMapSource>,
+    #[serde(rename = "downwardAPI", skip_serializing_if = "Option::is_none")]
+    downward_api: Option<DownwardApiSource>,
+}
+
+impl Volume {
+    fn empty(name: &'static str) -> Self {
+        Volume {
+            name,
+            secret: None,
+            config_map: None,
+            downward_api: None,
+        }
+    }
+
+    /// The workload's certificate, under the file names the config expects.
+    fn secret(secret_name: &str) -> Self {
+        let item = |key, path| KeyToPath { key, path };
+        Volume {
+            secret: Some(SecretSource {
+                secret_name: secret_name.to_string(),
+                items: [
+                    item("tls.crt", "cert-chain.pem"),
+                    item("tls.key", "key.pem"),
+                    item("ca.crt", "root-cert.pem"),
+                ],
+            }),
+            ..Volume::empty("l4mesh-certs")
+        }
+    }
+
+    /// The mesh's policy file; optional, so pods start before anyone writes a policy.
+    fn config_map(name: &str) -> Self {
+        Volume {
+            config_map: Some(ConfigMapSource {
+                name: name.to_string(),
+                optional: true,
+            }),
+            ..Volume::empty("l4mesh-policy")
+        }
+    }
+
+    /// The pod's labels, which PeerAuthentication selectors match.
+    fn pod_labels() -> Self {
+        Volume {
+            downward_api: Some(DownwardApiSource {
+                items: [DownwardApiItem {
+                    path: "labels",
+                    field_ref: FieldRef {
+                        field_path: "metadata.labels",
+                    },
+                }],
+            }),
+            ..Volume::empty("l4mesh-podinfo")
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SecretSource {
+    secret_name: String,
+    items: [KeyToPath; 3],
+}
+
+#[derive(Serialize)]
+struct KeyToPath {
+    key: &'static str,
+    path: &'static str,
+}
+
+#[derive(Serialize)]
+struct ConfigMapSource {
+    name: String,
+    optional: bool,
+}
+
+#[derive(Serialize)]
+struct DownwardApiSource {
+    items: [DownwardApiItem; 1],
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DownwardApiItem {
+    path: &'static str,
+    field_ref: FieldRef,
 }
 
 fn entry_mapping<'a>(m: &'a mut Mapping, key: &str) -> Result<&'a mut Mapping, String> {
