@@ -3,11 +3,13 @@
 //! them.
 //!
 //! - [`certs`]: a dev PKI (CA, intermediates, workload certificates, CRLs, inspect).
+//! - [`check`]: what `run` would load and enforce, without starting.
 //! - [`iptables`]: the capture rules the init container installs.
 //! - [`inject`] and [`injector`]: adding l4mesh to Kubernetes workloads (CLI and webhook).
 //! - [`report`]: `migration-report`, from sidecars' counters or Prometheus.
 
 pub mod certs;
+pub mod check;
 pub mod inject;
 pub mod injector;
 pub mod iptables;

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use std::sync::Arc;
 
 use l4mesh::admin::LogControl;
-use l4mesh::cmd::{certs, inject, injector, iptables, report};
+use l4mesh::cmd::{certs, check, inject, injector, iptables, report};
 use l4mesh::{app, config::Config};
 
 /// Transparent L4 service-mesh sidecar: iptables capture + mutual TLS with SPIFFE identities.
@@ -173,30 +173,6 @@ enum CertsCmd {
 }
 
 /// What `check` says about the policies that apply to this workload.
-fn print_policy(policy: &l4mesh::policy::WorkloadPolicy) {
-    println!("inbound mTLS mode:");
-    for (port, (mode, source)) in &policy.mtls.ports {
-        println!("  port {port}: {mode} ({source})");
-    }
-    let (mode, source) = &policy.mtls.default;
-    let label = if policy.mtls.ports.is_empty() {
-        "all ports"
-    } else {
-        "other ports"
-    };
-    println!("  {label}: {mode} ({source})");
-    let (allow, deny, audit) = policy.authz.counts();
-    let open = if allow == 0 {
-        " (no ALLOW policy: every peer not denied is allowed)"
-    } else {
-        ""
-    };
-    println!("authorization: {allow} ALLOW, {deny} DENY, {audit} AUDIT policies apply{open}");
-    for w in policy.warnings() {
-        println!("warning: {w}");
-    }
-}
-
 /// The config file, or the Kubernetes defaults when none is given.
 fn load_config(path: Option<&std::path::Path>) -> Result<Config, l4mesh::config::ConfigError> {
     match path {
@@ -365,22 +341,7 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
         }
         Cmd::Check { config } => {
             let config = load_config(config.as_deref()).map_err(bad)?;
-            let creds = app::load_credentials(&config, None).map_err(bad)?;
-            let policy = app::load_policy(&config, &creds.id).map_err(bad)?;
-            println!(
-                "ok: identity {} (certificate serial {}, valid until {})",
-                creds.id,
-                creds.serial,
-                humantime::format_rfc3339_seconds(creds.not_after)
-            );
-            match &config.policy.file {
-                Some(p) => println!("policy file: {}", p.display()),
-                None => println!("policy file: none"),
-            }
-            print_policy(&policy);
-            // Building the TLS configurations is the last thing `run` does before binding.
-            let ticketer = l4mesh::tls::ticketer().map_err(bad)?;
-            l4mesh::proxy::TlsState::new(&config, creds, Some(ticketer)).map_err(bad)?;
+            print!("{}", check::check(&config).map_err(bad)?);
             Ok(())
         }
         Cmd::Iptables(IptablesCmd::Apply(args)) => iptables::apply(&args).map_err(other),

@@ -1,0 +1,83 @@
+//! `l4mesh check`: everything `run` does before it binds a listener (config, credentials,
+//! policy, TLS configurations), and a description of what it would enforce: the identity, the
+//! mTLS mode of each port and which resource set it, the authorization policies that apply.
+
+use std::fmt::Write;
+
+use thiserror::Error;
+
+use crate::app;
+use crate::config::Config;
+use crate::policy::WorkloadPolicy;
+
+/// Why the sidecar would not start.
+#[derive(Debug, Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Credentials(#[from] crate::identity::IdentityError),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::ConfigError),
+}
+
+/// `writeln!` into a String, which cannot fail.
+macro_rules! outln {
+    ($out:expr, $($arg:tt)*) => {
+        let _ = writeln!($out, $($arg)*);
+    };
+}
+
+/// Loads and builds what `run` would, and says what it would enforce.
+pub fn check(config: &Config) -> Result<String, CheckError> {
+    let creds = app::load_credentials(config, None)?;
+    let policy = app::load_policy(config, &creds.id)?;
+    let mut out = String::new();
+    outln!(
+        out,
+        "ok: identity {} (certificate serial {}, valid until {})",
+        creds.id,
+        creds.serial,
+        humantime::format_rfc3339_seconds(creds.not_after)
+    );
+    match &config.policy.file {
+        Some(p) => {
+            outln!(out, "policy file: {}", p.display());
+        }
+        None => {
+            outln!(out, "policy file: none");
+        }
+    }
+    describe_policy(&policy, &mut out);
+    // Building the TLS configurations is the last thing `run` does before binding.
+    let ticketer = crate::tls::ticketer()?;
+    crate::proxy::TlsState::new(config, creds, Some(ticketer))?;
+    Ok(out)
+}
+
+fn describe_policy(policy: &WorkloadPolicy, out: &mut String) {
+    outln!(out, "inbound mTLS mode:");
+    for (port, (mode, source)) in &policy.mtls.ports {
+        outln!(out, "  port {port}: {mode} ({source})");
+    }
+    let (mode, source) = &policy.mtls.default;
+    let label = if policy.mtls.ports.is_empty() {
+        "all ports"
+    } else {
+        "other ports"
+    };
+    outln!(out, "  {label}: {mode} ({source})");
+    let (allow, deny, audit) = policy.authz.counts();
+    let open = if allow == 0 {
+        " (no ALLOW policy: every peer not denied is allowed)"
+    } else {
+        ""
+    };
+    outln!(
+        out,
+        "authorization: {allow} ALLOW, {deny} DENY, {audit} AUDIT policies apply{open}"
+    );
+    for w in policy.warnings() {
+        outln!(out, "warning: {w}");
+    }
+}
