@@ -12,6 +12,15 @@ use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
+/// Names `migration-report` reads back from a scrape or from Prometheus: written once, here.
+pub const INBOUND_DETECTIONS: &str = "l4mesh_inbound_detections_total";
+pub const WORKLOAD_INFO: &str = "l4mesh_workload_info";
+/// The detection `outcome` of a connection STRICT refused (the others are
+/// `sniff::Protocol` names).
+pub const REFUSED_STRICT: &str = "refused_strict";
+/// The `port` label of every port nobody configured (see `ProxyInputs::port_label`).
+pub const OTHER_PORT: &str = "other";
+
 /// Istio's standard TCP metric labels, in the order values are given.
 pub const TCP_LABELS: [&str; 11] = [
     "reporter",
@@ -258,7 +267,7 @@ impl Metrics {
         };
         Metrics {
             inbound_detections: counter(
-                "l4mesh_inbound_detections_total",
+                INBOUND_DETECTIONS,
                 "Inbound connections by what their first bytes were and what was done",
                 &["port", "outcome"],
             ),
@@ -366,7 +375,7 @@ impl Metrics {
             epoch: Instant::now(),
             workload_info: {
                 let g = IntGaugeVec::new(
-                    Opts::new("l4mesh_workload_info", "Who this sidecar serves (value is always 1)"),
+                    Opts::new(WORKLOAD_INFO, "Who this sidecar serves (value is always 1)"),
                     &["workload", "namespace", "principal"],
                 )
                 .expect("static gauge");

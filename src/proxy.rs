@@ -196,7 +196,7 @@ impl ProxyInputs {
         if self.known_ports.contains(&port) || policy.mtls.ports.contains_key(&port) {
             port.to_string().into()
         } else {
-            "other".into()
+            crate::metrics::OTHER_PORT.into()
         }
     }
 }

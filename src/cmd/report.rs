@@ -11,6 +11,9 @@ use http_body_util::{BodyExt, Empty};
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::metrics;
+use crate::proxy::sniff::Protocol;
+
 /// Why a report could not be made.
 #[derive(Debug, Error)]
 pub enum ReportError {
@@ -162,13 +165,13 @@ impl WorkloadReport {
                 port: *port,
                 ..PortTraffic::default()
             });
-            match outcome.as_str() {
-                "mtls" => p.mtls += n,
-                "plaintext" => p.plaintext += n,
-                "foreign_tls" => p.foreign_tls += n,
-                "timeout" => p.timeout += n,
-                "refused_strict" => p.refused_strict += n,
-                _ => {}
+            match Protocol::from_name(outcome) {
+                Some(Protocol::MeshTls) => p.mtls += n,
+                Some(Protocol::Plaintext) => p.plaintext += n,
+                Some(Protocol::ForeignTls) => p.foreign_tls += n,
+                Some(Protocol::Timeout) => p.timeout += n,
+                None if outcome == metrics::REFUSED_STRICT => p.refused_strict += n,
+                None => {}
             }
         }
         let mut ports: Vec<PortTraffic> = ports.into_values().collect();
@@ -194,20 +197,24 @@ impl WorkloadReport {
     }
 }
 
+/// A `port` label as a number: the sidecar labels ports nobody configured `other` (see
+/// `ProxyInputs::port_label`), which the report holds as port 0.
+fn port_of(label: &str) -> Option<u16> {
+    match label {
+        metrics::OTHER_PORT => Some(0),
+        p => p.parse().ok(),
+    }
+}
+
 /// Detection counts by `(port, outcome)` in `after` minus `before` (a counter that went down
 /// was reset: its new value is what happened since).
 pub fn detection_deltas(before: &[Sample], after: &[Sample]) -> BTreeMap<(u16, String), u64> {
     let counts = |samples: &[Sample]| {
         samples
             .iter()
-            .filter(|s| s.name == "l4mesh_inbound_detections_total")
+            .filter(|s| s.name == metrics::INBOUND_DETECTIONS)
             .filter_map(|s| {
-                // The sidecar labels ports nobody configured `other` (see
-                // `ProxyInputs::port_label`); the report shows them as port 0.
-                let port = match s.labels.get("port")?.as_str() {
-                    "other" => 0,
-                    p => p.parse::<u16>().ok()?,
-                };
+                let port = port_of(s.labels.get("port")?)?;
                 Some(((port, s.labels.get("outcome")?.clone()), s.value))
             })
             .collect::<BTreeMap<_, _>>()
@@ -230,7 +237,7 @@ pub fn detection_deltas(before: &[Sample], after: &[Sample]) -> BTreeMap<(u16, S
 pub fn workload_info(samples: &[Sample]) -> Option<&BTreeMap<String, String>> {
     samples
         .iter()
-        .find(|s| s.name == "l4mesh_workload_info")
+        .find(|s| s.name == metrics::WORKLOAD_INFO)
         .map(|s| &s.labels)
 }
 
@@ -453,10 +460,11 @@ pub async fn from_prometheus(
     };
     let secs = window.as_secs().max(1);
     let counts = query(format!(
-        "increase(l4mesh_inbound_detections_total[{secs}s])"
+        "increase({}[{secs}s])",
+        metrics::INBOUND_DETECTIONS
     ))
     .await?;
-    let infos = query("l4mesh_workload_info".to_string()).await?;
+    let infos = query(metrics::WORKLOAD_INFO.to_string()).await?;
     let labels_of = |r: &serde_json::Value| -> BTreeMap<String, String> {
         r["metric"]
             .as_object()
@@ -475,7 +483,7 @@ pub async fn from_prometheus(
         else {
             continue;
         };
-        let Ok(port) = port.parse::<u16>() else {
+        let Some(port) = port_of(port) else {
             continue;
         };
         let n = r["value"][1]
@@ -599,5 +607,19 @@ mod tests {
             detection_deltas(&before, &after)[&(8080, "plaintext".to_string())],
             1
         );
+    }
+
+    #[test]
+    fn ports_counted_as_other_are_reported_as_other_ports() {
+        let scrape = |n: u32| {
+            parse_exposition(&format!(
+                "l4mesh_inbound_detections_total{{outcome=\"plaintext\",port=\"other\"}} {n}\n"
+            ))
+        };
+        let deltas = detection_deltas(&scrape(1), &scrape(4));
+        assert_eq!(deltas[&(0, "plaintext".to_string())], 3);
+        let report = WorkloadReport::new("s", None, &deltas);
+        let text = render_text(&[report], Duration::from_secs(1));
+        assert!(text.contains("other ports: NOT SAFE"), "{text}");
     }
 }

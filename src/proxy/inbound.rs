@@ -155,7 +155,7 @@ impl InboundConnection {
         let port = inputs.port_label(dst.port(), &policy);
         let refused = protocol != Protocol::MeshTls && mode == Mode::Strict;
         let outcome = if refused {
-            "refused_strict"
+            crate::metrics::REFUSED_STRICT
         } else {
             protocol.name()
         };

@@ -42,6 +42,18 @@ impl Protocol {
             Protocol::Timeout => "timeout",
         }
     }
+
+    /// The protocol a metric label names (the inverse of [`Protocol::name`]).
+    pub fn from_name(name: &str) -> Option<Protocol> {
+        [
+            Protocol::MeshTls,
+            Protocol::ForeignTls,
+            Protocol::Plaintext,
+            Protocol::Timeout,
+        ]
+        .into_iter()
+        .find(|p| p.name() == name)
+    }
 }
 
 /// The verdict on a prefix of the stream.
