@@ -4,7 +4,7 @@
 # sidecars in PERMISSIVE mode (mesh clients get mTLS, others still get through), then STRICT
 # by editing the policy file, live. Neither application changes. A capture on the wire shows
 # the difference. Everything lives in namespaces this script makes and is removed on exit, Ctrl-C
-# or failure. Run as root:   sudo deploy/demo.sh
+# or failure. Run as root (with or without sudo):   deploy/demo.sh
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,14 +19,24 @@ say()  { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 note() { printf '   %s\n' "$*"; }
 die()  { printf 'demo: %s\n' "$*" >&2; exit 1; }
 
-# --- prerequisites -------------------------------------------------------------------------
+# --- prerequisites: installed here when missing (Debian/Ubuntu) ---------------------------
+[ "$(id -u)" = 0 ] || die "run as root (e.g. sudo $0): the demo makes network namespaces"
+declare -A PKG=(
+    [ip]=iproute2 [iptables-restore]=iptables [ip6tables-restore]=iptables [tcpdump]=tcpdump
+    [setpriv]=util-linux [curl]=curl [python3]=python3
+)
 missing=()
-[ "$(id -u)" = 0 ] || missing+=("root (run: sudo $0)")
-for tool in ip iptables-restore ip6tables-restore tcpdump setpriv curl python3; do
-    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+for tool in "${!PKG[@]}"; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("${PKG[$tool]}")
 done
-[ ${#missing[@]} -eq 0 ] || die "missing prerequisites: ${missing[*]}
-   (Debian/Ubuntu: apt-get install iproute2 iptables tcpdump util-linux curl python3)"
+if [ ${#missing[@]} -gt 0 ]; then
+    pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
+    command -v apt-get >/dev/null 2>&1 || die "missing ${pkgs}and no apt-get to install them"
+    say "installing what the demo needs: $pkgs"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends $pkgs >/dev/null \
+        || die "could not install $pkgs"
+fi
 
 cleanup() {
     set +e

@@ -238,7 +238,7 @@ fn default_settle() -> Duration {
 }
 
 fn default_expiry_warnings() -> Vec<humantime_serde::Serde<Duration>> {
-    [24 * 3600, 3600, 600]
+    [6 * 3600, 3600, 600]
         .into_iter()
         .map(|s| Duration::from_secs(s).into())
         .collect()
@@ -640,6 +640,21 @@ mod tests {
         assert_eq!(c.timeouts.handshake, Duration::from_secs(10));
         assert_eq!(c.detection.timeout_for(8025), Duration::from_millis(100));
         assert_eq!(c.policy.file.as_deref(), Some(Path::new("policy.yaml")));
+    }
+
+    /// Every demo and test used to start with "certificate expires soon": the first warning
+    /// must come after a fresh dev certificate would have been renewed.
+    #[test]
+    fn a_fresh_dev_certificate_is_not_about_to_expire() {
+        let c = parse(MINIMAL).unwrap();
+        let first = c
+            .identity
+            .expiry_warnings
+            .iter()
+            .map(|d| **d)
+            .max()
+            .unwrap();
+        assert!(first < consts::DEV_CERT_TTL / 3, "first warning {first:?}");
     }
 
     #[test]

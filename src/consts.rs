@@ -22,3 +22,8 @@ pub const CERTS_DIR: &str = "/var/run/secrets/l4mesh";
 pub const POLICY_DIR: &str = "/etc/l4mesh/policy";
 /// Where the injector mounts the pod's labels (downward API).
 pub const PODINFO_DIR: &str = "/etc/l4mesh/podinfo";
+
+/// How long `l4mesh certs issue` certificates live unless told otherwise: a day, as Istio's
+/// workload certificates. The first default expiry warning comes well after a renewal at two
+/// thirds of that would have happened.
+pub const DEV_CERT_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);

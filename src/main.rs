@@ -35,13 +35,19 @@ enum Cmd {
     },
     /// Load a configuration and its credentials, report problems, and exit.
     Check {
+        /// Sidecar configuration file (YAML); without it, the Kubernetes defaults (the paths
+        /// where `l4mesh inject` mounts certificates, policy and pod labels).
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
     /// Add l4mesh to Kubernetes workloads: YAML from FILE (or stdin) to stdout.
     Inject {
         /// Input file; `-` or nothing reads stdin.
+        #[arg(conflicts_with = "filename")]
         file: Option<PathBuf>,
+        /// Input file, as `kubectl -f` and `istioctl kube-inject -f` take it; `-` reads stdin.
+        #[arg(short = 'f', long)]
+        filename: Option<PathBuf>,
         #[command(flatten)]
         inject: InjectArgs,
     },
@@ -350,8 +356,12 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
             print!("{}", iptables::print(&args));
             Ok(())
         }
-        Cmd::Inject { file, inject } => {
-            let input = match file.as_deref() {
+        Cmd::Inject {
+            file,
+            filename,
+            inject,
+        } => {
+            let input = match file.or(filename).as_deref() {
                 None => read_stdin().map_err(bad)?,
                 Some(p) if p.as_os_str() == "-" => read_stdin().map_err(bad)?,
                 Some(p) => std::fs::read_to_string(p)

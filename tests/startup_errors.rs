@@ -445,3 +445,37 @@ fn intermediate_ca_chains_verify_and_inspect_describes_them() {
         "{text}"
     );
 }
+
+/// Habits people bring: `inject -f FILE` as with kubectl and istioctl, `check --help` saying
+/// what `--config` is, and a bad flag value exiting 64 like any other bad input.
+#[test]
+fn the_cli_takes_the_flags_people_type() {
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/inject/pod.yaml"
+    );
+    let golden = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/inject/pod.injected.yaml"
+    ))
+    .unwrap();
+    for flag in ["-f", "--filename"] {
+        let out = Command::new(BIN)
+            .args(["inject", flag, fixture])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{flag}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), golden, "{flag}");
+    }
+    let help = Command::new(BIN)
+        .args(["check", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("Sidecar configuration file (YAML)"), "{help}");
+    let out = Command::new(BIN)
+        .args(["iptables", "print", "--inbound-ports", "80,http"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}

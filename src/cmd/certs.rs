@@ -69,7 +69,7 @@ impl IssueRequest {
             trust_domain: trust_domain.to_string(),
             namespace: namespace.to_string(),
             service_account: service_account.to_string(),
-            ttl: time::Duration::hours(24),
+            ttl: time::Duration::seconds(crate::consts::DEV_CERT_TTL.as_secs() as i64),
             key_type: KeyType::EcdsaP256,
             key: None,
             not_before_offset: time::Duration::minutes(-5),
