@@ -657,6 +657,37 @@ mod tests {
         assert!(first < consts::DEV_CERT_TTL / 3, "first warning {first:?}");
     }
 
+    /// config/sidecar.yaml says it shows every field: each field of `Config` (as it
+    /// serializes) must be written in it.
+    #[test]
+    fn the_example_config_shows_every_field() {
+        fn keys(v: &serde_yaml::Value, at: &str, out: &mut std::collections::BTreeSet<String>) {
+            match v {
+                serde_yaml::Value::Mapping(m) => {
+                    for (k, v) in m {
+                        let path = format!("{at}.{}", k.as_str().unwrap_or("?"));
+                        out.insert(path.clone());
+                        keys(v, &path, out);
+                    }
+                }
+                serde_yaml::Value::Sequence(items) => {
+                    for v in items {
+                        keys(v, &format!("{at}[]"), out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let text = include_str!("../config/sidecar.yaml");
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/sidecar.yaml"));
+        let config = Config::parse(path, text).unwrap();
+        let (mut written, mut fields) = Default::default();
+        keys(&serde_yaml::from_str(text).unwrap(), "", &mut written);
+        keys(&serde_yaml::to_value(&config).unwrap(), "", &mut fields);
+        let missing: Vec<_> = fields.difference(&written).collect();
+        assert!(missing.is_empty(), "config/sidecar.yaml lacks {missing:?}");
+    }
+
     #[test]
     fn minimal_config_gets_istio_defaults() {
         let c = parse(MINIMAL).unwrap();
