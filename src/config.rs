@@ -444,10 +444,12 @@ impl Default for Timeouts {
 /// A configuration that cannot be used, said so that the fix is obvious.
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
+    // `error`, not `source`: the message already says it, and an error chain printed with
+    // `{:#}` would say it twice.
+    #[error("{path}: cannot read: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}:{line}:{column}: {message}")]
     Parse {
@@ -500,9 +502,9 @@ impl Config {
 
     /// Reads `path`, resolves relative paths against its folder and applies the environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let mut config = Config::parse(path, &text)?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -565,9 +567,9 @@ impl Config {
         let Some(path) = &self.workload.labels_file else {
             return Ok(());
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.clone(),
-            source,
+            error,
         })?;
         let labels = parse_labels_file(&text).map_err(|message| ConfigError::Invalid {
             path: path.clone(),

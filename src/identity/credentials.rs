@@ -72,10 +72,13 @@ impl Credentials {
 /// Why credentials were refused; every variant names the file it is about.
 #[derive(Debug, Error)]
 pub enum IdentityError {
-    #[error("{path}: cannot read: {source}")]
+    /// `field`: the config field that named the file, when known. `error`, not `source`: the
+    /// message already says it, and an error chain printed with `{:#}` would say it twice.
+    #[error("{}{}: cannot read: {error}", field.map_or(String::new(), |f| format!("{f}: ")), .path.display())]
     Read {
+        field: Option<&'static str>,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: not valid PEM: {reason}")]
     Pem { path: PathBuf, reason: String },
@@ -141,9 +144,10 @@ pub enum IdentityError {
 /// the key does not match, the leaf is expired or not yet valid, it has no SPIFFE URI SAN, the
 /// identity is not the expected one, or the chain does not verify against the bundle.
 pub fn load(paths: &CredentialPaths, expected: &Expected) -> Result<Credentials, IdentityError> {
-    let chain = read_certs(&paths.cert_chain)?;
-    let roots = read_certs(&paths.trust_bundle)?;
-    let key = read_key(&paths.private_key)?;
+    let field = |name| move |e: IdentityError| e.in_field(name);
+    let chain = read_certs(&paths.cert_chain).map_err(field("identity.cert_chain"))?;
+    let roots = read_certs(&paths.trust_bundle).map_err(field("identity.trust_bundle"))?;
+    let key = read_key(&paths.private_key).map_err(field("identity.private_key"))?;
 
     let signing_key = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
         IdentityError::UnsupportedKey {
@@ -229,7 +233,7 @@ pub fn load(paths: &CredentialPaths, expected: &Expected) -> Result<Credentials,
             }
         })?;
     for path in &paths.crls {
-        let crls = read_crls(path)?;
+        let crls = read_crls(path).map_err(field("identity.crls"))?;
         trust = trust
             .with_crls(&crls)
             .map_err(|(index, e)| IdentityError::BadCrl {
@@ -296,10 +300,25 @@ pub fn unix_seconds(t: SystemTime) -> i64 {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
-    std::fs::read(path).map_err(|source| IdentityError::Read {
+    std::fs::read(path).map_err(|error| IdentityError::Read {
+        field: None,
         path: path.to_path_buf(),
-        source,
+        error,
     })
+}
+
+impl IdentityError {
+    /// Names the config field a file came from, for a file that could not be read.
+    fn in_field(self, name: &'static str) -> IdentityError {
+        match self {
+            IdentityError::Read { path, error, .. } => IdentityError::Read {
+                field: Some(name),
+                path,
+                error,
+            },
+            other => other,
+        }
+    }
 }
 
 /// All `CERTIFICATE` blocks of a PEM file, in order.
