@@ -152,7 +152,7 @@ impl Default for Detection {
     fn default() -> Self {
         Detection {
             timeout: Duration::from_secs(5),
-            server_first_ports: vec![25, 587, 3306, 4444, 5432, 6379, 9300, 11211],
+            server_first_ports: vec![21, 25, 110, 143, 587, 3306, 4444, 5432, 6379, 9300, 11211],
             server_first_timeout: Duration::from_millis(200),
             port_timeouts: BTreeMap::new(),
             max_bytes: 16 * 1024,
@@ -795,6 +795,12 @@ mod tests {
         assert_eq!(c.detection.timeout_for(25), Duration::from_millis(50));
         assert_eq!(c.detection.timeout_for(3306), Duration::from_secs(1));
         assert_eq!(c.policy.root_namespace, "istio-system");
+        // Client-silent protocols on their usual ports wait briefly by default: FTP, POP3,
+        // IMAP, SMTP (an FTP banner on an unlisted port waited the full 5 s).
+        let d = Detection::default();
+        for port in [21, 25, 110, 143, 587, 3306] {
+            assert_eq!(d.timeout_for(port), d.server_first_timeout, "{port}");
+        }
     }
 
     #[test]
