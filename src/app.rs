@@ -273,11 +273,25 @@ async fn stop(inputs: &ProxyInputs, drain: &Drain) {
         _ = shutdown_signal() => drain.start(),
         _ = drain.started() => {}
     }
-    let deadline = inputs.config.timeouts.drain;
+    let timeouts = &inputs.config.timeouts;
+    // Readiness is false from now on, but Kubernetes keeps routing to the pod for the
+    // seconds it takes to remove the endpoint: keep accepting for that long (as Envoy's
+    // drain does), so a rolling update refuses nobody.
+    let accept = timeouts.drain_accept;
+    info!(
+        ?accept,
+        "draining: not ready, still accepting for the accept period"
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(accept) => {}
+        _ = shutdown_signal() => second_signal(drain),
+    }
+    drain.stop_accepting();
+    let deadline = timeouts.drain;
     info!(
         active = drain.active(),
         ?deadline,
-        "draining: not ready, not accepting"
+        "draining: not accepting, waiting for connections in flight"
     );
     tokio::select! {
         left = drain.finish(deadline) => {
@@ -286,12 +300,14 @@ async fn stop(inputs: &ProxyInputs, drain: &Drain) {
             }
             info!("l4mesh stopped");
         }
-        _ = shutdown_signal() => {
-            warn!(left = drain.active(), "second signal: exiting now");
-            // At once: not even the runtime's orderly shutdown, which waits on tasks in flight.
-            std::process::exit(0);
-        }
+        _ = shutdown_signal() => second_signal(drain),
     }
+}
+
+fn second_signal(drain: &Drain) -> ! {
+    warn!(left = drain.active(), "second signal: exiting now");
+    // At once: not even the runtime's orderly shutdown, which waits on tasks in flight.
+    std::process::exit(0);
 }
 
 /// What to do when the policy file changes: load and resolve it; if good, publish it for new
@@ -429,7 +445,7 @@ where
     let mut errors = crate::proxy::socket::AcceptErrors::default();
     loop {
         let accepted = tokio::select! {
-            _ = drain.started() => return,
+            _ = drain.accepting_stopped() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {

@@ -420,7 +420,11 @@ pub struct Timeouts {
     /// A TLS handshake, either side.
     #[serde(with = "humantime_serde")]
     pub handshake: Duration,
-    /// How long connections in flight may finish after SIGTERM or `POST /drain`.
+    /// After SIGTERM or `POST /drain`, how long the listeners keep accepting while readiness
+    /// is already false (Kubernetes takes a few seconds to stop routing to the pod).
+    #[serde(with = "humantime_serde")]
+    pub drain_accept: Duration,
+    /// Then, how long connections in flight may finish.
     #[serde(with = "humantime_serde")]
     pub drain: Duration,
     /// Close an established connection that moves no byte either way for this long. Off by
@@ -435,6 +439,7 @@ impl Default for Timeouts {
         Timeouts {
             connect: Duration::from_secs(5),
             handshake: Duration::from_secs(10),
+            drain_accept: Duration::from_secs(3),
             drain: Duration::from_secs(5),
             idle: None,
         }

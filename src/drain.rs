@@ -1,5 +1,6 @@
 //! Drain: how the sidecar stops without cutting connections. On SIGTERM or `POST /drain`:
-//! readiness turns false, the listeners stop accepting, connections in flight get until the
+//! readiness turns false at once, the listeners keep accepting for the accept period (while
+//! Kubernetes removes the endpoint) and then stop, connections in flight get until the
 //! deadline to finish, then the process exits. Every proxied connection holds a [`Watcher`]; a
 //! second signal exits at once.
 
@@ -13,6 +14,8 @@ use tokio::sync::{watch, Notify};
 #[derive(Clone)]
 pub struct Drain {
     draining: watch::Sender<bool>,
+    /// False once the accept period is over.
+    accepting: watch::Sender<bool>,
     active: Arc<AtomicUsize>,
     idle: Arc<Notify>,
 }
@@ -41,6 +44,7 @@ impl Drain {
     pub fn new() -> Drain {
         Drain {
             draining: watch::channel(false).0,
+            accepting: watch::channel(true).0,
             active: Arc::new(AtomicUsize::new(0)),
             idle: Arc::new(Notify::new()),
         }
@@ -68,6 +72,17 @@ impl Drain {
     pub async fn started(&self) {
         let mut rx = self.draining.subscribe();
         let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// Resolves once the listeners are to stop accepting (after the accept period).
+    pub async fn accepting_stopped(&self) {
+        let mut rx = self.accepting.subscribe();
+        let _ = rx.wait_for(|a| !*a).await;
+    }
+
+    /// Ends the accept period: the listeners stop accepting (idempotent).
+    pub fn stop_accepting(&self) {
+        self.accepting.send_replace(false);
     }
 
     /// Starts draining (idempotent).

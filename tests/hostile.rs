@@ -484,11 +484,7 @@ fn sigterm_drains_in_flight_connections_and_a_second_signal_exits_at_once() {
     });
     ready.recv().unwrap();
     term();
-    wait_for_log(
-        &log,
-        "draining: not ready, not accepting",
-        Duration::from_secs(5),
-    );
+    wait_for_log(&log, "draining: not ready", Duration::from_secs(5));
     let status = c.pods[B].exec(&[
         "curl",
         "-s",
@@ -557,4 +553,49 @@ fn proxy_ports_and_localhost_only_apps_cannot_be_reached_from_another_pod() {
     // The admin port is not even listening on the pod IP.
     let admin = SocketAddr::new(ip, 15000);
     assert!(c.pod(OUTSIDER).run(move || exchange_here(admin, 10)) == 0);
+}
+
+/// A rolling update: readiness goes false at once, but for the accept period new connections
+/// are still served (Kubernetes is still routing to the pod); after it, none are; the sidecar
+/// exits once nothing is in flight.
+#[test]
+fn drain_keeps_accepting_for_the_accept_period_then_stops() {
+    if !privileged("drain_accept_period") {
+        return;
+    }
+    let mut c = Cluster::new("drainacc", 2);
+    let ca = c.make_ca();
+    c.mesh_sidecar(&ca, A, "client", "");
+    let log = c.mesh_sidecar(
+        &ca,
+        B,
+        "server",
+        "timeouts:\n  drain_accept: 4s\n  drain: 10s\n",
+    );
+    let addr = c.pod(B).addr(8080);
+    echo_server(c.pod(B), addr, None);
+    let curl = |c: &Cluster, method: &str, url: &str| {
+        c.pods[B].exec(&[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            method,
+            url,
+        ])
+    };
+    assert_eq!(curl(&c, "POST", "http://127.0.0.1:15000/drain"), "202");
+    assert_eq!(
+        curl(&c, "GET", "http://127.0.0.1:15020/healthz/ready"),
+        "503"
+    );
+    // Within the accept period: a new mesh connection is served.
+    assert_eq!(c.pod(A).run(move || exchange_here(addr, 100)), 100);
+    wait_for_log(&log, "draining: not accepting", Duration::from_secs(10));
+    // After it: refused.
+    assert_eq!(c.pod(A).run(move || exchange_here(addr, 100)), 0);
+    wait_for_log(&log, "l4mesh stopped", Duration::from_secs(15));
 }
