@@ -526,12 +526,8 @@ impl Config {
                 .location()
                 .map(|l| (l.line(), l.column()))
                 .unwrap_or((0, 0));
-            // serde_yaml appends "at line L column C"; we already lead with it.
-            let message = e.to_string();
-            let message = match message.rfind(" at line ") {
-                Some(i) => message[..i].to_string(),
-                None => message,
-            };
+            // We lead with the position; the message does not say it again.
+            let message = crate::parse::yaml_message(&e);
             if line == 0 {
                 ConfigError::Invalid {
                     path: path.to_path_buf(),

@@ -105,3 +105,33 @@ impl<'de> Deserialize<'de> for PortRange {
         d.deserialize_any(V)
     }
 }
+
+/// A serde_yaml error's message without the position it repeats (`at line L column C`): the
+/// caller leads with that position once, as `file:line:column:`. Other positions in the
+/// message (where a quoted scalar started, say) stay.
+pub fn yaml_message(e: &serde_yaml::Error) -> String {
+    let message = e.to_string();
+    match e.location() {
+        Some(l) => message.replace(&format!(" at line {} column {}", l.line(), l.column()), ""),
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_yaml_error_states_its_position_once() {
+        let e = serde_yaml::from_str::<serde_yaml::Value>("identity:\n  cert_chain: \"a\n  x: [\n")
+            .unwrap_err();
+        let m = super::yaml_message(&e);
+        let at = e.location().unwrap();
+        assert!(
+            !m.contains(&format!("line {} column {}", at.line(), at.column())),
+            "{m}"
+        );
+        assert!(
+            m.contains("while scanning a quoted scalar at line 2"),
+            "{m}"
+        );
+    }
+}

@@ -273,10 +273,7 @@ impl PolicySet {
         let invalid = |index: usize, what: String, e: serde_yaml::Error| {
             let message = match e.location() {
                 Some(l) => {
-                    let m = e.to_string();
-                    let m = m
-                        .rfind(" at line ")
-                        .map_or(m.clone(), |i| m[..i].to_string());
+                    let m = crate::parse::yaml_message(&e);
                     format!("line {} column {}: {m}", l.line(), l.column())
                 }
                 None => e.to_string(),
