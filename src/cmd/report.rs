@@ -241,6 +241,14 @@ pub fn workload_info(samples: &[Sample]) -> Option<&BTreeMap<String, String>> {
         .map(|s| &s.labels)
 }
 
+/// "1 mTLS connection", "2 mTLS connections".
+fn count(n: u64, what: &str) -> String {
+    match n {
+        1 => format!("1 {what}"),
+        n => format!("{n} {what}s"),
+    }
+}
+
 /// The report as a person reads it.
 pub fn render_text(reports: &[WorkloadReport], window: Duration) -> String {
     let mut out = format!(
@@ -260,31 +268,34 @@ pub fn render_text(reports: &[WorkloadReport], window: Duration) -> String {
         }
         for p in &r.ports {
             let what = match p.verdict {
-                Verdict::Safe => format!("safe: {} mTLS connections, nothing else", p.mtls),
+                Verdict::Safe => {
+                    format!("safe: {}, nothing else", count(p.mtls, "mTLS connection"))
+                }
                 Verdict::NoTraffic => "no traffic: nothing to go on".to_string(),
                 Verdict::NotSafe => {
                     let mut parts = Vec::new();
                     for (n, kind) in [
-                        (p.plaintext, "plaintext"),
-                        (p.foreign_tls, "foreign TLS"),
-                        (p.timeout, "silent (server-first)"),
+                        (p.plaintext, "plaintext connection"),
+                        (p.foreign_tls, "foreign TLS connection"),
+                        (p.timeout, "silent (server-first) connection"),
                     ] {
                         if n > 0 {
-                            parts.push(format!("{n} {kind}"));
+                            parts.push(count(n, kind));
                         }
                     }
                     let mut s = format!(
-                        "NOT SAFE: {} connections ({} mTLS)",
+                        "NOT SAFE: {}; {} besides",
                         parts.join(", "),
-                        p.mtls
+                        count(p.mtls, "mTLS connection"),
                     );
                     if !p.sources.is_empty() {
+                        // What each source sent during the window, not since the sidecar began.
                         let from: Vec<String> = p
                             .sources
                             .iter()
                             .map(|s| format!("{} ({} {})", s.address, s.connections, s.protocol))
                             .collect();
-                        s.push_str(&format!(" from {}", from.join(", ")));
+                        s.push_str(&format!("; non-mTLS from {}", from.join(", ")));
                     }
                     s
                 }
@@ -383,6 +394,47 @@ pub async fn http_request(method: hyper::Method, url: &str) -> Result<String, Re
     Ok(body)
 }
 
+/// A sidecar's recent non-mTLS sources, per port.
+async fn plaintext_sources(url: &str) -> Result<BTreeMap<String, Vec<Source>>, ReportError> {
+    serde_json::from_str(&http_get(url).await?).map_err(|e| ReportError::Answer {
+        url: url.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// What each source sent between two readings of `/plaintext_sources`: the sidecar keeps
+/// lifetime counts, so the window's are the differences. A source absent before (or
+/// evicted and seen again, so its count went down) sent all it shows now.
+fn window_sources(
+    before: &BTreeMap<String, Vec<Source>>,
+    after: &BTreeMap<String, Vec<Source>>,
+) -> BTreeMap<String, Vec<Source>> {
+    after
+        .iter()
+        .map(|(port, seen)| {
+            let earlier = before.get(port);
+            let sent: Vec<Source> = seen
+                .iter()
+                .filter_map(|s| {
+                    let was = earlier
+                        .and_then(|b| b.iter().find(|b| b.address == s.address))
+                        .map_or(0, |b| b.connections);
+                    let n = match s.connections.checked_sub(was) {
+                        Some(n) => n,
+                        None => s.connections,
+                    };
+                    (n > 0).then(|| Source {
+                        connections: n,
+                        ..s.clone()
+                    })
+                })
+                .collect();
+            (port.clone(), sent)
+        })
+        .filter(|(_, sent)| !sent.is_empty())
+        .collect()
+}
+
 /// Scrapes each sidecar (its stats base URL, e.g. `http://10.1.2.3:15020`) twice, `window`
 /// apart, and reports what arrived in between, with the non-mTLS sources it remembers.
 pub async fn from_sidecars(
@@ -390,44 +442,33 @@ pub async fn from_sidecars(
     window: Duration,
 ) -> Result<Vec<WorkloadReport>, ReportError> {
     let base = |s: &String| s.trim_end_matches('/').to_string();
-    let start = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
     let mut before = Vec::new();
     for s in sidecars {
-        before.push(parse_exposition(
-            &http_get(&format!("{}/metrics", base(s))).await?,
-        ));
+        let metrics = parse_exposition(&http_get(&format!("{}/metrics", base(s))).await?);
+        let sources = plaintext_sources(&format!("{}/plaintext_sources", base(s))).await;
+        before.push((metrics, sources.ok()));
     }
     tokio::time::sleep(window).await;
     let mut reports = Vec::new();
-    for (s, before) in sidecars.iter().zip(before) {
+    for (s, (before, sources_before)) in sidecars.iter().zip(before) {
         let after = parse_exposition(&http_get(&format!("{}/metrics", base(s))).await?);
         let mut report =
             WorkloadReport::new(s, workload_info(&after), &detection_deltas(&before, &after));
         // Source addresses are served on the admin port only (issue 13: the stats port is
         // open to every pod); from a stats URL the report has counts but no addresses.
         let sources_url = format!("{}/plaintext_sources", base(s));
-        let sources: BTreeMap<String, Vec<Source>> = match http_get(&sources_url).await {
-            Ok(body) => serde_json::from_str(&body).map_err(|e| ReportError::Answer {
-                url: sources_url.clone(),
-                reason: e.to_string(),
-            })?,
-            Err(_) => {
+        let sources = match plaintext_sources(&sources_url).await {
+            Ok(after) => window_sources(&sources_before.unwrap_or_default(), &after),
+            Err(e) => {
                 report.note = Some(format!(
-                    "{sources_url} did not answer: source addresses come from the admin port (e.g. http://127.0.0.1:15000)"
+                    "{sources_url}: {e}: source addresses come from the admin port (e.g. http://127.0.0.1:15000)"
                 ));
                 BTreeMap::new()
             }
         };
         for p in &mut report.ports {
             if let Some(seen) = sources.get(&p.port.to_string()) {
-                // Only sources seen during the window (clocks: the sidecar's and ours).
-                p.sources = seen
-                    .iter()
-                    .filter(|s| s.last_seen + 1 >= start)
-                    .cloned()
-                    .collect();
+                p.sources = seen.clone();
             }
         }
         reports.push(report);
@@ -507,7 +548,14 @@ pub async fn from_prometheus(
     }
     Ok(by_instance
         .iter()
-        .map(|(instance, counts)| WorkloadReport::new(instance, info.get(instance), counts))
+        .map(|(instance, counts)| {
+            let mut r = WorkloadReport::new(instance, info.get(instance), counts);
+            // increase() extrapolates to the window's edges: 30 connections can read as 34.
+            r.note = Some(
+                "counts are Prometheus increase() estimates, not exact; ask the sidecar (--sidecar) for exact counts and source addresses".to_string(),
+            );
+            r
+        })
         .collect())
 }
 
@@ -574,7 +622,9 @@ mod tests {
         assert_eq!(r.verdict, Verdict::NotSafe);
         let text = render_text(std::slice::from_ref(&r), Duration::from_secs(60));
         assert!(
-            text.contains("port 8080: NOT SAFE: 2 plaintext connections (5 mTLS)"),
+            text.contains(
+                "port 8080: NOT SAFE: 2 plaintext connections; 5 mTLS connections besides"
+            ),
             "{text}"
         );
         assert!(text.contains("not safe: STRICT on shop/orders"), "{text}");
@@ -621,5 +671,45 @@ mod tests {
         let report = WorkloadReport::new("s", None, &deltas);
         let text = render_text(&[report], Duration::from_secs(1));
         assert!(text.contains("other ports: NOT SAFE"), "{text}");
+    }
+
+    /// Issue 16: per source, what it sent during the window (the sidecar keeps lifetime
+    /// counts), and singular where it is one.
+    #[test]
+    fn sources_count_what_they_sent_in_the_window() {
+        let source = |address: &str, connections| Source {
+            address: address.to_string(),
+            connections,
+            protocol: "plaintext".to_string(),
+            last_seen: 0,
+        };
+        let before = BTreeMap::from([("8080".to_string(), vec![source("10.0.0.12", 1)])]);
+        let after = BTreeMap::from([(
+            "8080".to_string(),
+            vec![source("10.0.0.12", 5), source("10.0.0.13", 1)],
+        )]);
+        let window = window_sources(&before, &after);
+        let sent: Vec<(String, u64)> = window["8080"]
+            .iter()
+            .map(|s| (s.address.clone(), s.connections))
+            .collect();
+        assert_eq!(sent, [("10.0.0.12".into(), 4), ("10.0.0.13".into(), 1)]);
+        // Nothing new from anyone: no sources listed.
+        assert!(window_sources(&after, &after).is_empty());
+
+        let mut r = WorkloadReport::new(
+            "t",
+            None,
+            &BTreeMap::from([
+                ((8080, "plaintext".to_string()), 1),
+                ((8080, "mtls".to_string()), 1),
+            ]),
+        );
+        r.ports[0].sources = vec![source("10.0.0.13", 1)];
+        let text = render_text(&[r], Duration::from_secs(2));
+        assert!(
+            text.contains("NOT SAFE: 1 plaintext connection; 1 mTLS connection besides; non-mTLS from 10.0.0.13 (1 plaintext)"),
+            "{text}"
+        );
     }
 }
