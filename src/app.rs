@@ -49,7 +49,7 @@ pub fn load_credentials(
         service_account: config.workload.service_account.clone(),
         id: id.cloned(),
     };
-    identity::load(&credential_paths(config), &expected)
+    identity::load(&credential_paths(config), &expected).map_err(|e| e.with_origin(&config.origins))
 }
 
 /// Loads the policy file (if any) and resolves it for this workload. The workload's namespace

@@ -20,6 +20,10 @@ pub use crate::parse::PortRange;
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Where each credential path was written (`identity.cert_chain` -> `sidecar.yaml:17`),
+    /// so an unreadable file is reported with the line that named it. Not a config field.
+    #[serde(skip)]
+    pub origins: BTreeMap<&'static str, String>,
     /// Addresses the sidecar listens on.
     #[serde(default)]
     pub listeners: Listeners,
@@ -493,6 +497,24 @@ workload:
     )
 }
 
+/// The lines that name the credential files: their keys are unique to the `identity` section.
+fn credential_lines(path: &Path, text: &str) -> BTreeMap<&'static str, String> {
+    let keys = [
+        ("cert_chain:", "identity.cert_chain"),
+        ("private_key:", "identity.private_key"),
+        ("trust_bundle:", "identity.trust_bundle"),
+    ];
+    let mut found = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        for (key, field) in keys {
+            if line.trim_start().starts_with(key) {
+                found.insert(field, format!("{}:{}", path.display(), n + 1));
+            }
+        }
+    }
+    found
+}
+
 impl Config {
     /// The Kubernetes defaults (see [`kubernetes_defaults`]) with the environment applied.
     pub fn kubernetes() -> Result<Config, ConfigError> {
@@ -512,6 +534,7 @@ impl Config {
             error,
         })?;
         let mut config = Config::parse(path, &text)?;
+        config.origins = credential_lines(path, &text);
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.apply_env(|var| std::env::var(var).ok())?;

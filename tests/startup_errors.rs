@@ -499,7 +499,16 @@ fn the_example_configs_instructions_work() {
     let out = run(&["check", "--config", "sidecar.yaml"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64));
-    assert!(err.contains("identity.cert_chain: "), "{err}");
+    let line = std::fs::read_to_string(dir.path().join("sidecar.yaml"))
+        .unwrap()
+        .lines()
+        .position(|l| l.trim_start().starts_with("cert_chain:"))
+        .unwrap()
+        + 1;
+    assert!(
+        err.contains(&format!("sidecar.yaml:{line}: identity.cert_chain: ")),
+        "{err}"
+    );
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
     let text = std::fs::read_to_string(dir.path().join("sidecar.yaml")).unwrap();
     for line in text.lines().filter_map(|l| l.strip_prefix("#   l4mesh ")) {

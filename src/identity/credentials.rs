@@ -74,8 +74,10 @@ impl Credentials {
 pub enum IdentityError {
     /// `field`: the config field that named the file, when known. `error`, not `source`: the
     /// message already says it, and an error chain printed with `{:#}` would say it twice.
-    #[error("{}{}: cannot read: {error}", field.map_or(String::new(), |f| format!("{f}: ")), .path.display())]
+    #[error("{}{}{}: cannot read: {error}", origin.as_ref().map_or(String::new(), |o| format!("{o}: ")), field.map_or(String::new(), |f| format!("{f}: ")), .path.display())]
     Read {
+        /// `file:line` of the config line that named the file, when known.
+        origin: Option<String>,
         field: Option<&'static str>,
         path: PathBuf,
         error: std::io::Error,
@@ -301,6 +303,7 @@ pub fn unix_seconds(t: SystemTime) -> i64 {
 
 fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
     std::fs::read(path).map_err(|error| IdentityError::Read {
+        origin: None,
         field: None,
         path: path.to_path_buf(),
         error,
@@ -312,7 +315,27 @@ impl IdentityError {
     fn in_field(self, name: &'static str) -> IdentityError {
         match self {
             IdentityError::Read { path, error, .. } => IdentityError::Read {
+                origin: None,
                 field: Some(name),
+                path,
+                error,
+            },
+            other => other,
+        }
+    }
+
+    /// Adds where the config named the file (`sidecar.yaml:17`), for a file that could not be
+    /// read: `origins` maps config fields to lines.
+    pub fn with_origin(self, origins: &std::collections::BTreeMap<&'static str, String>) -> Self {
+        match self {
+            IdentityError::Read {
+                field: Some(field),
+                path,
+                error,
+                ..
+            } => IdentityError::Read {
+                origin: origins.get(field).cloned(),
+                field: Some(field),
                 path,
                 error,
             },
