@@ -78,8 +78,8 @@ pub fn load_policy(config: &Config, id: &SpiffeId) -> Result<WorkloadPolicy, Pol
 }
 
 /// Runs the sidecar until it is told to stop: SIGTERM, SIGINT or `POST /drain` start a drain
-/// (readiness false, listeners closed, in-flight connections get `timeouts.drain`), a second
-/// signal exits at once.
+/// (readiness false at once, listeners accepting for `timeouts.drain_accept`, then closed,
+/// in-flight connections get `timeouts.drain`), a second signal exits at once.
 pub async fn run(
     config: Config,
     creds: Credentials,
@@ -89,7 +89,8 @@ pub async fn run(
     start(config, creds, policy, log, Capture::Kernel)
         .await?
         .run_until_stopped()
-        .await
+        .await;
+    Ok(())
 }
 
 /// A started sidecar: every listener bound and serving, readiness true.
@@ -261,46 +262,41 @@ pub async fn start(
 
 impl Sidecar {
     /// Serves until a signal or `POST /drain`, then drains (see [`run`]).
-    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(self) {
         let Sidecar { inputs, drain, .. } = self;
-        stop(&inputs, &drain).await;
-        Ok(())
-    }
-}
-
-async fn stop(inputs: &ProxyInputs, drain: &Drain) {
-    tokio::select! {
-        _ = shutdown_signal() => drain.start(),
-        _ = drain.started() => {}
-    }
-    let timeouts = &inputs.config.timeouts;
-    // Readiness is false from now on, but Kubernetes keeps routing to the pod for the
-    // seconds it takes to remove the endpoint: keep accepting for that long (as Envoy's
-    // drain does), so a rolling update refuses nobody.
-    let accept = timeouts.drain_accept;
-    info!(
-        ?accept,
-        "draining: not ready, still accepting for the accept period"
-    );
-    tokio::select! {
-        _ = tokio::time::sleep(accept) => {}
-        _ = shutdown_signal() => second_signal(drain),
-    }
-    drain.stop_accepting();
-    let deadline = timeouts.drain;
-    info!(
-        active = drain.active(),
-        ?deadline,
-        "draining: not accepting, waiting for connections in flight"
-    );
-    tokio::select! {
-        left = drain.finish(deadline) => {
-            if left > 0 {
-                warn!(left, "drain deadline passed; closing the connections still open");
-            }
-            info!("l4mesh stopped");
+        tokio::select! {
+            _ = shutdown_signal() => drain.start(),
+            _ = drain.started() => {}
         }
-        _ = shutdown_signal() => second_signal(drain),
+        let timeouts = &inputs.config.timeouts;
+        // Readiness is false from now on, but Kubernetes keeps routing to the pod for the
+        // seconds it takes to remove the endpoint: keep accepting for that long (as Envoy's
+        // drain does), so a rolling update refuses nobody.
+        let accept = timeouts.drain_accept;
+        info!(
+            ?accept,
+            "draining: not ready, still accepting for the accept period"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(accept) => {}
+            _ = shutdown_signal() => second_signal(&drain),
+        }
+        drain.stop_accepting();
+        let deadline = timeouts.drain;
+        info!(
+            active = drain.active(),
+            ?deadline,
+            "draining: not accepting, waiting for connections in flight"
+        );
+        tokio::select! {
+            left = drain.finish(deadline) => {
+                if left > 0 {
+                    warn!(left, "drain deadline passed; closing the connections still open");
+                }
+                info!("l4mesh stopped");
+            }
+            _ = shutdown_signal() => second_signal(&drain),
+        }
     }
 }
 
@@ -434,7 +430,8 @@ async fn watch_expiry(tls: watch::Receiver<Arc<TlsState>>, mut thresholds: Vec<D
     }
 }
 
-/// Accepts until the drain starts, one task per connection, each holding a drain watcher.
+/// Accepts until the drain's accept period ends, one task per connection, each holding a drain
+/// watcher.
 /// Accept errors (such as running out of file descriptors) back off briefly instead of
 /// spinning.
 async fn accept_loop<F, Fut>(listener: TcpListener, name: &'static str, drain: Drain, handle: F)

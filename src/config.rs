@@ -499,15 +499,14 @@ workload:
 
 /// The lines that name the credential files: their keys are unique to the `identity` section.
 fn credential_lines(path: &Path, text: &str) -> BTreeMap<&'static str, String> {
-    let keys = [
-        ("cert_chain:", "identity.cert_chain"),
-        ("private_key:", "identity.private_key"),
-        ("trust_bundle:", "identity.trust_bundle"),
-    ];
+    use crate::identity::credentials::{CERT_CHAIN_FIELD, PRIVATE_KEY_FIELD, TRUST_BUNDLE_FIELD};
     let mut found = BTreeMap::new();
     for (n, line) in text.lines().enumerate() {
-        for (key, field) in keys {
-            if line.trim_start().starts_with(key) {
+        for field in [CERT_CHAIN_FIELD, PRIVATE_KEY_FIELD, TRUST_BUNDLE_FIELD] {
+            // `identity.cert_chain` is written as `cert_chain:` under `identity:`.
+            let key = field.trim_start_matches("identity.");
+            let written = line.trim_start().strip_prefix(key);
+            if written.is_some_and(|rest| rest.starts_with(':')) {
                 found.insert(field, format!("{}:{}", path.display(), n + 1));
             }
         }

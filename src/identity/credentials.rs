@@ -142,14 +142,20 @@ pub enum IdentityError {
     },
 }
 
+/// The config fields that name the credential files, as errors cite them.
+pub const CERT_CHAIN_FIELD: &str = "identity.cert_chain";
+pub const PRIVATE_KEY_FIELD: &str = "identity.private_key";
+pub const TRUST_BUNDLE_FIELD: &str = "identity.trust_bundle";
+pub const CRLS_FIELD: &str = "identity.crls";
+
 /// Reads and checks the workload's credentials. Refuses, naming the file and the reason, when
 /// the key does not match, the leaf is expired or not yet valid, it has no SPIFFE URI SAN, the
 /// identity is not the expected one, or the chain does not verify against the bundle.
 pub fn load(paths: &CredentialPaths, expected: &Expected) -> Result<Credentials, IdentityError> {
     let field = |name| move |e: IdentityError| e.in_field(name);
-    let chain = read_certs(&paths.cert_chain).map_err(field("identity.cert_chain"))?;
-    let roots = read_certs(&paths.trust_bundle).map_err(field("identity.trust_bundle"))?;
-    let key = read_key(&paths.private_key).map_err(field("identity.private_key"))?;
+    let chain = read_certs(&paths.cert_chain).map_err(field(CERT_CHAIN_FIELD))?;
+    let roots = read_certs(&paths.trust_bundle).map_err(field(TRUST_BUNDLE_FIELD))?;
+    let key = read_key(&paths.private_key).map_err(field(PRIVATE_KEY_FIELD))?;
 
     let signing_key = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
         IdentityError::UnsupportedKey {
@@ -235,7 +241,7 @@ pub fn load(paths: &CredentialPaths, expected: &Expected) -> Result<Credentials,
             }
         })?;
     for path in &paths.crls {
-        let crls = read_crls(path).map_err(field("identity.crls"))?;
+        let crls = read_crls(path).map_err(field(CRLS_FIELD))?;
         trust = trust
             .with_crls(&crls)
             .map_err(|(index, e)| IdentityError::BadCrl {
