@@ -55,11 +55,29 @@ fn bench(c: &mut Criterion) {
     let server = credentials(dir.path(), "server");
     let trust = &server.trust;
     let ticketer = Some(l4mesh::tls::ticketer().unwrap());
-    let accepting = l4mesh::tls::server_config(&server, server.trust.clone(), ticketer).unwrap();
-    let full =
-        l4mesh::tls::client_config(&client, client.trust.clone(), Vec::new(), false).unwrap();
-    let resuming =
-        l4mesh::tls::client_config(&client, client.trust.clone(), Vec::new(), true).unwrap();
+    let accepting = l4mesh::tls::server_config(
+        &server,
+        server.trust.clone(),
+        ticketer,
+        l4mesh::tls::MESH_ALPN,
+    )
+    .unwrap();
+    let full = l4mesh::tls::client_config(
+        &client,
+        client.trust.clone(),
+        Vec::new(),
+        false,
+        l4mesh::tls::MESH_ALPN,
+    )
+    .unwrap();
+    let resuming = l4mesh::tls::client_config(
+        &client,
+        client.trust.clone(),
+        Vec::new(),
+        true,
+        l4mesh::tls::MESH_ALPN,
+    )
+    .unwrap();
     assert!(!handshake(&full, &accepting, trust));
     handshake(&resuming, &accepting, trust);
     assert!(handshake(&resuming, &accepting, trust), "did not resume");

@@ -4,7 +4,7 @@
 # environment, which the injector sets from the pod's annotations; unset means the default.
 #
 #   L4MESH_INBOUND_PORTS           ports to capture inbound, comma-separated, or * (default *)
-#   L4MESH_EXCLUDE_INBOUND_PORTS   inbound ports never captured (15000,15020,15021 always are)
+#   L4MESH_EXCLUDE_INBOUND_PORTS   inbound ports never captured (15000,15008,15020,15021 always are)
 #   L4MESH_EXCLUDE_OUTBOUND_PORTS  outbound destination ports never captured
 #   L4MESH_EXCLUDE_OUTBOUND_CIDRS  outbound destination networks never captured
 #   L4MESH_PROXY_UID / _GID        the sidecar's UID/GID (default 1337)

@@ -264,7 +264,28 @@ fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<B
 fn config_dump(state: &AdminState) -> String {
     let inputs = &state.inputs;
     let policy = inputs.policy.borrow().clone();
-    let creds = inputs.tls.borrow().creds.clone();
+    let tls_state = inputs.tls.borrow().clone();
+    let creds = tls_state.creds.clone();
+    let pools: Vec<serde_json::Value> = tls_state
+        .pool
+        .view()
+        .into_iter()
+        .map(|p| {
+            serde_json::json!({
+                "destination": p.tunnel.to_string(),
+                "rule": tls_state.routes.name_of(p.rule),
+                "server_identity": p.identity,
+                "connections": p.connections,
+                "streams_open": p.streams_open,
+            })
+        })
+        .collect();
+    let unmeshed: Vec<serde_json::Value> = inputs
+        .unmeshed
+        .list()
+        .into_iter()
+        .map(|(ip, left)| serde_json::json!({"address": ip.to_string(), "remembered_for_seconds": left.as_secs()}))
+        .collect();
     let ports: serde_json::Map<String, serde_json::Value> = policy
         .mtls
         .ports
@@ -301,6 +322,8 @@ fn config_dump(state: &AdminState) -> String {
             "audit_policies": audit,
         },
         "warnings": policy.warnings().collect::<Vec<_>>(),
+        "tunnel_pools": pools,
+        "unmeshed_destinations": unmeshed,
         "draining": state.drain.is_draining(),
         "active_connections": state.drain.active(),
     });

@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::policy::{self, PolicyError, PolicySet, WorkloadPolicy};
 use crate::proxy::inbound::InboundConnection;
 use crate::proxy::outbound::OutboundConnection;
+use crate::proxy::tunnel::TunnelConnection;
 use crate::proxy::{Capture, ProxyInputs, TlsState};
 use crate::tls;
 use crate::watch::Change;
@@ -106,6 +107,7 @@ pub struct Sidecar {
 pub struct Bound {
     pub outbound: std::net::SocketAddr,
     pub inbound: std::net::SocketAddr,
+    pub tunnel: std::net::SocketAddr,
     pub metrics: std::net::SocketAddr,
     pub admin: std::net::SocketAddr,
 }
@@ -183,12 +185,14 @@ pub async fn start(
     };
     let outbound = bind(listeners.outbound, "outbound")?;
     let inbound = bind(listeners.inbound, "inbound")?;
+    let tunnel = bind(listeners.tunnel, "tunnel")?;
     let stats = bind(listeners.metrics, "metrics")?;
     let admin = bind(listeners.admin, "admin")?;
     let local = |l: &TcpListener| l.local_addr().context("reading a listener's address");
     let bound = Bound {
         outbound: local(&outbound)?,
         inbound: local(&inbound)?,
+        tunnel: local(&tunnel)?,
         metrics: local(&stats)?,
         admin: local(&admin)?,
     };
@@ -231,6 +235,22 @@ pub async fn start(
             .run()
         },
     ));
+    let tunnel_inputs = inputs.clone();
+    let tunnel_drain = drain.clone();
+    tokio::spawn(accept_loop(
+        tunnel,
+        "tunnel",
+        drain.clone(),
+        move |client, client_addr| {
+            TunnelConnection {
+                inputs: tunnel_inputs.clone(),
+                client,
+                client_addr,
+                drain: tunnel_drain.clone(),
+            }
+            .run()
+        },
+    ));
     let sweep_metrics = metrics.clone();
     let idle = inputs.config.telemetry.series_idle;
     tokio::spawn(async move {
@@ -249,6 +269,7 @@ pub async fn start(
         serial = %inputs.tls.borrow().creds.serial,
         outbound = %bound.outbound,
         inbound = %bound.inbound,
+        tunnel = %bound.tunnel,
         metrics = %bound.metrics,
         admin = %bound.admin,
         "l4mesh ready"

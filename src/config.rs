@@ -186,6 +186,8 @@ pub struct Listeners {
     pub outbound: SocketAddr,
     /// Where iptables redirects connections to the pod.
     pub inbound: SocketAddr,
+    /// The tunnel (HBONE) from other sidecars: never captured, answered directly.
+    pub tunnel: SocketAddr,
     /// `/metrics`, `/healthz/ready`, `/plaintext_sources`, on the pod IP.
     pub metrics: SocketAddr,
     /// `/config_dump`, `POST /drain`, `/logging`: keep it on loopback.
@@ -197,6 +199,7 @@ impl Default for Listeners {
         Listeners {
             outbound: SocketAddr::from(([0u16; 8], consts::OUTBOUND_PORT)),
             inbound: SocketAddr::from(([0u16; 8], consts::INBOUND_PORT)),
+            tunnel: SocketAddr::from(([0u16; 8], consts::TUNNEL_PORT)),
             metrics: SocketAddr::from(([0u16; 8], consts::STATS_PORT)),
             admin: SocketAddr::from(([127, 0, 0, 1], consts::ADMIN_PORT)),
         }
@@ -335,7 +338,7 @@ pub fn parse_labels_file(text: &str) -> Result<BTreeMap<String, String>, String>
 }
 
 /// Outbound routing: the first matching rule decides, else `default`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Outbound {
     /// What to do with a destination no rule matches.
@@ -344,15 +347,65 @@ pub struct Outbound {
     /// Ordered destination rules.
     #[serde(default)]
     pub rules: Vec<DestinationRule>,
+    /// With `auto`, how long a destination whose tunnel port refused is remembered as
+    /// un-meshed (reached in plaintext without asking again).
+    #[serde(default = "default_unmeshed_ttl", with = "humantime_serde")]
+    pub unmeshed_ttl: Duration,
+    /// The tunnel connections kept to each destination.
+    #[serde(default)]
+    pub pool: Pool,
+}
+
+impl Default for Outbound {
+    fn default() -> Self {
+        Outbound {
+            default: Action::default(),
+            rules: Vec::new(),
+            unmeshed_ttl: default_unmeshed_ttl(),
+            pool: Pool::default(),
+        }
+    }
+}
+
+fn default_unmeshed_ttl() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The pool of tunnel (HTTP/2 mTLS) connections to each destination sidecar.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pool {
+    /// Application connections (streams) one tunnel connection carries at once; more open
+    /// another tunnel connection.
+    pub max_streams: u32,
+    /// A tunnel connection that has carried no stream for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            max_streams: 100,
+            idle: Duration::from_secs(60),
+        }
+    }
 }
 
 /// How a destination is reached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
-    /// Wrap the connection in mutual TLS to the destination's sidecar.
+    /// The tunnel when the destination has a sidecar; plaintext when its tunnel port refuses
+    /// (no sidecar there: the destination is remembered as un-meshed for `unmeshed_ttl`);
+    /// anything else (timeout, a certificate that does not verify) fails closed.
     #[default]
+    Auto,
+    /// The tunnel, always: never plaintext.
     Mtls,
+    /// Mesh TLS straight to the destination port (ALPN `l4mesh/1`), for sidecars that
+    /// predate the tunnel.
+    Direct,
     /// Forward the bytes as they are (for destinations outside the mesh).
     Passthrough,
 }
@@ -367,9 +420,9 @@ pub struct DestinationRule {
     pub cidrs: Vec<IpNet>,
     /// Destination ports or ranges; empty matches every port.
     pub ports: Vec<PortRange>,
-    /// `mtls` or `passthrough`.
+    /// `auto`, `mtls`, `direct` or `passthrough`.
     pub action: Action,
-    /// For `mtls`: the SPIFFE IDs (or `*`-patterns) the server may present; empty = any
+    /// For `auto`, `mtls` and `direct`: the SPIFFE IDs (or `*`-patterns) the server may present; empty = any
     /// identity in the trust domain.
     pub server_identities: Vec<IdentityPattern>,
 }
@@ -393,7 +446,7 @@ impl TryFrom<RawDestinationRule> for DestinationRule {
     fn try_from(r: RawDestinationRule) -> Result<Self, String> {
         if r.action == Action::Passthrough && !r.server_identities.is_empty() {
             return Err(
-                "server_identities: only an `mtls` rule can pin server identities".to_string(),
+                "server_identities: a `passthrough` rule cannot pin server identities".to_string(),
             );
         }
         Ok(DestinationRule {
@@ -721,7 +774,9 @@ mod tests {
         assert_eq!(c.listeners.metrics.port(), 15020);
         assert_eq!(c.listeners.admin, "127.0.0.1:15000".parse().unwrap());
         assert_eq!(c.identity.trust_domain.as_str(), "cluster.local");
-        assert_eq!(c.outbound.default, Action::Mtls);
+        assert_eq!(c.listeners.tunnel.port(), 15008);
+        assert_eq!(c.outbound.default, Action::Auto);
+        assert_eq!(c.outbound.unmeshed_ttl, Duration::from_secs(30));
         assert_eq!(c.timeouts.handshake, Duration::from_secs(10));
     }
 
@@ -747,14 +802,14 @@ mod tests {
                 "90 > 80",
             ),
             (
-                "outbound:\n  rules:\n    - action: tunnel\n",
+                "outbound:\n  rules:\n    - action: hbone\n",
                 "sidecar.yaml:7:",
-                "unknown variant `tunnel`",
+                "unknown variant `hbone`",
             ),
             (
                 "outbound:\n  rules:\n    - action: passthrough\n      server_identities: [\"spiffe://td/x\"]\n",
                 "sidecar.yaml:",
-                "only an `mtls` rule can pin",
+                "a `passthrough` rule cannot pin",
             ),
             ("timeouts:\n  handshake: soon\n", "sidecar.yaml:6:", "timeouts.handshake"),
         ];

@@ -6,6 +6,9 @@
 pub const OUTBOUND_PORT: u16 = 15001;
 /// Where iptables redirects TCP addressed to the pod.
 pub const INBOUND_PORT: u16 = 15006;
+/// The tunnel (HBONE): mTLS, ALPN h2, one HTTP/2 CONNECT stream per connection. Never
+/// captured; a pod without a sidecar refuses it, which is how `auto` tells meshed pods apart.
+pub const TUNNEL_PORT: u16 = 15008;
 /// Metrics and readiness, on the pod IP (Prometheus, the kubelet).
 pub const STATS_PORT: u16 = 15020;
 /// Admin endpoints, loopback only.

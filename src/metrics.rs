@@ -22,14 +22,18 @@ pub const REFUSED_STRICT: &str = "refused_strict";
 pub const OTHER_PORT: &str = "other";
 
 /// Istio's standard TCP metric labels, in the order values are given.
-pub const TCP_LABELS: [&str; 11] = [
+pub const TCP_LABELS: [&str; 15] = [
     "reporter",
     "source_workload",
     "source_workload_namespace",
     "source_principal",
+    "source_app",
+    "source_version",
     "destination_workload",
     "destination_workload_namespace",
     "destination_principal",
+    "destination_app",
+    "destination_version",
     "destination_service",
     "request_protocol",
     "response_flags",
@@ -45,24 +49,52 @@ pub struct ConnectionLabels {
     pub source_workload: String,
     pub source_workload_namespace: String,
     pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
     pub destination_service: String,
     /// `mutual_tls` or `none`.
     pub connection_security_policy: &'static str,
 }
 
 impl ConnectionLabels {
-    fn values(&self) -> [&str; 11] {
+    /// Every party `unknown` (what Istio says of what it cannot know), no mTLS.
+    pub fn unknown(reporter: &'static str) -> ConnectionLabels {
+        let unknown = || "unknown".to_string();
+        ConnectionLabels {
+            reporter,
+            source_workload: unknown(),
+            source_workload_namespace: unknown(),
+            source_principal: unknown(),
+            source_app: unknown(),
+            source_version: unknown(),
+            destination_workload: unknown(),
+            destination_workload_namespace: unknown(),
+            destination_principal: unknown(),
+            destination_app: unknown(),
+            destination_version: unknown(),
+            destination_service: unknown(),
+            connection_security_policy: "none",
+        }
+    }
+
+    fn values(&self) -> [&str; 15] {
         [
             self.reporter,
             &self.source_workload,
             &self.source_workload_namespace,
             &self.source_principal,
+            &self.source_app,
+            &self.source_version,
             &self.destination_workload,
             &self.destination_workload_namespace,
             &self.destination_principal,
+            &self.destination_app,
+            &self.destination_version,
             &self.destination_service,
             "tcp",
             "-",
@@ -151,6 +183,9 @@ pub struct Metrics {
     /// that ended it (`not_pod_address`, `strict`, `handshake`, `connect_app`, ...). One
     /// series per outcome; see `proxy::Ending`.
     pub connections_ended: IntCounterVec,
+    /// Outbound connections sent in plaintext, by reason: `rule` (a passthrough rule) or
+    /// `unmeshed` (`auto`: the destination's tunnel port refused, it has no sidecar).
+    pub outbound_plaintext: IntCounterVec,
     /// Connections to the stats or admin listener closed because it was serving its maximum
     /// and a newer one arrived, by listener (`stats`, `admin`).
     pub admin_evictions: IntCounterVec,
@@ -266,6 +301,11 @@ impl Metrics {
             c
         };
         Metrics {
+            outbound_plaintext: counter(
+                "l4mesh_outbound_plaintext_total",
+                "Outbound connections sent without mTLS, by reason (rule: a passthrough rule; unmeshed: auto found no sidecar at the destination)",
+                &["reason"],
+            ),
             inbound_detections: counter(
                 INBOUND_DETECTIONS,
                 "Inbound connections by what their first bytes were and what was done",
@@ -500,15 +540,13 @@ mod tests {
 
     fn labels(principal: &str) -> ConnectionLabels {
         ConnectionLabels {
-            reporter: "destination",
-            source_workload: "unknown".into(),
             source_workload_namespace: "shop".into(),
             source_principal: principal.into(),
             destination_workload: "orders".into(),
             destination_workload_namespace: "shop".into(),
             destination_principal: "spiffe://cluster.local/ns/shop/sa/orders".into(),
-            destination_service: "unknown".into(),
             connection_security_policy: "mutual_tls",
+            ..ConnectionLabels::unknown("destination")
         }
     }
 

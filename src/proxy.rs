@@ -15,12 +15,15 @@ use crate::metrics::Metrics;
 use crate::policy::WorkloadPolicy;
 use crate::tls;
 
+pub mod h2_io;
 pub mod inbound;
 pub mod outbound;
+pub mod pool;
 pub mod relay;
 pub mod sniff;
 pub mod socket;
 pub mod tls_io;
+pub mod tunnel;
 
 use outbound::Routes;
 
@@ -95,6 +98,11 @@ pub struct ProxyInputs {
     /// This workload as Istio's metrics name it.
     pub workload_name: String,
     pub namespace: String,
+    /// The `baggage` header this workload's tunnel streams carry (who it is, for the
+    /// server's metrics).
+    pub baggage: String,
+    /// Destinations `auto` found without a sidecar, remembered for a while.
+    pub unmeshed: outbound::Unmeshed,
 }
 
 /// The credentials in force and the TLS configurations built from them: an immutable
@@ -102,8 +110,13 @@ pub struct ProxyInputs {
 /// rotation never touches an established connection.
 pub struct TlsState {
     pub creds: Arc<Credentials>,
+    /// Application ports: mesh TLS with ALPN `l4mesh/1` (the direct transport).
     pub acceptor: TlsAcceptor,
+    /// The tunnel port: ALPN `h2`.
+    pub tunnel_acceptor: TlsAcceptor,
     pub routes: Routes,
+    /// Tunnel connections made with these credentials (see [`pool`]).
+    pub pool: pool::Pool,
 }
 
 impl TlsState {
@@ -114,8 +127,10 @@ impl TlsState {
         creds: Credentials,
         ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
     ) -> Result<TlsState, tls::ConfigError> {
-        let acceptor =
-            TlsAcceptor::from(tls::server_config(&creds, creds.trust.clone(), ticketer)?);
+        let acceptor = |alpn| {
+            tls::server_config(&creds, creds.trust.clone(), ticketer.clone(), alpn)
+                .map(TlsAcceptor::from)
+        };
         let routes = Routes::new(
             &config.outbound,
             &creds,
@@ -123,9 +138,11 @@ impl TlsState {
             config.tls.session_resumption,
         )?;
         Ok(TlsState {
+            acceptor: acceptor(tls::MESH_ALPN)?,
+            tunnel_acceptor: acceptor(tls::TUNNEL_ALPN)?,
             creds: Arc::new(creds),
-            acceptor,
             routes,
+            pool: pool::Pool::new(config.outbound.pool.clone()),
         })
     }
 }
@@ -155,7 +172,9 @@ impl ProxyInputs {
             .chain(detection.port_timeouts.keys())
             .copied()
             .collect();
-        ProxyInputs {
+        let mut inputs = ProxyInputs {
+            unmeshed: outbound::Unmeshed::new(config.outbound.unmeshed_ttl),
+            baggage: String::new(),
             workload_name,
             namespace,
             identity,
@@ -166,7 +185,9 @@ impl ProxyInputs {
             local_addrs: crate::proxy::socket::LocalAddrs::new(),
             capture,
             known_ports,
-        }
+        };
+        inputs.baggage = tunnel::Baggage::of(&inputs).header();
+        inputs
     }
 
     /// The `port` label of the per-port `l4mesh_*` metrics: the number for a port the

@@ -21,6 +21,8 @@ pub use trust::{cert_error_reason, provider, PeerIdentityError, TrustStore, Usag
 /// The ALPN protocol mesh clients offer. An inbound TLS connection without it is not mesh
 /// traffic (it is a client doing its own TLS), however valid its certificate.
 pub const MESH_ALPN: &[u8] = b"l4mesh/1";
+/// The ALPN of the tunnel on :15008: HTTP/2, as HBONE (Istio ambient) speaks it.
+pub const TUNNEL_ALPN: &[u8] = b"h2";
 
 /// Which side of a handshake this sidecar is: the label of the handshake metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,7 +129,8 @@ where
 #[error("building TLS configuration: {0}")]
 pub struct ConfigError(#[from] rustls::Error);
 
-/// The inbound side: TLS 1.3 only, client certificate required and verified, mesh ALPN.
+/// The inbound side: TLS 1.3 only, client certificate required and verified, `alpn` (the
+/// mesh ALPN on application ports, `h2` on the tunnel).
 /// With a `ticketer`, clients get session tickets and may resume (see [`revalidate`]); the
 /// ticketer outlives credential reloads, so a CRL or bundle update does not cost every client
 /// a full handshake.
@@ -135,13 +138,14 @@ pub fn server_config(
     creds: &Credentials,
     trust: Arc<TrustStore>,
     ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
+    alpn: &[u8],
 ) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
     let verifier = Arc::new(SpiffeClientVerifier { trust });
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(creds.chain.clone(), creds.key.clone_key())?;
-    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     // Stateless tickets only: no per-session memory on the server.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     match ticketer {
@@ -161,7 +165,7 @@ pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, ConfigErro
     Ok(rustls::crypto::ring::Ticketer::new()?)
 }
 
-/// The outbound side: TLS 1.3 only, presents our certificate, offers the mesh ALPN, and
+/// The outbound side: TLS 1.3 only, presents our certificate, offers `alpn`, and
 /// accepts a server in our trust domain (and in `pins`, when given). With `resume`, keeps
 /// session tickets per destination address and resumes with them (see [`revalidate`]).
 pub fn client_config(
@@ -169,6 +173,7 @@ pub fn client_config(
     trust: Arc<TrustStore>,
     pins: Vec<IdentityPattern>,
     resume: bool,
+    alpn: &[u8],
 ) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
     let verifier = Arc::new(SpiffeServerVerifier { trust, pins });
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
@@ -176,7 +181,7 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())?;
-    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     // The cache belongs to this configuration: a new certificate of ours (rotation) starts an
     // empty one, so a session never outlives the certificate it was made with.
     config.resumption = if resume {
@@ -491,9 +496,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let client = credentials(dir.path(), "client");
         let server = credentials(dir.path(), "server");
-        let accepting =
-            server_config(&server, server.trust.clone(), Some(ticketer().unwrap())).unwrap();
-        let resuming = client_config(&client, client.trust.clone(), Vec::new(), true).unwrap();
+        let accepting = server_config(
+            &server,
+            server.trust.clone(),
+            Some(ticketer().unwrap()),
+            MESH_ALPN,
+        )
+        .unwrap();
+        let resuming =
+            client_config(&client, client.trust.clone(), Vec::new(), true, MESH_ALPN).unwrap();
 
         let (c, s) = handshake(&resuming, &accepting);
         assert_eq!(handshake_kind(&c), "full");
@@ -532,7 +543,8 @@ mod tests {
         assert_eq!(reason_of(&e), "bad_identity", "{e}");
 
         // Without resumption every handshake is full.
-        let no_resume = client_config(&client, client.trust.clone(), Vec::new(), false).unwrap();
+        let no_resume =
+            client_config(&client, client.trust.clone(), Vec::new(), false, MESH_ALPN).unwrap();
         handshake(&no_resume, &accepting);
         let (c, _) = handshake(&no_resume, &accepting);
         assert_eq!(handshake_kind(&c), "full");

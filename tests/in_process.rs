@@ -16,9 +16,26 @@ use l4mesh::proxy::Capture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Starts a sidecar for `spiffe://cluster.local/ns/shop/sa/<sa>` whose captured connections
-/// all head for `dst`, with `policy` (YAML documents) as its policy file.
-async fn sidecar(dir: &Path, ca: &Path, sa: &str, policy: &str, dst: SocketAddr) -> Sidecar {
+/// A loopback address of its own for each sidecar ("pod") of this process, so each can listen
+/// on the tunnel port 15008 as real pods do.
+fn pod_ip() -> std::net::IpAddr {
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    std::net::Ipv4Addr::new(127, 77, (std::process::id() % 250) as u8, n).into()
+}
+
+/// Starts a sidecar for `spiffe://cluster.local/ns/shop/sa/<sa>` on `ip` whose captured
+/// connections all head for `dst`, with `policy` (YAML documents) as its policy file and
+/// `extra` appended to its config.
+async fn sidecar_at(
+    dir: &Path,
+    ca: &Path,
+    sa: &str,
+    policy: &str,
+    dst: SocketAddr,
+    ip: std::net::IpAddr,
+    extra: &str,
+) -> Sidecar {
     let certs_dir = dir.join(format!("{sa}-certs"));
     certs::issue(
         ca,
@@ -29,7 +46,7 @@ async fn sidecar(dir: &Path, ca: &Path, sa: &str, policy: &str, dst: SocketAddr)
     let policy_file = dir.join(format!("{sa}-policy.yaml"));
     std::fs::write(&policy_file, policy).unwrap();
     let yaml = format!(
-        "listeners:\n  outbound: 127.0.0.1:0\n  inbound: 127.0.0.1:0\n  metrics: 127.0.0.1:0\n  admin: 127.0.0.1:0\nidentity:\n  cert_chain: {c}/cert-chain.pem\n  private_key: {c}/key.pem\n  trust_bundle: {c}/root-cert.pem\nworkload:\n  namespace: shop\n  service_account: {sa}\n  ports: [{port}]\npolicy:\n  file: {p}\n",
+        "listeners:\n  outbound: {ip}:0\n  inbound: {ip}:0\n  tunnel: {ip}:15008\n  metrics: {ip}:0\n  admin: {ip}:0\nidentity:\n  cert_chain: {c}/cert-chain.pem\n  private_key: {c}/key.pem\n  trust_bundle: {c}/root-cert.pem\nworkload:\n  namespace: shop\n  service_account: {sa}\n  workload_name: {sa}-deploy\n  labels:\n    app: {sa}\n    version: v1\n  ports: [{port}]\npolicy:\n  file: {p}\n{extra}",
         c = certs_dir.display(),
         p = policy_file.display(),
         port = dst.port(),
@@ -43,9 +60,16 @@ async fn sidecar(dir: &Path, ca: &Path, sa: &str, policy: &str, dst: SocketAddr)
         .unwrap()
 }
 
-/// An echo server on 127.0.0.1; returns its address.
-async fn echo_app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// The direct transport: mesh TLS straight to `dst` (the server sidecar's inbound listener).
+const DIRECT: &str = "outbound:\n  default: direct\n";
+
+async fn sidecar(dir: &Path, ca: &Path, sa: &str, policy: &str, dst: SocketAddr) -> Sidecar {
+    sidecar_at(dir, ca, sa, policy, dst, pod_ip(), DIRECT).await
+}
+
+/// An echo server on `ip`; returns its address.
+async fn echo_app_at(ip: std::net::IpAddr) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
@@ -57,6 +81,11 @@ async fn echo_app() -> SocketAddr {
         }
     });
     addr
+}
+
+/// An echo server on 127.0.0.1; returns its address.
+async fn echo_app() -> SocketAddr {
+    echo_app_at([127, 0, 0, 1].into()).await
 }
 
 /// Sends `data`, half-closes, and returns everything that comes back (empty when refused).
@@ -213,4 +242,54 @@ async fn in_process_authorization_denies_a_principal_not_allowed() {
         exchange(payments.bound.outbound, b"paying").await,
         b"paying"
     );
+}
+
+/// Two "pods" on their own loopback addresses: the server's app and sidecar share one, and the
+/// client's captured connections head for the app's address, as in a real pod pair.
+async fn tunnel_pair(
+    dir: &Path,
+    ca: &Path,
+    server_policy: &str,
+    client_extra: &str,
+) -> (Sidecar, Sidecar, SocketAddr) {
+    let server_ip = pod_ip();
+    let app = echo_app_at(server_ip).await;
+    let server = sidecar_at(dir, ca, "server", server_policy, app, server_ip, "").await;
+    let client = sidecar_at(dir, ca, "client", NO_POLICIES, app, pod_ip(), client_extra).await;
+    (server, client, app)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_tunnel_carries_bytes_and_says_who_the_client_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca(dir.path());
+    let (server, client, _app) = tunnel_pair(dir.path(), &ca, NO_POLICIES, "").await;
+
+    let data: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    for _ in 0..3 {
+        assert_eq!(exchange(client.bound.outbound, &data).await, data);
+    }
+    let opened = "istio_tcp_connections_opened_total";
+    let peer = "source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"";
+    assert_eq!(metric(&server, opened, &[peer, "mutual_tls"]), 3.0);
+    // What the client said of itself in `baggage`.
+    let said = [
+        "source_workload=\"client-deploy\"",
+        "source_app=\"client\"",
+        "source_version=\"v1\"",
+        "destination_app=\"server\"",
+    ];
+    assert_eq!(metric(&server, opened, &said), 3.0);
+    let server_id = "destination_principal=\"spiffe://cluster.local/ns/shop/sa/server\"";
+    assert_eq!(metric(&client, opened, &[server_id, "mutual_tls"]), 3.0);
+    // Three connections, one tunnel connection, one full handshake.
+    assert_eq!(
+        metric(&client, "l4mesh_tls_handshakes_total", &["outbound"]),
+        1.0
+    );
+    let pools = client.inputs.tls.borrow().pool.view();
+    assert_eq!(pools.len(), 1, "one pool");
+    assert_eq!(pools[0].connections, 1);
+    let done = ["direction=\"inbound\"", "outcome=\"completed\""];
+    counted(&server, "l4mesh_connections_total", &done, 3.0).await;
 }

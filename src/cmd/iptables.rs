@@ -11,9 +11,13 @@ use ipnet::IpNet;
 use crate::consts;
 use thiserror::Error;
 
-/// Ports never captured inbound: admin, metrics/readiness, health (as Istio).
-pub const ALWAYS_EXCLUDED_INBOUND: [u16; 3] =
-    [consts::ADMIN_PORT, consts::STATS_PORT, consts::HEALTH_PORT];
+/// Ports never captured inbound: admin, tunnel, metrics/readiness, health (as Istio).
+pub const ALWAYS_EXCLUDED_INBOUND: [u16; 4] = [
+    consts::ADMIN_PORT,
+    consts::TUNNEL_PORT,
+    consts::STATS_PORT,
+    consts::HEALTH_PORT,
+];
 
 const CHAINS: [&str; 4] = [
     "L4MESH_INBOUND",
@@ -41,7 +45,7 @@ pub struct Options {
     /// Inbound ports to capture, comma-separated, or `*` for all.
     #[arg(long, default_value = "*")]
     pub inbound_ports: InboundPorts,
-    /// Inbound ports never to capture (15000, 15020, 15021 always are excluded).
+    /// Inbound ports never to capture (15000, 15008, 15020, 15021 always are excluded).
     #[arg(long, value_delimiter = ',')]
     pub exclude_inbound_ports: Vec<u16>,
     /// Outbound destination ports never to capture.

@@ -52,6 +52,8 @@ pub enum InboundError {
         port: u16,
         policy: String,
     },
+    #[error("refused: not a CONNECT to an address: {0}")]
+    BadConnect(String),
     #[error("connecting to the application at {dst}: {source}")]
     ConnectApp { dst: SocketAddr, source: io::Error },
     #[error("relay: {0}")]
@@ -78,6 +80,7 @@ impl Ending for InboundError {
             InboundError::HandshakeTimeout => "handshake_timeout",
             InboundError::NotMesh => "not_mesh",
             InboundError::Denied { .. } => "denied",
+            InboundError::BadConnect(_) => "bad_connect",
             InboundError::ConnectApp { .. } => "connect_app",
             InboundError::Relay(RelayError::Client(_)) => "client_relay",
             InboundError::Relay(RelayError::Upstream(_)) => "app_relay",
@@ -243,7 +246,7 @@ where
 }
 
 /// Applies the workload's AuthorizationPolicies to a connection; logs and counts the decision.
-fn authorize(
+pub(super) fn authorize(
     inputs: &ProxyInputs,
     policy: &WorkloadPolicy,
     peer: Option<&SpiffeId>,
@@ -283,8 +286,6 @@ fn authorize(
 }
 
 /// Connects to the application and relays, recording the connection in Istio's TCP metrics.
-/// The application is reached at the address the client asked for (the pod IP), not
-/// 127.0.0.1, so an app bound only to localhost stays private.
 async fn forward<S>(
     inputs: &ProxyInputs,
     client: S,
@@ -295,26 +296,72 @@ async fn forward<S>(
 where
     S: AsyncRead + AsyncWrite + crate::proxy::relay::Abortable + Unpin,
 {
+    let app = connect_app(inputs, dst).await?;
+    relay_to_app(inputs, client, app, client_addr, dst, peer, None).await
+}
+
+/// Connects to the application at the address the client asked for (the pod IP), not
+/// 127.0.0.1, so an app bound only to localhost stays private; from 127.0.0.6, which the
+/// capture rules let through.
+pub(super) async fn connect_app(
+    inputs: &ProxyInputs,
+    dst: SocketAddr,
+) -> Result<TcpStream, InboundError> {
     let source = socket::inbound_passthrough_source(dst);
-    let app = socket::connect(dst, Some(source), inputs.config.timeouts.connect)
+    socket::connect(dst, Some(source), inputs.config.timeouts.connect)
         .await
-        .map_err(|source| InboundError::ConnectApp { dst, source })?;
-    let unknown = || "unknown".to_string();
+        .map_err(|source| InboundError::ConnectApp { dst, source })
+}
+
+/// Relays a client (a connection or a tunnel stream) to the application, recording it in
+/// Istio's TCP metrics; `baggage` is what a tunnel client said about its workload.
+pub(super) async fn relay_to_app<S>(
+    inputs: &ProxyInputs,
+    client: S,
+    app: TcpStream,
+    client_addr: SocketAddr,
+    dst: SocketAddr,
+    peer: Option<&SpiffeId>,
+    baggage: Option<&crate::proxy::tunnel::Baggage>,
+) -> Result<(), InboundError>
+where
+    S: AsyncRead + AsyncWrite + crate::proxy::relay::Abortable + Unpin,
+{
+    let unknown = ConnectionLabels::unknown("destination");
+    let said = |f: fn(&crate::proxy::tunnel::Baggage) -> &Option<String>, or: &String| {
+        baggage
+            .and_then(|b| f(b).clone())
+            .unwrap_or_else(|| or.clone())
+    };
+    let own = &inputs.config.workload.labels;
     let labels = ConnectionLabels {
-        reporter: "destination",
-        source_workload: unknown(),
+        source_workload: said(|b| &b.workload_name, &unknown.source_workload),
+        source_app: said(|b| &b.app, &unknown.source_app),
+        source_version: said(|b| &b.version, &unknown.source_version),
         source_workload_namespace: peer
             .and_then(|p| p.namespace_and_service_account())
-            .map_or_else(unknown, |(ns, _)| ns.to_string()),
-        source_principal: peer.map_or_else(unknown, ToString::to_string),
+            .map_or_else(
+                || unknown.source_workload_namespace.clone(),
+                |(ns, _)| ns.to_string(),
+            ),
+        source_principal: peer
+            .map_or_else(|| unknown.source_principal.clone(), ToString::to_string),
         destination_workload: inputs.workload_name.clone(),
         destination_workload_namespace: inputs.namespace.clone(),
         destination_principal: match peer {
             Some(_) => inputs.identity.to_string(),
-            None => unknown(),
+            None => unknown.destination_principal.clone(),
         },
-        destination_service: unknown(),
+        destination_app: own
+            .get("app")
+            .cloned()
+            .unwrap_or_else(|| unknown.destination_app.clone()),
+        destination_version: own
+            .get("version")
+            .cloned()
+            .unwrap_or_else(|| unknown.destination_version.clone()),
         connection_security_policy: if peer.is_some() { "mutual_tls" } else { "none" },
+        ..unknown.clone()
     };
     let security = labels.connection_security_policy;
     let recorder = inputs.metrics.connection(labels, "inbound");

@@ -1,10 +1,13 @@
 //! Outbound: connections the pod's applications open, redirected by iptables to :15001.
-//! accept → original destination → destination rule → connect → (originate mTLS) → relay.
+//! accept → original destination → destination rule (else `auto`) → a tunnel stream | mesh
+//! TLS straight to the destination (direct) | plaintext (passthrough, or `auto` to a destination
+//! without a sidecar) → relay.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use http::StatusCode;
 use rustls::pki_types::ServerName;
 use thiserror::Error;
 use tokio::net::TcpStream;
@@ -14,8 +17,9 @@ use tracing::{debug, info};
 use crate::config::{Action, Outbound};
 use crate::identity::Credentials;
 use crate::metrics::ConnectionLabels;
+use crate::proxy::pool::{self, PoolError};
 use crate::proxy::relay::{self, RelayError};
-use crate::proxy::socket;
+use crate::proxy::{socket, tunnel};
 use crate::proxy::{Ending, ProxyInputs};
 use crate::tls::{self, TrustStore};
 
@@ -28,13 +32,24 @@ pub struct Routes {
 /// How one destination is reached.
 pub struct Route {
     pub name: String,
+    /// The rule's position (the default is `rules.len()`): tunnel pools are kept per rule,
+    /// since each rule's verifier holds its own identity pins.
+    pub index: usize,
     pub kind: RouteKind,
 }
 
 pub enum RouteKind {
-    /// Wrap in mTLS with this connector (its verifier holds the rule's identity pins; a
-    /// resumed session is checked against `pins` again after the handshake).
-    Mtls {
+    /// A stream in a pooled tunnel to the destination's sidecar (:15008). With `fallback`
+    /// (`auto`), a destination whose tunnel port refuses is reached in plaintext.
+    Tunnel {
+        connector: TlsConnector,
+        pins: Vec<crate::identity::IdentityPattern>,
+        fallback: bool,
+    },
+    /// Mesh TLS straight to the destination port, with this connector (its verifier holds
+    /// the rule's identity pins; a resumed session is checked against `pins` again after
+    /// the handshake).
+    Direct {
         connector: TlsConnector,
         pins: Vec<crate::identity::IdentityPattern>,
     },
@@ -51,20 +66,32 @@ impl Routes {
         trust: &Arc<TrustStore>,
         resume: bool,
     ) -> Result<Self, tls::ConfigError> {
-        let route = |name: String, action: Action, pins: Vec<crate::identity::IdentityPattern>| {
+        let route = |name: String,
+                     index: usize,
+                     action: Action,
+                     pins: Vec<crate::identity::IdentityPattern>| {
+            let connector = |alpn| {
+                Ok::<_, tls::ConfigError>(TlsConnector::from(tls::client_config(
+                    creds,
+                    trust.clone(),
+                    pins.clone(),
+                    resume,
+                    alpn,
+                )?))
+            };
             let kind = match action {
                 Action::Passthrough => RouteKind::Passthrough,
-                Action::Mtls => RouteKind::Mtls {
-                    connector: TlsConnector::from(tls::client_config(
-                        creds,
-                        trust.clone(),
-                        pins.clone(),
-                        resume,
-                    )?),
-                    pins,
+                Action::Direct => RouteKind::Direct {
+                    connector: connector(tls::MESH_ALPN)?,
+                    pins: pins.clone(),
+                },
+                Action::Auto | Action::Mtls => RouteKind::Tunnel {
+                    connector: connector(tls::TUNNEL_ALPN)?,
+                    pins: pins.clone(),
+                    fallback: action == Action::Auto,
                 },
             };
-            Ok::<_, tls::ConfigError>(Route { name, kind })
+            Ok::<_, tls::ConfigError>(Route { name, index, kind })
         };
         let rules = config
             .rules
@@ -72,12 +99,24 @@ impl Routes {
             .enumerate()
             .map(|(i, rule)| {
                 let name = rule.name.clone().unwrap_or_else(|| format!("rules[{i}]"));
-                let r = route(name, rule.action, rule.server_identities.clone())?;
+                let r = route(name, i, rule.action, rule.server_identities.clone())?;
                 Ok((rule.clone(), r))
             })
             .collect::<Result<Vec<_>, tls::ConfigError>>()?;
-        let default = route("default".to_string(), config.default, Vec::new())?;
+        let default = route(
+            "default".to_string(),
+            rules.len(),
+            config.default,
+            Vec::new(),
+        )?;
         Ok(Routes { rules, default })
+    }
+
+    /// The name of the rule at `index` (`default` past the last).
+    pub fn name_of(&self, index: usize) -> &str {
+        self.rules
+            .get(index)
+            .map_or(&self.default.name, |(_, r)| &r.name)
     }
 
     pub fn route(&self, dst: SocketAddr) -> &Route {
@@ -86,6 +125,57 @@ impl Routes {
             .find(|(rule, _)| rule.matches(dst))
             .map(|(_, route)| route)
             .unwrap_or(&self.default)
+    }
+}
+
+/// Destinations whose tunnel port refused (no sidecar there), remembered for
+/// `outbound.unmeshed_ttl` so `auto` does not probe them on every connection. Bounded: past
+/// `UNMESHED_MAX` entries, expired ones are dropped, and if none has expired the new one is
+/// not remembered (it is probed again next time, which costs a round trip, not safety).
+pub struct Unmeshed {
+    ttl: std::time::Duration,
+    until: std::sync::Mutex<std::collections::HashMap<IpAddr, std::time::Instant>>,
+}
+
+const UNMESHED_MAX: usize = 16 * 1024;
+
+impl Unmeshed {
+    pub fn new(ttl: std::time::Duration) -> Unmeshed {
+        Unmeshed {
+            ttl,
+            until: Default::default(),
+        }
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let until = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        until
+            .get(&ip)
+            .is_some_and(|t| *t > std::time::Instant::now())
+    }
+
+    pub fn insert(&self, ip: IpAddr) {
+        let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if until.len() >= UNMESHED_MAX {
+            until.retain(|_, t| *t > now);
+        }
+        if until.len() < UNMESHED_MAX {
+            until.insert(ip, now + self.ttl);
+        }
+    }
+
+    /// The destinations remembered now, with how long each has left.
+    pub fn list(&self) -> Vec<(IpAddr, std::time::Duration)> {
+        let until = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let mut v: Vec<_> = until
+            .iter()
+            .filter(|(_, t)| **t > now)
+            .map(|(ip, t)| (*ip, *t - now))
+            .collect();
+        v.sort();
+        v
     }
 }
 
@@ -105,6 +195,8 @@ pub enum OutboundError {
     },
     #[error("mTLS handshake with {dst} timed out")]
     HandshakeTimeout { dst: SocketAddr },
+    #[error("tunnel to {dst}: {source}")]
+    Tunnel { dst: SocketAddr, source: PoolError },
     #[error("relay: {0}")]
     Relay(#[from] RelayError),
 }
@@ -124,6 +216,17 @@ impl Ending for OutboundError {
             OutboundError::Connect { .. } => "connect",
             OutboundError::Handshake { .. } => "handshake",
             OutboundError::HandshakeTimeout { .. } => "handshake_timeout",
+            OutboundError::Tunnel { source, .. } => match source {
+                PoolError::Refused(..) => "tunnel_refused",
+                PoolError::Connect(..) => "tunnel_connect",
+                PoolError::Handshake(..) => "handshake",
+                PoolError::HandshakeTimeout(..) => "handshake_timeout",
+                PoolError::NotH2(..) => "tunnel_not_h2",
+                PoolError::Http2(..) => "tunnel_http2",
+                PoolError::Request(..) => "tunnel_request",
+                PoolError::Status(_, StatusCode::FORBIDDEN) => "denied_by_server",
+                PoolError::Status(..) => "tunnel_status",
+            },
             OutboundError::Relay(RelayError::Client(_)) => "client_relay",
             OutboundError::Relay(RelayError::Upstream(_)) => "upstream_relay",
             OutboundError::Relay(RelayError::Idle(_)) => "idle",
@@ -162,19 +265,66 @@ impl OutboundConnection {
         let tls_state = inputs.tls.borrow().clone();
         let route = tls_state.routes.route(dst);
         let timeouts = &inputs.config.timeouts;
-        let upstream = socket::connect(dst, None, timeouts.connect)
-            .await
-            .map_err(|source| OutboundError::Connect { dst, source })?;
-
         let (sent, result) = match &route.kind {
             RouteKind::Passthrough => {
                 debug!(src = %client_addr, %dst, rule = %route.name, "outbound passthrough");
-                let recorder = inputs
-                    .metrics
-                    .connection(outbound_labels(&inputs, None), "outbound");
-                relay::relay(client, upstream, &recorder, timeouts.idle).await
+                plaintext(&inputs, client, dst, "rule").await?
             }
-            RouteKind::Mtls { connector, pins } => {
+            RouteKind::Tunnel {
+                connector,
+                pins,
+                fallback,
+            } => {
+                if *fallback && inputs.unmeshed.contains(dst.ip()) {
+                    debug!(src = %client_addr, %dst, "destination known un-meshed: plaintext");
+                    plaintext(&inputs, client, dst, "unmeshed").await?
+                } else {
+                    let tunnel = SocketAddr::new(dst.ip(), inputs.config.listeners.tunnel.port());
+                    let dial = pool::Dial {
+                        connector,
+                        trust: &tls_state.creds.trust,
+                        pins,
+                        rule: route.index,
+                    };
+                    let headers = [
+                        (tunnel::BAGGAGE, inputs.baggage.clone()),
+                        ("forwarded", forwarded(client_addr)),
+                        ("traceparent", traceparent()),
+                    ];
+                    let opened = tls_state
+                        .pool
+                        .open(tunnel, dst, dial, &headers, timeouts, &inputs.metrics)
+                        .await;
+                    match opened {
+                        Ok(opened) => {
+                            let peer = opened.peer.as_ref();
+                            debug!(
+                                src = %client_addr,
+                                %dst,
+                                rule = %route.name,
+                                peer = %peer.map(ToString::to_string).unwrap_or_default(),
+                                new_connection = opened.new_connection,
+                                "outbound tunnel stream open, server identity verified"
+                            );
+                            let labels = outbound_labels(&inputs, Some(peer));
+                            let recorder = inputs.metrics.connection(labels, "outbound");
+                            relay::relay(client, opened.stream, &recorder, timeouts.idle).await
+                        }
+                        // No sidecar there: with `auto`, the destination is not in the
+                        // mesh yet, and is reached as it would be without l4mesh.
+                        Err(PoolError::Refused(..)) if *fallback => {
+                            debug!(src = %client_addr, %dst, "tunnel port refused: destination un-meshed, plaintext");
+                            inputs.unmeshed.insert(dst.ip());
+                            plaintext(&inputs, client, dst, "unmeshed").await?
+                        }
+                        Err(source) => return Err(OutboundError::Tunnel { dst, source }),
+                    }
+                }
+            }
+            RouteKind::Direct { connector, pins } => {
+                let upstream = socket::connect(dst, None, timeouts.connect)
+                    .await
+                    .map_err(|source| OutboundError::Connect { dst, source })?;
                 // SPIFFE identities are not DNS names: the verifier ignores the name, and an
                 // IP address name keeps rustls from sending SNI.
                 let name = ServerName::IpAddress(dst.ip().into());
@@ -220,33 +370,87 @@ impl OutboundConnection {
     }
 }
 
+/// Sends a connection on as it is, counted as plaintext with `reason` (`rule`: a passthrough
+/// rule; `unmeshed`: `auto` found no sidecar at the destination).
+async fn plaintext(
+    inputs: &ProxyInputs,
+    client: TcpStream,
+    dst: SocketAddr,
+    reason: &'static str,
+) -> Result<(relay::Transferred, Option<RelayError>), OutboundError> {
+    let upstream = socket::connect(dst, None, inputs.config.timeouts.connect)
+        .await
+        .map_err(|source| OutboundError::Connect { dst, source })?;
+    inputs
+        .metrics
+        .outbound_plaintext
+        .with_label_values(&[reason])
+        .inc();
+    let recorder = inputs
+        .metrics
+        .connection(outbound_labels(inputs, None), "outbound");
+    Ok(relay::relay(client, upstream, &recorder, inputs.config.timeouts.idle).await)
+}
+
+/// `forwarded: for=<client ip>`, as HBONE clients send it.
+fn forwarded(client: SocketAddr) -> String {
+    match client.ip() {
+        IpAddr::V4(ip) => format!("for={ip}"),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+    }
+}
+
+/// A W3C `traceparent` with a fresh random trace and span, so a tunnel stream can be found
+/// in traces and logs on both sides.
+fn traceparent() -> String {
+    use ring::rand::SecureRandom;
+    let mut id = [0u8; 24];
+    // The system RNG does not fail on Linux; zeros would still be a well-formed header.
+    let _ = ring::rand::SystemRandom::new().fill(&mut id);
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!("00-{}-{}-00", hex(&id[..16]), hex(&id[16..]))
+}
+
 /// Istio's TCP metric labels for an outbound connection; `server` is `Some` when it was
 /// wrapped in mTLS (with the verified server identity, if it had one).
 fn outbound_labels(
     inputs: &ProxyInputs,
     server: Option<Option<&crate::identity::SpiffeId>>,
 ) -> ConnectionLabels {
-    let unknown = || "unknown".to_string();
+    let unknown = ConnectionLabels::unknown("source");
     let server_id = server.flatten();
+    let own = &inputs.config.workload.labels;
     ConnectionLabels {
-        reporter: "source",
         source_workload: inputs.workload_name.clone(),
         source_workload_namespace: inputs.namespace.clone(),
         source_principal: match server {
             Some(_) => inputs.identity.to_string(),
-            None => unknown(),
+            None => unknown.source_principal.clone(),
         },
-        destination_workload: unknown(),
+        source_app: own
+            .get("app")
+            .cloned()
+            .unwrap_or_else(|| unknown.source_app.clone()),
+        source_version: own
+            .get("version")
+            .cloned()
+            .unwrap_or_else(|| unknown.source_version.clone()),
         destination_workload_namespace: server_id
             .and_then(|id| id.namespace_and_service_account())
-            .map_or_else(unknown, |(ns, _)| ns.to_string()),
-        destination_principal: server_id.map_or_else(unknown, ToString::to_string),
-        destination_service: unknown(),
+            .map_or_else(
+                || unknown.destination_workload_namespace.clone(),
+                |(ns, _)| ns.to_string(),
+            ),
+        destination_principal: server_id.map_or_else(
+            || unknown.destination_principal.clone(),
+            ToString::to_string,
+        ),
         // We know whether we wrapped it (Istio's client side says `unknown`, istio#42853).
         connection_security_policy: if server.is_some() {
             "mutual_tls"
         } else {
             "none"
         },
+        ..unknown.clone()
     }
 }

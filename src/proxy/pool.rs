@@ -1,0 +1,372 @@
+//! The tunnel (HBONE), client side: per destination sidecar (and the server identities a
+//! rule pins), a few HTTP/2 mTLS connections to its :15008, each carrying up to
+//! `outbound.pool.max_streams` CONNECT streams, one per application connection. A connection
+//! idle for `outbound.pool.idle` is closed; one that fails is dropped and the next stream opens
+//! a new one. The pool belongs to one set of credentials (it lives in [`TlsState`]): after a
+//! rotation new streams go to a new pool, and streams already open finish on the old one.
+//!
+//! [`TlsState`]: super::TlsState
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use rustls::pki_types::ServerName;
+use thiserror::Error;
+use tokio_rustls::TlsConnector;
+use tracing::debug;
+
+use crate::identity::{IdentityPattern, SpiffeId};
+use crate::metrics::Metrics;
+use crate::proxy::h2_io::H2Stream;
+use crate::proxy::tunnel;
+use crate::tls;
+
+/// Why no stream could be opened. `Refused` alone means "no sidecar there".
+#[derive(Debug, Error)]
+pub enum PoolError {
+    #[error("tunnel port {0} refused: no sidecar there")]
+    Refused(SocketAddr, #[source] io::Error),
+    #[error("connecting to tunnel {0}: {1}")]
+    Connect(SocketAddr, #[source] io::Error),
+    #[error("mTLS handshake with tunnel {0}: {1}")]
+    Handshake(SocketAddr, #[source] tls::HandshakeError),
+    #[error("mTLS handshake with tunnel {0} timed out")]
+    HandshakeTimeout(SocketAddr),
+    #[error("tunnel {0} did not negotiate ALPN h2")]
+    NotH2(SocketAddr),
+    #[error("tunnel {0}: HTTP/2: {1}")]
+    Http2(SocketAddr, #[source] h2::Error),
+    #[error("tunnel {0}: cannot build the CONNECT: {1}")]
+    Request(SocketAddr, #[source] http::Error),
+    #[error("tunnel {0} answered the CONNECT with {1}")]
+    Status(SocketAddr, StatusCode),
+}
+
+impl PoolError {
+    /// Whether the destination said, at the TCP level, that nothing listens on its tunnel
+    /// port: a reset (or ICMP port unreachable), or ICMP host/network unreachable.
+    fn is_refusal(e: &io::Error) -> bool {
+        e.kind() == io::ErrorKind::ConnectionRefused
+            || matches!(
+                e.raw_os_error(),
+                Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH)
+            )
+    }
+}
+
+/// A destination's tunnel connections, keyed by the tunnel address and the destination rule
+/// (whose verifier holds its identity pins).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Key {
+    tunnel: SocketAddr,
+    rule: usize,
+}
+
+#[derive(Default)]
+struct Entry {
+    conns: Mutex<Vec<Conn>>,
+    /// Held while a new connection is opened, so a burst of new application connections to
+    /// one destination waits for one handshake instead of making one each.
+    opening: tokio::sync::Mutex<()>,
+}
+
+#[derive(Clone)]
+struct Conn {
+    send: h2::client::SendRequest<Bytes>,
+    shared: Arc<ConnState>,
+}
+
+#[derive(Default)]
+struct ConnState {
+    /// Streams open now.
+    open: AtomicUsize,
+    /// Streams ever opened (the idle check compares it between ticks).
+    started: AtomicU64,
+    /// The connection's driver has ended: no new stream may use it.
+    closed: AtomicBool,
+    peer: Mutex<Option<SpiffeId>>,
+}
+
+/// Decrements a connection's open streams when the stream it was taken for ends.
+struct OpenStream(Arc<ConnState>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What one stream needs from its route.
+pub struct Dial<'a> {
+    pub connector: &'a TlsConnector,
+    /// The trust store the handshake is checked against again on resumption.
+    pub trust: &'a tls::TrustStore,
+    pub pins: &'a [IdentityPattern],
+    pub rule: usize,
+}
+
+/// A stream opened, and who is at the other end.
+pub struct Opened {
+    pub stream: H2Stream,
+    pub peer: Option<SpiffeId>,
+    /// Whether a new tunnel connection was made for it (false: an existing one was reused).
+    pub new_connection: bool,
+}
+
+/// One line of `/config_dump`'s `pools`.
+#[derive(serde::Serialize)]
+pub struct PoolView {
+    pub tunnel: SocketAddr,
+    pub rule: usize,
+    pub identity: Option<String>,
+    pub connections: usize,
+    pub streams_open: usize,
+}
+
+pub struct Pool {
+    config: crate::config::Pool,
+    entries: Mutex<HashMap<Key, Arc<Entry>>>,
+}
+
+impl Pool {
+    pub fn new(config: crate::config::Pool) -> Pool {
+        Pool {
+            config,
+            entries: Mutex::default(),
+        }
+    }
+
+    /// Opens a CONNECT stream to `target` through the tunnel at `tunnel`, reusing a pooled
+    /// connection with room, or making one.
+    pub async fn open(
+        &self,
+        tunnel: SocketAddr,
+        target: SocketAddr,
+        dial: Dial<'_>,
+        headers: &[(&'static str, String)],
+        timeouts: &crate::config::Timeouts,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Opened, PoolError> {
+        let key = Key {
+            tunnel,
+            rule: dial.rule,
+        };
+        let entry = self.entry(&key);
+        let (conn, new_connection) = match self.take(&entry) {
+            Some(conn) => (conn, false),
+            None => {
+                let _opening = entry.opening.lock().await;
+                // Someone else may have made one while this waited.
+                match self.take(&entry) {
+                    Some(conn) => (conn, false),
+                    None => {
+                        let conn = self.connect(tunnel, &dial, timeouts, metrics).await?;
+                        conn.shared.open.fetch_add(1, Ordering::AcqRel);
+                        lock(&entry.conns).push(conn.clone());
+                        (conn, true)
+                    }
+                }
+            }
+        };
+        conn.shared.started.fetch_add(1, Ordering::Relaxed);
+        let open = OpenStream(conn.shared.clone());
+        let peer = lock(&conn.shared.peer).clone();
+        let stream = stream(conn.send, tunnel, target, headers).await;
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                // A connection that cannot open a stream is not offered again.
+                if matches!(e, PoolError::Http2(..)) {
+                    conn.shared.closed.store(true, Ordering::Release);
+                }
+                return Err(e);
+            }
+        };
+        Ok(Opened {
+            stream: stream.holding(open),
+            peer,
+            new_connection,
+        })
+    }
+
+    fn entry(&self, key: &Key) -> Arc<Entry> {
+        let mut entries = lock(&self.entries);
+        if let Some(e) = entries.get(key) {
+            return e.clone();
+        }
+        // Destinations come and go; forget those with no connection left when adding one.
+        entries.retain(|_, e| Arc::strong_count(e) > 1 || !lock(&e.conns).is_empty());
+        entries.entry(key.clone()).or_default().clone()
+    }
+
+    /// A live pooled connection with room for one more stream, counted as taken.
+    fn take(&self, entry: &Entry) -> Option<Conn> {
+        let mut conns = lock(&entry.conns);
+        conns.retain(|c| !c.shared.closed.load(Ordering::Acquire));
+        let max = self.config.max_streams.max(1) as usize;
+        let conn = conns
+            .iter()
+            .find(|c| c.shared.open.load(Ordering::Acquire) < max)?;
+        conn.shared.open.fetch_add(1, Ordering::AcqRel);
+        Some(conn.clone())
+    }
+
+    /// TCP connect, mTLS (ALPN h2), HTTP/2 handshake; spawns the connection's driver, which
+    /// closes it once it has been idle for the pool's idle time.
+    async fn connect(
+        &self,
+        tunnel: SocketAddr,
+        dial: &Dial<'_>,
+        timeouts: &crate::config::Timeouts,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Conn, PoolError> {
+        let tcp = crate::proxy::socket::connect(tunnel, None, timeouts.connect)
+            .await
+            .map_err(|e| match PoolError::is_refusal(&e) {
+                true => PoolError::Refused(tunnel, e),
+                false => PoolError::Connect(tunnel, e),
+            })?;
+        let name = ServerName::IpAddress(tunnel.ip().into());
+        let handshake = dial
+            .connector
+            .connect(name, crate::proxy::tls_io::Batched::new(tcp));
+        let tls = tls::handshake(
+            tls::Direction::Outbound,
+            handshake,
+            tokio::time::Instant::now() + timeouts.handshake,
+            dial.trust,
+            dial.pins,
+            metrics,
+        )
+        .await
+        .map_err(|e| match e {
+            tls::HandshakeFailure::Timeout => PoolError::HandshakeTimeout(tunnel),
+            tls::HandshakeFailure::Failed(e) => PoolError::Handshake(tunnel, e),
+        })?;
+        if tls.get_ref().1.alpn_protocol() != Some(tls::TUNNEL_ALPN) {
+            return Err(PoolError::NotH2(tunnel));
+        }
+        let (peer, _serial) = tls::peer(tls.get_ref().1);
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(tunnel::STREAM_WINDOW)
+            .initial_connection_window_size(tunnel::CONNECTION_WINDOW)
+            .max_frame_size(tunnel::MAX_FRAME)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| PoolError::Http2(tunnel, e))?;
+        debug!(%tunnel, peer = ?peer.as_ref().map(ToString::to_string), "tunnel connection opened");
+        let shared = Arc::new(ConnState {
+            peer: Mutex::new(peer),
+            ..Default::default()
+        });
+        tokio::spawn(drive(connection, shared.clone(), self.config.idle, tunnel));
+        Ok(Conn { send, shared })
+    }
+
+    /// The pools as `/config_dump` shows them.
+    pub fn view(&self) -> Vec<PoolView> {
+        let entries = lock(&self.entries);
+        let mut view: Vec<PoolView> = entries
+            .iter()
+            .filter_map(|(key, entry)| {
+                let live: Vec<Arc<ConnState>> = lock(&entry.conns)
+                    .iter()
+                    .filter(|c| !c.shared.closed.load(Ordering::Acquire))
+                    .map(|c| c.shared.clone())
+                    .collect();
+                let first = live.first()?;
+                let identity = lock(&first.peer).as_ref().map(ToString::to_string);
+                Some(PoolView {
+                    tunnel: key.tunnel,
+                    rule: key.rule,
+                    identity,
+                    connections: live.len(),
+                    streams_open: live.iter().map(|c| c.open.load(Ordering::Acquire)).sum(),
+                })
+            })
+            .collect();
+        view.sort_by_key(|v| (v.tunnel, v.rule));
+        view
+    }
+}
+
+/// Sends the CONNECT and waits for the answer: 200 opens the stream; anything else is the
+/// server's refusal (403: authorization; 400: not its address; 503: no app there).
+async fn stream(
+    send: h2::client::SendRequest<Bytes>,
+    tunnel: SocketAddr,
+    target: SocketAddr,
+    headers: &[(&'static str, String)],
+) -> Result<H2Stream, PoolError> {
+    let h2e = |e| PoolError::Http2(tunnel, e);
+    let mut send = send.ready().await.map_err(h2e)?;
+    let mut request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string());
+    for (name, value) in headers {
+        request = request.header(*name, value.as_str());
+    }
+    // The target is an address; a header value could still be invalid (a label from the
+    // config with a control character in it).
+    let request = request
+        .body(())
+        .map_err(|e| PoolError::Request(tunnel, e))?;
+    let (response, send_stream) = send.send_request(request, false).map_err(h2e)?;
+    let response = response.await.map_err(h2e)?;
+    if response.status() != StatusCode::OK {
+        return Err(PoolError::Status(tunnel, response.status()));
+    }
+    Ok(H2Stream::new(send_stream, response.into_body()))
+}
+
+/// Runs one tunnel connection until it fails, the server closes it, or it has carried no
+/// stream for `idle` (checked every `idle`, so it closes between one and two idle periods).
+async fn drive<T>(
+    connection: h2::client::Connection<T, Bytes>,
+    shared: Arc<ConnState>,
+    idle: Duration,
+    tunnel: SocketAddr,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::pin!(connection);
+    let mut seen = shared.started.load(Ordering::Relaxed);
+    let mut tick = tokio::time::interval(idle.max(Duration::from_millis(100)));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(e) = result {
+                    debug!(%tunnel, error = %e, "tunnel connection failed");
+                }
+                break;
+            }
+            _ = tick.tick() => {
+                let started = shared.started.load(Ordering::Relaxed);
+                if shared.open.load(Ordering::Acquire) == 0 && started == seen {
+                    shared.closed.store(true, Ordering::Release);
+                    // A stream taken in the instant before `closed` was set still runs:
+                    // keep driving until it is done.
+                    if shared.open.load(Ordering::Acquire) == 0 {
+                        debug!(%tunnel, "tunnel connection idle: closed");
+                        break;
+                    }
+                }
+                seen = started;
+            }
+        }
+    }
+    shared.closed.store(true, Ordering::Release);
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means a task panicked mid-update; the pool is still whole.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,377 @@
+//! The tunnel (HBONE), server side: other sidecars' connections on :15008, never captured.
+//! accept → mTLS (ALPN h2, client certificate verified) → HTTP/2 → per CONNECT stream: the
+//! target is this pod → authorize (tunnel peer identity, target port) → connect to the app
+//! from 127.0.0.6 → 200 → relay. The client side is [`pool`](super::pool).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Method, Request, Response, StatusCode};
+use thiserror::Error;
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+
+use crate::drain::Drain;
+use crate::identity::SpiffeId;
+use crate::proxy::h2_io::H2Stream;
+use crate::proxy::inbound::{self, InboundError};
+use crate::proxy::{socket, Ending, ProxyInputs};
+use crate::tls;
+
+/// HTTP/2 settings both ends of a tunnel use. The windows are large enough that one stream
+/// moves as fast as one TCP connection (a 64 KiB default window would cap a stream at one
+/// window per round trip); they are limits, not buffers: an idle stream holds no memory.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const MAX_FRAME: u32 = 256 * 1024;
+/// Streams one client may have open on one tunnel connection (the pool opens another
+/// connection past its own, smaller limit).
+pub const MAX_STREAMS: u32 = 1024;
+/// Istio ambient's metadata header: `k8s.namespace.name=..,k8s.deployment.name=..,...`.
+pub const BAGGAGE: &str = "baggage";
+
+/// Why a tunnel connection (not one of its streams) ended early.
+#[derive(Debug, Error)]
+pub enum TunnelError {
+    #[error("refused: mTLS handshake: {0}")]
+    Handshake(tls::HandshakeError),
+    #[error("refused: mTLS handshake timed out")]
+    HandshakeTimeout,
+    #[error("refused: the client did not negotiate ALPN h2")]
+    NotH2,
+    #[error("HTTP/2: {0}")]
+    Http2(h2::Error),
+}
+
+impl Ending for TunnelError {
+    fn outcome(&self) -> &'static str {
+        match self {
+            TunnelError::Handshake(_) => "handshake",
+            TunnelError::HandshakeTimeout => "handshake_timeout",
+            TunnelError::NotH2 => "not_h2",
+            TunnelError::Http2(_) => "http2",
+        }
+    }
+
+    /// Any remote peer can cause each of these.
+    fn operator_must_act(&self) -> bool {
+        false
+    }
+}
+
+/// One tunnel connection from another sidecar.
+pub struct TunnelConnection {
+    pub inputs: Arc<ProxyInputs>,
+    pub client: TcpStream,
+    pub client_addr: SocketAddr,
+    pub drain: Drain,
+}
+
+impl TunnelConnection {
+    pub async fn run(self) {
+        let client_addr = socket::canonical(self.client_addr);
+        let metrics = self.inputs.metrics.clone();
+        let result = self.serve().await;
+        crate::proxy::record_end(&metrics, "tunnel", client_addr, &result);
+    }
+
+    async fn serve(self) -> Result<(), TunnelError> {
+        let TunnelConnection {
+            inputs,
+            client,
+            client_addr,
+            drain,
+        } = self;
+        let client_addr = socket::canonical(client_addr);
+        let tls_state = inputs.tls.borrow().clone();
+        let deadline = tokio::time::Instant::now() + inputs.config.timeouts.handshake;
+        let handshake = tls_state
+            .tunnel_acceptor
+            .accept(crate::proxy::tls_io::Batched::new(client));
+        let tls = tls::handshake(
+            tls::Direction::Inbound,
+            handshake,
+            deadline,
+            &tls_state.creds.trust,
+            &[],
+            &inputs.metrics,
+        )
+        .await
+        .map_err(|e| match e {
+            tls::HandshakeFailure::Timeout => TunnelError::HandshakeTimeout,
+            tls::HandshakeFailure::Failed(e) => TunnelError::Handshake(e),
+        })?;
+        if tls.get_ref().1.alpn_protocol() != Some(tls::TUNNEL_ALPN) {
+            return Err(TunnelError::NotH2);
+        }
+        let (peer, peer_serial) = tls::peer(tls.get_ref().1);
+        // The verifier refuses a certificate without a SPIFFE ID in our trust domain.
+        let Some(peer) = peer else {
+            return Err(TunnelError::NotH2);
+        };
+        debug!(%peer, %peer_serial, src = %client_addr, "tunnel accepted, client identity verified");
+        let peer = Arc::new(peer);
+        let mut conn = h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_concurrent_streams(MAX_STREAMS)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(TunnelError::Http2)?;
+        let mut draining = false;
+        loop {
+            let next = tokio::select! {
+                next = conn.accept() => next,
+                // GOAWAY: the client opens no new stream here; open ones finish.
+                _ = drain.accepting_stopped(), if !draining => {
+                    draining = true;
+                    conn.graceful_shutdown();
+                    continue;
+                }
+            };
+            match next {
+                None => return Ok(()),
+                Some(Ok((request, respond))) => {
+                    let stream = StreamRequest {
+                        inputs: inputs.clone(),
+                        peer: peer.clone(),
+                        tunnel_src: client_addr,
+                    };
+                    let watcher = drain.watcher();
+                    tokio::spawn(async move {
+                        stream.run(request, respond).await;
+                        drop(watcher);
+                    });
+                }
+                Some(Err(e)) if e.is_go_away() || e.is_io() => {
+                    debug!(src = %client_addr, error = %e, "tunnel closed");
+                    return Ok(());
+                }
+                Some(Err(e)) => return Err(TunnelError::Http2(e)),
+            }
+        }
+    }
+}
+
+/// One CONNECT stream: one application connection from the peer's pod.
+struct StreamRequest {
+    inputs: Arc<ProxyInputs>,
+    peer: Arc<SpiffeId>,
+    tunnel_src: SocketAddr,
+}
+
+impl StreamRequest {
+    async fn run(self, request: Request<RecvStream>, respond: SendResponse<Bytes>) {
+        let metrics = self.inputs.metrics.clone();
+        let src = self.tunnel_src;
+        let result = self.proxy(request, respond).await;
+        crate::proxy::record_end(&metrics, "inbound", src, &result);
+    }
+
+    /// The same steps and the same outcomes as a connection on an application port, with the
+    /// tunnel's verified client identity as the peer.
+    async fn proxy(
+        self,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+    ) -> Result<(), InboundError> {
+        let StreamRequest {
+            inputs,
+            peer,
+            tunnel_src,
+        } = self;
+        let mut refuse = |status: StatusCode, e: InboundError| {
+            let _ = respond.send_response(response(status), true);
+            Err(e)
+        };
+        let Some(dst) = connect_target(&request) else {
+            let what = format!("{} {}", request.method(), request.uri());
+            return refuse(StatusCode::BAD_REQUEST, InboundError::BadConnect(what));
+        };
+        if !inputs.is_pod_address(dst.ip()) {
+            return refuse(StatusCode::BAD_REQUEST, InboundError::NotPodAddress { dst });
+        }
+        let policy = inputs.policy.borrow().clone();
+        let port = inputs.port_label(dst.port(), &policy);
+        // A tunnel stream is mesh mTLS, in every mode.
+        inputs
+            .metrics
+            .inbound_detections
+            .with_label_values(&[&port, crate::proxy::sniff::Protocol::MeshTls.name()])
+            .inc();
+        if let Err(e) = inbound::authorize(&inputs, &policy, Some(&peer), tunnel_src, dst) {
+            return refuse(StatusCode::FORBIDDEN, e);
+        }
+        let app = match inbound::connect_app(&inputs, dst).await {
+            Ok(app) => app,
+            Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, e),
+        };
+        let baggage = Baggage::parse(request.headers());
+        let send = respond
+            .send_response(response(StatusCode::OK), false)
+            .map_err(|e| InboundError::Relay(crate::proxy::relay::RelayError::Client(h2_io(e))))?;
+        info!(peer = %peer, src = %tunnel_src, %dst, "tunnel stream accepted");
+        let client = H2Stream::new(send, request.into_body());
+        inbound::relay_to_app(
+            &inputs,
+            client,
+            app,
+            tunnel_src,
+            dst,
+            Some(&peer),
+            Some(&baggage),
+        )
+        .await
+    }
+}
+
+fn h2_io(e: h2::Error) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionReset, e)
+}
+
+fn response(status: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
+    *r.status_mut() = status;
+    r
+}
+
+/// The `ip:port` a CONNECT asks for; `None` for anything else (another method, a name).
+fn connect_target<B>(request: &Request<B>) -> Option<SocketAddr> {
+    if request.method() != Method::CONNECT {
+        return None;
+    }
+    let authority = request.uri().authority()?;
+    authority
+        .as_str()
+        .parse::<SocketAddr>()
+        .ok()
+        .map(socket::canonical)
+}
+
+/// Who the client workload says it is, from the `baggage` header (as Istio ambient sends
+/// it). Only labels metrics: the identity that policy decides on is the certificate's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Baggage {
+    pub namespace: Option<String>,
+    pub workload_name: Option<String>,
+    pub app: Option<String>,
+    pub version: Option<String>,
+}
+
+/// Values longer than this are ignored: labels come from here, and a peer must not be able
+/// to mint huge series.
+const MAX_BAGGAGE_VALUE: usize = 253;
+
+impl Baggage {
+    /// What this workload sends.
+    pub fn of(inputs: &ProxyInputs) -> Baggage {
+        let labels = &inputs.config.workload.labels;
+        Baggage {
+            namespace: Some(inputs.namespace.clone()).filter(|n| !n.is_empty()),
+            workload_name: Some(inputs.workload_name.clone()).filter(|n| n != "unknown"),
+            app: labels.get("app").cloned(),
+            version: labels.get("version").cloned(),
+        }
+    }
+
+    /// The header value: `k8s.namespace.name=shop,k8s.deployment.name=orders,...`.
+    pub fn header(&self) -> String {
+        [
+            ("k8s.namespace.name", &self.namespace),
+            ("k8s.deployment.name", &self.workload_name),
+            ("service.name", &self.app),
+            ("service.version", &self.version),
+        ]
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
+        .collect::<Vec<_>>()
+        .join(",")
+    }
+
+    pub fn parse(headers: &http::HeaderMap) -> Baggage {
+        let mut b = Baggage::default();
+        for value in headers.get_all(BAGGAGE) {
+            let Ok(value) = value.to_str() else { continue };
+            for item in value.split(',') {
+                let Some((k, v)) = item.trim().split_once('=') else {
+                    continue;
+                };
+                // W3C baggage allows `;properties` after a value.
+                let v = v.split(';').next().unwrap_or("").trim();
+                if v.is_empty() || v.len() > MAX_BAGGAGE_VALUE {
+                    continue;
+                }
+                let slot = match k.trim() {
+                    "k8s.namespace.name" => &mut b.namespace,
+                    "k8s.deployment.name"
+                    | "k8s.statefulset.name"
+                    | "k8s.daemonset.name"
+                    | "k8s.cronjob.name"
+                    | "k8s.job.name"
+                    | "k8s.pod.name" => &mut b.workload_name,
+                    "service.name" => &mut b.app,
+                    "service.version" => &mut b.version,
+                    _ => continue,
+                };
+                *slot = Some(v.to_string());
+            }
+        }
+        b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn baggage_round_trips_and_ignores_what_it_does_not_know() {
+        let b = Baggage {
+            namespace: Some("shop".into()),
+            workload_name: Some("orders".into()),
+            app: Some("orders".into()),
+            version: Some("v2".into()),
+        };
+        let mut headers = http::HeaderMap::new();
+        headers.insert(BAGGAGE, b.header().parse().unwrap());
+        assert_eq!(Baggage::parse(&headers), b);
+        let mut headers = http::HeaderMap::new();
+        let long = "x".repeat(MAX_BAGGAGE_VALUE + 1);
+        headers.append(
+            BAGGAGE,
+            format!("k8s.cluster.name=c1, service.name=web;p=1,k8s.deployment.name={long}")
+                .parse()
+                .unwrap(),
+        );
+        headers.append(BAGGAGE, "service.version=v1,junk".parse().unwrap());
+        let parsed = Baggage::parse(&headers);
+        assert_eq!(parsed.app.as_deref(), Some("web"));
+        assert_eq!(parsed.version.as_deref(), Some("v1"));
+        assert_eq!(parsed.workload_name, None);
+    }
+
+    #[test]
+    fn only_connect_to_an_address_is_a_target() {
+        let req = |m: Method, uri: &str| Request::builder().method(m).uri(uri).body(()).unwrap();
+        assert_eq!(
+            connect_target(&req(Method::CONNECT, "10.0.0.1:8080")),
+            Some("10.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            connect_target(&req(Method::CONNECT, "[fd00::1]:80")),
+            Some("[fd00::1]:80".parse().unwrap())
+        );
+        assert_eq!(
+            connect_target(&req(Method::CONNECT, "example.com:80")),
+            None
+        );
+        assert_eq!(
+            connect_target(&req(Method::GET, "http://10.0.0.1:80/")),
+            None
+        );
+    }
+}
