@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::policy::WorkloadPolicy;
 use crate::tls;
 
+pub mod baggage;
 pub mod h2_io;
 pub mod inbound;
 pub mod outbound;
@@ -186,7 +187,7 @@ impl ProxyInputs {
             capture,
             known_ports,
         };
-        inputs.baggage = tunnel::Baggage::of(&inputs).header();
+        inputs.baggage = baggage::Baggage::of(&inputs).header();
         inputs
     }
 

@@ -222,6 +222,26 @@ pub fn revalidate(
     check_pins(id, pins)
 }
 
+/// Checks a peer's certificate chain (leaf first) again as of now, against the trust bundle
+/// and revocation lists in force now: what a tunnel does for every new stream, since one
+/// tunnel connection outlives many application connections and the peer's certificate may
+/// expire or be revoked meanwhile. The trust store caches verified chains, so a stream costs
+/// a hash of the chain.
+pub fn still_valid(
+    trust: &TrustStore,
+    chain: &[rustls::pki_types::CertificateDer<'static>],
+    usage: Usage,
+) -> Result<(), HandshakeError> {
+    let invalid = |e| HandshakeError(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| invalid(rustls::Error::NoCertificatesPresented))?;
+    trust
+        .verify(leaf, intermediates, UnixTime::now(), usage)
+        .map(drop)
+        .map_err(invalid)
+}
+
 /// Whether a handshake was resumed, as a metric label (`full` or `resumed`).
 pub fn handshake_kind(conn: &rustls::CommonState) -> &'static str {
     match conn.handshake_kind() {

@@ -64,6 +64,11 @@ impl Mount {
     }
 }
 
+/// The direct transport (mesh TLS to the application port, one handshake per connection): the
+/// tests of TLS session resumption and of per-connection certificate use run on it; the tunnel
+/// (the default) is checked against the same revocation, expiry and rollover cases below.
+const DIRECT: &str = "outbound:\n  default: direct\n";
+
 fn issue(c: &Cluster, ca: &Path, name: &str, sa: &str, ttl: &str) -> PathBuf {
     let out = c.dir.path().join(name);
     issue_certs(ca, &out, "shop", sa, ttl);
@@ -157,7 +162,7 @@ fn rotation_every_second_keeps_a_long_transfer_and_new_connections_use_new_certi
         c.dir.path().join("mount-b"),
         &issue(&c, &ca, "b0", "server", "1h"),
     );
-    let log_a = start(&mut c, A, "sidecar-a", &mount_a.config(""));
+    let log_a = start(&mut c, A, "sidecar-a", &mount_a.config(DIRECT));
     let log_b = start(&mut c, B, "sidecar-b", &mount_b.config(""));
     let addr = c.pod(B).addr(8080);
     echo_server(c.pod(B), addr, None);
@@ -235,7 +240,7 @@ fn bad_new_certificates_are_refused_and_the_old_ones_keep_working() {
         &issue(&c, &ca, "a0", "client", "1h"),
     );
     let mut mount_b = Mount::new(c.dir.path().join("mount-b"), &first_b);
-    let log_a = start(&mut c, A, "sidecar-a", &mount_a.config(""));
+    let log_a = start(&mut c, A, "sidecar-a", &mount_a.config(DIRECT));
     let log_b = start(&mut c, B, "sidecar-b", &mount_b.config(""));
     let addr = c.pod(B).addr(8080);
     echo_server(c.pod(B), addr, None);
@@ -427,7 +432,7 @@ fn a_resumed_session_is_refused_once_the_client_certificate_is_revoked() {
     write_crl(&ca, &other, &crl);
     let log_b = start_server_with_crl(&mut c, &ca, &crl);
     let mount_a = Mount::new(c.dir.path().join("mount-a"), &client);
-    start(&mut c, A, "sidecar-a", &mount_a.config(""));
+    start(&mut c, A, "sidecar-a", &mount_a.config(DIRECT));
     let addr = c.pod(B).addr(8080);
     echo_server(c.pod(B), addr, None);
     let metrics = |pod: usize| c.pods[pod].exec(&["curl", "-s", "http://127.0.0.1:15020/metrics"]);

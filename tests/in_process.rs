@@ -293,3 +293,143 @@ async fn in_process_tunnel_carries_bytes_and_says_who_the_client_is() {
     let done = ["direction=\"inbound\"", "outcome=\"completed\""];
     counted(&server, "l4mesh_connections_total", &done, 3.0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_auto_reaches_an_unmeshed_server_in_plaintext_then_the_tunnel_once_it_joins() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca(dir.path());
+    let server_ip = pod_ip();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let app = recording_app(server_ip, seen.clone()).await;
+    let ttl = "outbound:\n  unmeshed_ttl: 300ms\n";
+    let client = sidecar_at(dir.path(), &ca, "client", NO_POLICIES, app, pod_ip(), ttl).await;
+
+    // No sidecar at the server: its :15008 refuses, the bytes go as they are.
+    assert_eq!(
+        exchange(client.bound.outbound, b"hello-1").await,
+        b"hello-1"
+    );
+    assert_eq!(
+        exchange(client.bound.outbound, b"hello-2").await,
+        b"hello-2"
+    );
+    let plain = "l4mesh_outbound_plaintext_total";
+    assert_eq!(metric(&client, plain, &["reason=\"unmeshed\""]), 2.0);
+    let none = ["connection_security_policy=\"none\""];
+    assert_eq!(
+        metric(&client, "istio_tcp_connections_opened_total", &none),
+        2.0
+    );
+    assert!(seen.lock().unwrap().ends_with(b"hello-1hello-2"));
+    let dump = client.inputs.unmeshed.list();
+    assert_eq!(dump.len(), 1, "{dump:?}");
+    assert_eq!(dump[0].0, server_ip);
+
+    // The server gets a sidecar; once the un-meshed entry expires, the next connection goes
+    // through the tunnel, without restarting the client.
+    let server = sidecar_at(dir.path(), &ca, "server", NO_POLICIES, app, server_ip, "").await;
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(
+        exchange(client.bound.outbound, b"hello-3").await,
+        b"hello-3"
+    );
+    let mtls = ["connection_security_policy=\"mutual_tls\""];
+    assert_eq!(
+        metric(&client, "istio_tcp_connections_opened_total", &mtls),
+        1.0
+    );
+    assert_eq!(
+        metric(&server, "istio_tcp_connections_opened_total", &mtls),
+        1.0
+    );
+    assert_eq!(metric(&client, plain, &[]), 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_mtls_rule_never_falls_back_to_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca(dir.path());
+    let server_ip = pod_ip();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let app = recording_app(server_ip, seen.clone()).await;
+    let mtls = "outbound:\n  default: mtls\n";
+    let client = sidecar_at(dir.path(), &ca, "client", NO_POLICIES, app, pod_ip(), mtls).await;
+    assert!(exchange(client.bound.outbound, b"secret").await.is_empty());
+    let refused = ["direction=\"outbound\"", "outcome=\"tunnel_refused\""];
+    counted(&client, "l4mesh_connections_total", &refused, 1.0).await;
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "no byte reached the server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_auto_fails_closed_when_the_tunnel_port_answers_but_not_with_our_mesh() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca(dir.path());
+    let server_ip = pod_ip();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let app = recording_app(server_ip, seen.clone()).await;
+    // Something listens on :15008 and closes every connection: not a refusal, so not
+    // "un-meshed", so no plaintext.
+    let impostor = TcpListener::bind((server_ip, 15008)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = impostor.accept().await {
+            drop(s);
+        }
+    });
+    let client = sidecar_at(dir.path(), &ca, "client", NO_POLICIES, app, pod_ip(), "").await;
+    assert!(exchange(client.bound.outbound, b"secret").await.is_empty());
+    assert_eq!(metric(&client, "l4mesh_outbound_plaintext_total", &[]), 0.0);
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "no byte reached the server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_tunnel_stream_denied_by_policy_never_reaches_the_app() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca(dir.path());
+    let server_ip = pod_ip();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let app = recording_app(server_ip, seen.clone()).await;
+    let only_payments = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: only-payments\n  namespace: shop\nspec:\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/shop/sa/payments\"]\n";
+    let server = sidecar_at(dir.path(), &ca, "server", only_payments, app, server_ip, "").await;
+    let client = sidecar_at(dir.path(), &ca, "client", NO_POLICIES, app, pod_ip(), "").await;
+    assert!(exchange(client.bound.outbound, b"let me in")
+        .await
+        .is_empty());
+    let denied = ["direction=\"inbound\"", "outcome=\"denied\""];
+    counted(&server, "l4mesh_connections_total", &denied, 1.0).await;
+    let by_server = ["direction=\"outbound\"", "outcome=\"denied_by_server\""];
+    counted(&client, "l4mesh_connections_total", &by_server, 1.0).await;
+    assert!(seen.lock().unwrap().is_empty(), "no byte reached the app");
+}
+
+/// An echo app on `ip` that also records every byte it receives.
+async fn recording_app(ip: std::net::IpAddr, seen: Arc<std::sync::Mutex<Vec<u8>>>) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            seen.lock().unwrap().extend_from_slice(&buf[..n]);
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}

@@ -322,13 +322,13 @@ pub(super) async fn relay_to_app<S>(
     client_addr: SocketAddr,
     dst: SocketAddr,
     peer: Option<&SpiffeId>,
-    baggage: Option<&crate::proxy::tunnel::Baggage>,
+    baggage: Option<&crate::proxy::baggage::Baggage>,
 ) -> Result<(), InboundError>
 where
     S: AsyncRead + AsyncWrite + crate::proxy::relay::Abortable + Unpin,
 {
     let unknown = ConnectionLabels::unknown("destination");
-    let said = |f: fn(&crate::proxy::tunnel::Baggage) -> &Option<String>, or: &String| {
+    let said = |f: fn(&crate::proxy::baggage::Baggage) -> &Option<String>, or: &String| {
         baggage
             .and_then(|b| f(b).clone())
             .unwrap_or_else(|| or.clone())

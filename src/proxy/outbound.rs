@@ -19,7 +19,7 @@ use crate::identity::Credentials;
 use crate::metrics::ConnectionLabels;
 use crate::proxy::pool::{self, PoolError};
 use crate::proxy::relay::{self, RelayError};
-use crate::proxy::{socket, tunnel};
+use crate::proxy::{baggage, socket};
 use crate::proxy::{Ending, ProxyInputs};
 use crate::tls::{self, TrustStore};
 
@@ -287,7 +287,7 @@ impl OutboundConnection {
                         rule: route.index,
                     };
                     let headers = [
-                        (tunnel::BAGGAGE, inputs.baggage.clone()),
+                        (baggage::BAGGAGE, inputs.baggage.clone()),
                         ("forwarded", forwarded(client_addr)),
                         ("traceparent", traceparent()),
                     ];

@@ -91,6 +91,10 @@ struct ConnState {
     /// The connection's driver has ended: no new stream may use it.
     closed: AtomicBool,
     peer: Mutex<Option<SpiffeId>>,
+    /// The server's certificate chain, leaf first: checked again for every stream, since a
+    /// tunnel outlives many connections and the server's certificate may expire or be
+    /// revoked meanwhile.
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// Decrements a connection's open streams when the stream it was taken for ends.
@@ -176,6 +180,10 @@ impl Pool {
         };
         conn.shared.started.fetch_add(1, Ordering::Relaxed);
         let open = OpenStream(conn.shared.clone());
+        if let Err(e) = tls::still_valid(dial.trust, &conn.shared.chain, tls::Usage::Server) {
+            conn.shared.closed.store(true, Ordering::Release);
+            return Err(PoolError::Handshake(tunnel, e));
+        }
         let peer = lock(&conn.shared.peer).clone();
         let stream = stream(conn.send, tunnel, target, headers).await;
         let stream = match stream {
@@ -253,6 +261,12 @@ impl Pool {
             return Err(PoolError::NotH2(tunnel));
         }
         let (peer, _serial) = tls::peer(tls.get_ref().1);
+        let chain = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(tunnel::STREAM_WINDOW)
             .initial_connection_window_size(tunnel::CONNECTION_WINDOW)
@@ -264,6 +278,7 @@ impl Pool {
         debug!(%tunnel, peer = ?peer.as_ref().map(ToString::to_string), "tunnel connection opened");
         let shared = Arc::new(ConnState {
             peer: Mutex::new(peer),
+            chain,
             ..Default::default()
         });
         tokio::spawn(drive(connection, shared.clone(), self.config.idle, tunnel));

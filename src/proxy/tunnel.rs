@@ -16,6 +16,7 @@ use tracing::{debug, info};
 
 use crate::drain::Drain;
 use crate::identity::SpiffeId;
+use crate::proxy::baggage::Baggage;
 use crate::proxy::h2_io::H2Stream;
 use crate::proxy::inbound::{self, InboundError};
 use crate::proxy::{socket, Ending, ProxyInputs};
@@ -30,8 +31,6 @@ pub const MAX_FRAME: u32 = 256 * 1024;
 /// Streams one client may have open on one tunnel connection (the pool opens another
 /// connection past its own, smaller limit).
 pub const MAX_STREAMS: u32 = 1024;
-/// Istio ambient's metadata header: `k8s.namespace.name=..,k8s.deployment.name=..,...`.
-pub const BAGGAGE: &str = "baggage";
 
 /// Why a tunnel connection (not one of its streams) ended early.
 #[derive(Debug, Error)]
@@ -113,6 +112,14 @@ impl TunnelConnection {
             return Err(TunnelError::NotH2);
         };
         debug!(%peer, %peer_serial, src = %client_addr, "tunnel accepted, client identity verified");
+        // Kept to check the peer again on every stream: a tunnel lives for many connections,
+        // and a certificate that expires or is revoked meanwhile must stop opening streams.
+        let chain: Arc<[rustls::pki_types::CertificateDer<'static>]> = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
         let peer = Arc::new(peer);
         let mut conn = h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
@@ -139,6 +146,7 @@ impl TunnelConnection {
                     let stream = StreamRequest {
                         inputs: inputs.clone(),
                         peer: peer.clone(),
+                        chain: chain.clone(),
                         tunnel_src: client_addr,
                     };
                     let watcher = drain.watcher();
@@ -161,6 +169,8 @@ impl TunnelConnection {
 struct StreamRequest {
     inputs: Arc<ProxyInputs>,
     peer: Arc<SpiffeId>,
+    /// The tunnel client's certificate chain, leaf first.
+    chain: Arc<[rustls::pki_types::CertificateDer<'static>]>,
     tunnel_src: SocketAddr,
 }
 
@@ -182,6 +192,7 @@ impl StreamRequest {
         let StreamRequest {
             inputs,
             peer,
+            chain,
             tunnel_src,
         } = self;
         let mut refuse = |status: StatusCode, e: InboundError| {
@@ -194,6 +205,17 @@ impl StreamRequest {
         };
         if !inputs.is_pod_address(dst.ip()) {
             return refuse(StatusCode::BAD_REQUEST, InboundError::NotPodAddress { dst });
+        }
+        // The peer as of now, against the trust bundle and CRLs in force now (cached per
+        // chain, so this costs a hash on most streams).
+        let trust = inputs.tls.borrow().creds.trust.clone();
+        if let Err(e) = tls::still_valid(&trust, &chain, tls::Usage::Client) {
+            inputs
+                .metrics
+                .handshake_failures
+                .with_label_values(&["inbound", e.reason()])
+                .inc();
+            return refuse(StatusCode::FORBIDDEN, InboundError::Handshake(e));
         }
         let policy = inputs.policy.borrow().clone();
         let port = inputs.port_label(dst.port(), &policy);
@@ -252,107 +274,9 @@ fn connect_target<B>(request: &Request<B>) -> Option<SocketAddr> {
         .map(socket::canonical)
 }
 
-/// Who the client workload says it is, from the `baggage` header (as Istio ambient sends
-/// it). Only labels metrics: the identity that policy decides on is the certificate's.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Baggage {
-    pub namespace: Option<String>,
-    pub workload_name: Option<String>,
-    pub app: Option<String>,
-    pub version: Option<String>,
-}
-
-/// Values longer than this are ignored: labels come from here, and a peer must not be able
-/// to mint huge series.
-const MAX_BAGGAGE_VALUE: usize = 253;
-
-impl Baggage {
-    /// What this workload sends.
-    pub fn of(inputs: &ProxyInputs) -> Baggage {
-        let labels = &inputs.config.workload.labels;
-        Baggage {
-            namespace: Some(inputs.namespace.clone()).filter(|n| !n.is_empty()),
-            workload_name: Some(inputs.workload_name.clone()).filter(|n| n != "unknown"),
-            app: labels.get("app").cloned(),
-            version: labels.get("version").cloned(),
-        }
-    }
-
-    /// The header value: `k8s.namespace.name=shop,k8s.deployment.name=orders,...`.
-    pub fn header(&self) -> String {
-        [
-            ("k8s.namespace.name", &self.namespace),
-            ("k8s.deployment.name", &self.workload_name),
-            ("service.name", &self.app),
-            ("service.version", &self.version),
-        ]
-        .iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
-        .collect::<Vec<_>>()
-        .join(",")
-    }
-
-    pub fn parse(headers: &http::HeaderMap) -> Baggage {
-        let mut b = Baggage::default();
-        for value in headers.get_all(BAGGAGE) {
-            let Ok(value) = value.to_str() else { continue };
-            for item in value.split(',') {
-                let Some((k, v)) = item.trim().split_once('=') else {
-                    continue;
-                };
-                // W3C baggage allows `;properties` after a value.
-                let v = v.split(';').next().unwrap_or("").trim();
-                if v.is_empty() || v.len() > MAX_BAGGAGE_VALUE {
-                    continue;
-                }
-                let slot = match k.trim() {
-                    "k8s.namespace.name" => &mut b.namespace,
-                    "k8s.deployment.name"
-                    | "k8s.statefulset.name"
-                    | "k8s.daemonset.name"
-                    | "k8s.cronjob.name"
-                    | "k8s.job.name"
-                    | "k8s.pod.name" => &mut b.workload_name,
-                    "service.name" => &mut b.app,
-                    "service.version" => &mut b.version,
-                    _ => continue,
-                };
-                *slot = Some(v.to_string());
-            }
-        }
-        b
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn baggage_round_trips_and_ignores_what_it_does_not_know() {
-        let b = Baggage {
-            namespace: Some("shop".into()),
-            workload_name: Some("orders".into()),
-            app: Some("orders".into()),
-            version: Some("v2".into()),
-        };
-        let mut headers = http::HeaderMap::new();
-        headers.insert(BAGGAGE, b.header().parse().unwrap());
-        assert_eq!(Baggage::parse(&headers), b);
-        let mut headers = http::HeaderMap::new();
-        let long = "x".repeat(MAX_BAGGAGE_VALUE + 1);
-        headers.append(
-            BAGGAGE,
-            format!("k8s.cluster.name=c1, service.name=web;p=1,k8s.deployment.name={long}")
-                .parse()
-                .unwrap(),
-        );
-        headers.append(BAGGAGE, "service.version=v1,junk".parse().unwrap());
-        let parsed = Baggage::parse(&headers);
-        assert_eq!(parsed.app.as_deref(), Some("web"));
-        assert_eq!(parsed.version.as_deref(), Some("v1"));
-        assert_eq!(parsed.workload_name, None);
-    }
 
     #[test]
     fn only_connect_to_an_address_is_a_target() {
