@@ -7,7 +7,8 @@
 //!   config, the policies that apply, identity and certificate validity; never key material),
 //!   `GET /plaintext_sources` (recent non-mTLS client addresses per port, for `l4mesh
 //!   migration-report`: addresses are for the pod's operators, not for every pod that can reach
-//!   :15020), `POST /drain`, `GET /logging` and `POST /logging?level=FILTER`.
+//!   :15020), `GET /unmeshed_destinations` (recent destinations reached in plaintext because
+//!   they have no sidecar, per port), `POST /drain`, `GET /logging` and `POST /logging?level=FILTER`.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -187,6 +188,11 @@ fn handle(
             StatusCode::OK,
             "application/json",
             state.inputs.metrics.plaintext_sources.to_json(),
+        ),
+        (Endpoints::Admin, &Method::GET, "/unmeshed_destinations") => text(
+            StatusCode::OK,
+            "application/json",
+            state.inputs.metrics.unmeshed_destinations.to_json(),
         ),
         (Endpoints::Stats, &Method::GET, "/healthz/ready") => {
             let creds = state.inputs.tls.borrow().creds.clone();

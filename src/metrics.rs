@@ -221,6 +221,9 @@ pub struct Metrics {
     /// Recent sources of non-mTLS inbound connections, per port (bounded; not a metric,
     /// because addresses must never become label values).
     pub plaintext_sources: PlaintextSources,
+    /// Recent destinations this workload reached in plaintext because they have no sidecar
+    /// (`auto`), per destination port: the other half of a migration.
+    pub unmeshed_destinations: PlaintextSources,
 }
 
 /// How many ports, and sources per port, `PlaintextSources` remembers.
@@ -425,6 +428,7 @@ impl Metrics {
                 g
             },
             plaintext_sources: PlaintextSources::default(),
+            unmeshed_destinations: PlaintextSources::default(),
             registry,
         }
     }

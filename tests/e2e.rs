@@ -13,16 +13,47 @@ const CLIENT_MARKER: &[u8] = b"L4MESH-CLIENT-PLAINTEXT-MARKER";
 const SERVER_MARKER: &[u8] = b"L4MESH-SERVER-PLAINTEXT-MARKER";
 const BULK: usize = 64 << 20;
 
-/// The data path of issue 2: 64 MiB each way, byte-identical, half-close in both directions,
-/// only TLS records on the wire, and each sidecar verified the other's SPIFFE ID.
+/// The data path of issues 2 and 15, through the tunnel (the default): 64 MiB each way,
+/// byte-identical, half-close in both directions (END_STREAM), only TLS records on the wire
+/// and only to the tunnel port, and each sidecar verified the other's SPIFFE ID.
 #[test]
 fn two_pods_talk_mtls_through_their_sidecars() {
     if !privileged("two_pods_talk_mtls_through_their_sidecars") {
         return;
     }
+    let ports = bulk_both_ways("", "tunnel stream accepted");
+    assert!(
+        ports.iter().all(|&(src, dst)| src == 15008 || dst == 15008),
+        "TCP on the wire not to the tunnel port: {:?}",
+        ports
+            .iter()
+            .filter(|&&(s, d)| s != 15008 && d != 15008)
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+}
+
+/// The same over the direct transport (mesh TLS straight to the application port), which
+/// sidecars without the tunnel and `action: direct` rules use.
+#[test]
+fn two_pods_talk_mtls_over_the_direct_transport() {
+    if !privileged("two_pods_talk_mtls_over_the_direct_transport") {
+        return;
+    }
+    let ports = bulk_both_ways("outbound:\n  default: direct\n", "inbound mTLS accepted");
+    assert!(
+        ports.iter().all(|&(src, dst)| src == 8080 || dst == 8080),
+        "the direct transport goes to the application port"
+    );
+}
+
+/// Runs the 64 MiB exchange between a client sidecar configured with `client_extra` and a
+/// server sidecar whose log says `accepted`; returns the TCP ports of every segment captured
+/// on the server pod's wire.
+fn bulk_both_ways(client_extra: &str, accepted: &str) -> Vec<(u16, u16)> {
     let mut c = Cluster::new("mtls", 2);
     let ca = c.make_ca();
-    let a_log = c.mesh_sidecar(&ca, 0, "client", "");
+    let a_log = c.mesh_sidecar(&ca, 0, "client", client_extra);
     let b_log = c.mesh_sidecar(&ca, 1, "server", "");
     let capture = c.capture(1, "b-eth0");
 
@@ -121,6 +152,8 @@ fn two_pods_talk_mtls_through_their_sidecars() {
         Duration::from_secs(5),
     );
     wait_for_log(&a_log, "server identity verified", Duration::from_secs(5));
+    wait_for_log(&b_log, accepted, Duration::from_secs(5));
+    tcp_ports(&pcap)
 }
 
 /// The same path over IPv6: SO_ORIGINAL_DST for v6, ip6tables capture, ::6 towards the app.

@@ -142,6 +142,10 @@ pub struct WorkloadReport {
     pub target: String,
     pub ports: Vec<PortTraffic>,
     pub verdict: Verdict,
+    /// Servers this workload reached in plaintext during the window because they have no
+    /// sidecar yet (`auto`): the other half of the migration. Admin port only.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unmeshed_destinations: Vec<Source>,
     /// Something the reader should know about how complete this report is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -192,6 +196,7 @@ impl WorkloadReport {
             target: target.to_string(),
             ports,
             verdict,
+            unmeshed_destinations: Vec::new(),
             note: None,
         }
     }
@@ -316,6 +321,17 @@ pub fn render_text(reports: &[WorkloadReport], window: Duration) -> String {
             ),
             Verdict::NoTraffic => "  => no traffic in the window: widen it to decide\n".into(),
         });
+        if !r.unmeshed_destinations.is_empty() {
+            let to: Vec<String> = r
+                .unmeshed_destinations
+                .iter()
+                .map(|d| format!("{} ({})", d.address, count(d.connections, "connection")))
+                .collect();
+            out.push_str(&format!(
+                "  outbound: clients of this workload still reach un-meshed servers (plaintext, no sidecar there yet): {}\n",
+                to.join(", ")
+            ));
+        }
     }
     out
 }
@@ -446,11 +462,12 @@ pub async fn from_sidecars(
     for s in sidecars {
         let metrics = parse_exposition(&http_get(&format!("{}/metrics", base(s))).await?);
         let sources = plaintext_sources(&format!("{}/plaintext_sources", base(s))).await;
-        before.push((metrics, sources.ok()));
+        let unmeshed = plaintext_sources(&format!("{}/unmeshed_destinations", base(s))).await;
+        before.push((metrics, sources.ok(), unmeshed.ok()));
     }
     tokio::time::sleep(window).await;
     let mut reports = Vec::new();
-    for (s, (before, sources_before)) in sidecars.iter().zip(before) {
+    for (s, (before, sources_before, unmeshed_before)) in sidecars.iter().zip(before) {
         let after = parse_exposition(&http_get(&format!("{}/metrics", base(s))).await?);
         let mut report =
             WorkloadReport::new(s, workload_info(&after), &detection_deltas(&before, &after));
@@ -469,6 +486,22 @@ pub async fn from_sidecars(
         for p in &mut report.ports {
             if let Some(seen) = sources.get(&p.port.to_string()) {
                 p.sources = seen.clone();
+            }
+        }
+        if let (Some(before), Ok(after)) = (
+            unmeshed_before,
+            plaintext_sources(&format!("{}/unmeshed_destinations", base(s))).await,
+        ) {
+            for (port, seen) in window_sources(&before, &after) {
+                report
+                    .unmeshed_destinations
+                    .extend(seen.into_iter().map(|d| Source {
+                        address: match d.address.parse::<std::net::Ipv6Addr>() {
+                            Ok(_) => format!("[{}]:{port}", d.address),
+                            Err(_) => format!("{}:{port}", d.address),
+                        },
+                        ..d
+                    }));
             }
         }
         reports.push(report);

@@ -386,6 +386,12 @@ async fn plaintext(
         .outbound_plaintext
         .with_label_values(&[reason])
         .inc();
+    if reason == "unmeshed" {
+        inputs
+            .metrics
+            .unmeshed_destinations
+            .record(dst.port(), dst.ip(), "plaintext");
+    }
     let recorder = inputs
         .metrics
         .connection(outbound_labels(inputs, None), "outbound");

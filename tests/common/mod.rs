@@ -586,6 +586,37 @@ pub fn tls_app_data_records(pcap: &[u8]) -> usize {
     memchr::memmem::find_iter(pcap, &[0x17, 0x03, 0x03]).count()
 }
 
+/// The (source, destination) TCP ports of every IPv4 or IPv6 TCP segment in a pcap file
+/// captured on an Ethernet interface.
+pub fn tcp_ports(pcap: &[u8]) -> Vec<(u16, u16)> {
+    let mut ports = Vec::new();
+    let mut at = 24; // global header
+    while at + 16 <= pcap.len() {
+        let caplen = u32::from_le_bytes(pcap[at + 8..at + 12].try_into().unwrap()) as usize;
+        let frame = &pcap[(at + 16).min(pcap.len())..(at + 16 + caplen).min(pcap.len())];
+        at += 16 + caplen;
+        if frame.len() < 14 {
+            continue;
+        }
+        let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+        let ip = &frame[14..];
+        let tcp = match ethertype {
+            0x0800 if ip.len() >= 20 && ip[9] == 6 => {
+                &ip[((ip[0] & 0x0f) as usize * 4).min(ip.len())..]
+            }
+            0x86dd if ip.len() >= 40 && ip[6] == 6 => &ip[40..],
+            _ => continue,
+        };
+        if tcp.len() >= 4 {
+            ports.push((
+                u16::from_be_bytes([tcp[0], tcp[1]]),
+                u16::from_be_bytes([tcp[2], tcp[3]]),
+            ));
+        }
+    }
+    ports
+}
+
 /// A process's CPU time (user + system), in seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

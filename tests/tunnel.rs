@@ -1,0 +1,327 @@
+//! The tunnel and `auto` between real pods (issue 15): meshed clients reach servers that have
+//! no sidecar yet, learn in band when they get one, never fall back to plaintext on anything
+//! but a refused tunnel port, and carry the workload's metadata to the server's metrics.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+const CLIENT: usize = 0;
+const SERVER: usize = 1;
+
+/// `name` summed over the sample lines of pod `pod`'s sidecar that contain all `filters`.
+fn metric(c: &Cluster, pod: usize, name: &str, filters: &[&str]) -> f64 {
+    c.pods[pod]
+        .exec(&["curl", "-s", "http://127.0.0.1:15020/metrics"])
+        .lines()
+        .filter(|l| l.starts_with(name) && filters.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn exchange(c: &Cluster, from: usize, addr: SocketAddr, len: usize) -> usize {
+    c.pod(from).run(move || exchange_here(addr, len))
+}
+
+#[test]
+fn a_meshed_client_reaches_an_unmeshed_server_then_tunnels_once_it_joins() {
+    if !privileged("auto_unmeshed_then_joins") {
+        return;
+    }
+    let mut c = Cluster::new("auto", 2);
+    let ca = c.make_ca();
+    c.mesh_sidecar(
+        &ca,
+        CLIENT,
+        "client",
+        "outbound:\n  unmeshed_ttl: 1s\nworkload:\n  workload_name: orders\n  labels:\n    app: orders\n    version: v7\n",
+    );
+    let addr = c.pod(SERVER).addr(8080);
+    echo_server(c.pod(SERVER), addr, None);
+
+    // The server has no sidecar: its :15008 refuses, and the client goes on in plaintext.
+    for _ in 0..3 {
+        assert_eq!(exchange(&c, CLIENT, addr, 100), 100);
+    }
+    let unmeshed = ["reason=\"unmeshed\""];
+    assert_eq!(
+        metric(&c, CLIENT, "l4mesh_outbound_plaintext_total", &unmeshed),
+        3.0
+    );
+    let none = ["reporter=\"source\"", "connection_security_policy=\"none\""];
+    assert_eq!(
+        metric(&c, CLIENT, "istio_tcp_connections_opened_total", &none),
+        3.0
+    );
+    // The destination is listed where the operator looks.
+    let dump = c.pods[CLIENT].exec(&["curl", "-s", "http://127.0.0.1:15000/config_dump"]);
+    assert!(
+        dump.contains(&format!("\"address\": \"{}\"", c.pod(SERVER).ip4)),
+        "{dump}"
+    );
+
+    // The server joins the mesh; no restart of the client. Once the un-meshed entry expires
+    // the next connection goes through the tunnel.
+    c.mesh_sidecar(
+        &ca,
+        SERVER,
+        "server",
+        "workload:\n  labels:\n    app: web\n",
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    for _ in 0..2 {
+        assert_eq!(exchange(&c, CLIENT, addr, 100), 100);
+    }
+    let mtls = ["connection_security_policy=\"mutual_tls\""];
+    assert_eq!(
+        metric(&c, CLIENT, "istio_tcp_connections_opened_total", &mtls),
+        2.0
+    );
+    assert_eq!(
+        metric(&c, CLIENT, "l4mesh_outbound_plaintext_total", &[]),
+        3.0
+    );
+    // The server's Istio metrics name the client workload from the stream's baggage.
+    let from_orders = [
+        "reporter=\"destination\"",
+        "source_workload=\"orders\"",
+        "source_app=\"orders\"",
+        "source_version=\"v7\"",
+        "source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"",
+        "destination_app=\"web\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    assert_eq!(
+        metric(
+            &c,
+            SERVER,
+            "istio_tcp_connections_opened_total",
+            &from_orders
+        ),
+        2.0
+    );
+    // The pool shows in /config_dump: one tunnel connection to the server.
+    let dump = c.pods[CLIENT].exec(&["curl", "-s", "http://127.0.0.1:15000/config_dump"]);
+    let tunnel = format!("\"destination\": \"{}:15008\"", c.pod(SERVER).ip4);
+    assert!(dump.contains(&tunnel), "{dump}");
+}
+
+#[test]
+fn an_mtls_rule_to_an_unmeshed_server_fails_closed() {
+    if !privileged("mtls_rule_unmeshed_fails_closed") {
+        return;
+    }
+    let mut c = Cluster::new("mtlsrule", 2);
+    let ca = c.make_ca();
+    c.mesh_sidecar(&ca, CLIENT, "client", "outbound:\n  default: mtls\n");
+    let addr = c.pod(SERVER).addr(8080);
+    let seen = Arc::new(AtomicUsize::new(0));
+    echo_server(c.pod(SERVER), addr, Some(seen.clone()));
+    assert_eq!(exchange(&c, CLIENT, addr, 100), 0);
+    assert_eq!(seen.load(Ordering::SeqCst), 0, "bytes reached the server");
+    assert_eq!(
+        metric(
+            &c,
+            CLIENT,
+            "l4mesh_connections_total",
+            &["outcome=\"tunnel_refused\""]
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn a_tunnel_port_that_drops_packets_is_never_downgraded() {
+    if !privileged("silent_tunnel_port_not_downgraded") {
+        return;
+    }
+    let mut c = Cluster::new("blackhole", 2);
+    let ca = c.make_ca();
+    c.mesh_sidecar(&ca, CLIENT, "client", "timeouts:\n  connect: 1s\n");
+    let addr = c.pod(SERVER).addr(8080);
+    let seen = Arc::new(AtomicUsize::new(0));
+    echo_server(c.pod(SERVER), addr, Some(seen.clone()));
+    // In the server pod's own netns: SYNs to :15008 vanish (a firewall that drops, or a
+    // network path that eats them). That is not "no sidecar there".
+    c.pod(SERVER).exec(&[
+        "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "15008", "-j", "DROP",
+    ]);
+    for _ in 0..2 {
+        assert_eq!(exchange(&c, CLIENT, addr, 100), 0);
+    }
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "plaintext reached the server"
+    );
+    assert_eq!(
+        metric(&c, CLIENT, "l4mesh_outbound_plaintext_total", &[]),
+        0.0
+    );
+    assert_eq!(
+        metric(
+            &c,
+            CLIENT,
+            "l4mesh_connections_total",
+            &["outcome=\"tunnel_connect\""]
+        ),
+        2.0
+    );
+}
+
+#[test]
+fn a_denied_stream_never_reaches_the_app_and_an_allowed_one_does() {
+    if !privileged("tunnel_stream_authorization") {
+        return;
+    }
+    let mut c = Cluster::new("authz", 3);
+    let ca = c.make_ca();
+    let (_, policy) = c.policy(
+        "policy.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: only-payments\n  namespace: shop\nspec:\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/shop/sa/payments\"]\n    to:\n    - operation:\n        ports: [\"8080\"]\n",
+    );
+    c.mesh_sidecar(&ca, SERVER, "server", &policy);
+    c.mesh_sidecar(&ca, CLIENT, "intruder", "");
+    c.mesh_sidecar(&ca, 2, "payments", "");
+    let addr = c.pod(SERVER).addr(8080);
+    let seen = Arc::new(AtomicUsize::new(0));
+    echo_server(c.pod(SERVER), addr, Some(seen.clone()));
+
+    assert_eq!(exchange(&c, CLIENT, addr, 100), 0);
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "a denied stream's bytes arrived"
+    );
+    assert_eq!(exchange(&c, 2, addr, 100), 100);
+    assert_eq!(
+        metric(
+            &c,
+            SERVER,
+            "l4mesh_authorization_decisions_total",
+            &["action=\"deny\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &c,
+            CLIENT,
+            "l4mesh_connections_total",
+            &["outcome=\"denied_by_server\""]
+        ),
+        1.0
+    );
+}
+
+/// A meshed Prometheus, or `migration-report` run in a meshed pod, scrapes other sidecars'
+/// :15020: the request goes through the tunnel (or in plaintext to a pod without a sidecar)
+/// instead of arriving as a TLS ClientHello at a plain HTTP port.
+#[test]
+fn a_meshed_pod_scrapes_other_sidecars_and_reports_unmeshed_destinations() {
+    if !privileged("meshed_scrape") {
+        return;
+    }
+    let mut c = Cluster::new("scrape", 3);
+    let ca = c.make_ca();
+    c.mesh_sidecar(&ca, CLIENT, "client", "");
+    c.mesh_sidecar(&ca, SERVER, "server", "");
+    let stats = format!("http://{}:15020/metrics", c.pod(SERVER).ip4);
+    let scraped = c.pods[CLIENT].exec(&["curl", "-s", "--max-time", "10", &stats]);
+    assert!(scraped.contains("l4mesh_workload_info"), "{scraped}");
+
+    // A pod without a sidecar that the client calls during the report's window: the
+    // client's report names it.
+    let outside = c.pod(2).addr(9090);
+    echo_server(c.pod(2), outside, None);
+    let netns = c.pods[CLIENT].netns.clone();
+    let report = std::thread::spawn(move || {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &netns,
+            BIN,
+            "migration-report",
+            "--sidecar",
+            "http://127.0.0.1:15000",
+            "--window",
+            "3s",
+        ])
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(exchange(&c, CLIENT, outside, 10), 10);
+    let report = report.join().unwrap();
+    assert!(
+        report.contains("un-meshed servers")
+            && report.contains(&format!("{} (1 connection)", outside)),
+        "{report}"
+    );
+    // And from the meshed client, the report reads the server's sidecar.
+    let remote = c.pods[CLIENT].exec(&[
+        BIN,
+        "migration-report",
+        "--sidecar",
+        &format!("http://{}:15020", c.pod(SERVER).ip4),
+        "--window",
+        "1s",
+    ]);
+    assert!(!remote.contains("corrupt"), "{remote}");
+}
+
+/// Many short connections in a row reuse one tunnel connection, and a connection that is
+/// still open when the pool's idle time passes keeps its tunnel.
+#[test]
+fn short_connections_share_one_tunnel_connection() {
+    if !privileged("tunnel_pooling") {
+        return;
+    }
+    let mut c = Cluster::new("pool", 2);
+    let ca = c.make_ca();
+    c.mesh_sidecar(&ca, CLIENT, "client", "outbound:\n  pool:\n    idle: 1s\n");
+    c.mesh_sidecar(&ca, SERVER, "server", "");
+    let addr = c.pod(SERVER).addr(8080);
+    echo_server(c.pod(SERVER), addr, None);
+    for _ in 0..50 {
+        assert_eq!(exchange(&c, CLIENT, addr, 10), 10);
+    }
+    assert_eq!(
+        metric(
+            &c,
+            CLIENT,
+            "l4mesh_tls_handshakes_total",
+            &["direction=\"outbound\""]
+        ),
+        1.0
+    );
+    // A long-lived connection outlives several idle periods of the pool.
+    let held = c.pod(CLIENT).run(move || {
+        let mut s = connect(addr).unwrap();
+        s.write_all(b"a").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        std::thread::sleep(Duration::from_millis(3500));
+        s.write_all(b"b").unwrap();
+        s.read_exact(&mut b).unwrap();
+        b[0]
+    });
+    assert_eq!(held, b'b');
+    // Idle again: the tunnel connection closes, and the next connection opens a new one.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(exchange(&c, CLIENT, addr, 10), 10);
+    assert_eq!(
+        metric(
+            &c,
+            CLIENT,
+            "l4mesh_tls_handshakes_total",
+            &["direction=\"outbound\""]
+        ),
+        2.0
+    );
+}
