@@ -7,7 +7,10 @@
 //! 3. new connections: connect + 100-byte echo + close, sequential, connections/s and p99,
 //!    with full handshakes and with session resumption (each proxy's own, default on);
 //! 4. memory: RSS of each proxy idle and holding 1,000 and 9,900 idle connections;
-//! 5. the criterion microbenches' latest results (sniff, authz, relay), if they have run.
+//! 5. connection churn: 32 concurrent clients, each connect + 100 B echo + close in a loop,
+//!    8 s, then 8 s again in the same pods (`net.ipv4.tcp_tw_reuse=1` in the pods, as clients
+//!    at such rates run), connections/s and proxy CPU per connection (issue 15);
+//! 6. the criterion microbenches' latest results (sniff, authz, relay), if they have run.
 //!
 //! Medians of 3 runs with min-max; each figure also as a ratio to the best peer (stunnel or
 //! HAProxy) and, for bulk and latency, to the plain relay pair.
@@ -32,6 +35,9 @@ const BULK_SECS: u64 = 3;
 const ROUND_TRIPS: usize = 10_000;
 const MESSAGE: usize = 1024;
 const CONNECTIONS: usize = 500;
+/// Connection churn: concurrent clients, and seconds per round (two rounds).
+const CHURN_CLIENTS: usize = 32;
+const CHURN_SECS: u64 = 8;
 /// Idle connections held for the memory figures. 10,000 would need over 20,000 descriptors
 /// in each proxy (two per connection); this machine's hard limit is 20,000.
 const HOLD: [usize; 2] = [1_000, 9_900];
@@ -85,8 +91,12 @@ fn main() {
     }
     // Pod 0: clients and the client-side proxies; pod 1: servers and the server-side proxies;
     // pod 2: clients behind an l4mesh sidecar with session resumption off.
-    let mut c = Cluster::new("cmp", 3);
+    // Pod 3: clients behind an l4mesh sidecar using the direct transport.
+    let mut c = Cluster::new("cmp", 4);
     c.log_level = "info";
+    for pod in &c.pods {
+        pod.exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
+    }
     let b = c.pod(1).ip4;
     let at = |ip, port| SocketAddr::new(ip, port);
     let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
@@ -260,15 +270,28 @@ fn main() {
     let l4_pids = c.sidecar_pids()[before..].to_vec();
     let no_resumption = "tls:\n  session_resumption: false\n";
     c.mesh_sidecar(&ca, 2, "client", &format!("{no_resumption}{extra}"));
+    let before = c.sidecar_pids().len();
+    let direct = "outbound:\n  default: direct\n";
+    c.mesh_sidecar(&ca, 3, "client", &format!("{direct}{extra}"));
+    let direct_pids = vec![c.sidecar_pids()[before], l4_pids[1]];
     for p in [
         Path {
-            name: "l4mesh pair (mTLS)",
+            name: "l4mesh pair (tunnel)",
             kind: Kind::L4mesh,
             client: 0,
             bulk: at(b, IPERF),
             echo: at(b, ECHO),
             full: Some((2, at(b, ECHO))),
             pids: l4_pids.clone(),
+        },
+        Path {
+            name: "l4mesh pair (direct mTLS)",
+            kind: Kind::L4mesh,
+            client: 3,
+            bulk: at(b, IPERF),
+            echo: at(b, ECHO),
+            full: None,
+            pids: direct_pids,
         },
         Path {
             name: "l4mesh pair (plaintext)",
@@ -305,6 +328,9 @@ struct Row {
     /// mTLS), and with full handshakes.
     conns: [Stat; 2],
     conns_full: Option<[Stat; 2]>,
+    /// Churn: connections/s in the first and the second round, proxy CPU ms per connection,
+    /// and failed attempts.
+    churn: (f64, f64, Option<f64>, usize),
     /// RSS (KiB) of each proxy process before this path was measured.
     idle_rss: Vec<u64>,
     memory: Option<Memory>,
@@ -371,9 +397,17 @@ fn measure(c: &Cluster, p: &Path) -> Row {
     let conns_full = p
         .full
         .map(|(client, addr)| latency_stats(|| new_connections(c.pod(client), addr, CONNECTIONS)));
+    quiet(c, &p.pids);
+    let cpu1 = cpu(&p.pids);
+    let (first, failed1) = support::churn(pod, p.echo, CHURN_CLIENTS, CHURN_SECS);
+    let (second, failed2) = support::churn(pod, p.echo, CHURN_CLIENTS, CHURN_SECS);
+    let made = (first + second) * CHURN_SECS as f64;
+    let churn_cpu = (!p.pids.is_empty()).then(|| (cpu(&p.pids) - cpu1) * 1e3 / made.max(1.0));
+    let churn = (first, second, churn_cpu, failed1 + failed2);
+    quiet(c, &p.pids);
     eprintln!(
-        "{}: {:.2} Gbit/s x1, {:.2} Gbit/s x4, {:.0} req/s (p99 {:.0} us), {:.0} conn/s",
-        p.name, one.median, four.median, rr[0].median, rr[2].median, conns[0].median
+        "{}: {:.2} Gbit/s x1, {:.2} Gbit/s x4, {:.0} req/s (p99 {:.0} us), {:.0} conn/s, churn {:.0} then {:.0} conn/s",
+        p.name, one.median, four.median, rr[0].median, rr[2].median, conns[0].median, first, second
     );
     Row {
         name: p.name,
@@ -384,6 +418,7 @@ fn measure(c: &Cluster, p: &Path) -> Row {
         rr,
         conns: [conns[0], conns[2]],
         conns_full: conns_full.map(|s| [s[0], s[2]]),
+        churn,
         idle_rss,
         memory: None,
     }
@@ -567,6 +602,22 @@ fn render(rows: &[Row]) -> String {
         ));
     }
 
+    t.push_str(&format!("\n### 5. Connection churn ({CHURN_CLIENTS} concurrent clients, connect + 100 B echo + close, {CHURN_SECS} s, then {CHURN_SECS} s again; tcp_tw_reuse=1 in the pods)\n\n| path | first {CHURN_SECS} s, conn/s | second {CHURN_SECS} s, conn/s | second / first | x direct mTLS (first) | proxy CPU ms/conn | failed |\n|---|---|---|---|---|---|---|\n"));
+    let direct_first = rows
+        .iter()
+        .find(|r| r.name.contains("direct mTLS"))
+        .map_or(0.0, |r| r.churn.0);
+    for r in rows {
+        let (first, second, cpu, failed) = r.churn;
+        t.push_str(&format!(
+            "| {} | {first:.0} | {second:.0} | {} | {} | {} | {failed} |\n",
+            r.name,
+            ratio(second, first),
+            ratio(first, direct_first),
+            cpu.map_or("-".to_string(), |c| format!("{c:.2}")),
+        ));
+    }
+
     t.push_str(&criterion_results());
     t
 }
@@ -603,7 +654,7 @@ fn criterion_results() -> String {
         }
     }
     found.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut t = String::from("\n### 5. Microbenches (criterion, latest run, median)\n\n| bench | time | throughput |\n|---|---|---|\n");
+    let mut t = String::from("\n### 6. Microbenches (criterion, latest run, median)\n\n| bench | time | throughput |\n|---|---|---|\n");
     if found.is_empty() {
         t.push_str("| (none under target/criterion: run `benches/run.sh`) | | |\n");
     }

@@ -93,6 +93,39 @@ pub fn new_connections(pod: &Pod, addr: SocketAddr, n: usize) -> Latencies {
     })
 }
 
+/// Connection churn: `clients` threads in `pod`, each connecting, echoing 100 bytes and
+/// closing in a loop for `secs`. Returns (connections per second, failed attempts).
+pub fn churn(pod: &Pod, addr: SocketAddr, clients: usize, secs: u64) -> (f64, usize) {
+    let start = Instant::now();
+    let end = start + std::time::Duration::from_secs(secs);
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            pod.spawn(move || {
+                let msg = [7u8; 100];
+                let (mut ok, mut failed) = (0usize, 0usize);
+                while Instant::now() < end {
+                    let once = || -> std::io::Result<()> {
+                        let mut s = connect(addr)?;
+                        s.write_all(&msg)?;
+                        let mut back = [0u8; 100];
+                        s.read_exact(&mut back)
+                    };
+                    match once() {
+                        Ok(()) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (ok, failed) = threads
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
+    (ok as f64 / start.elapsed().as_secs_f64(), failed)
+}
+
 /// Echoes everything on every connection until the client closes, on one thread (tokio), so
 /// thousands of idle connections cost no threads.
 pub fn echo(l: TcpListener) {
