@@ -91,7 +91,7 @@ done
 # Captures on the server pod's interface, then reports what crossed the wire.
 capture_start() {
     ip netns exec "$SERVER" tcpdump --immediate-mode -Z root -i eth0 -n -s 0 -U -w "$WORK/$1.pcap" \
-        tcp port 8080 >"$WORK/$1.tcpdump.log" 2>&1 &
+        tcp port 8080 or tcp port 15008 >"$WORK/$1.tcpdump.log" 2>&1 &
     CAPTURE_PID=$!
     PIDS+=("$CAPTURE_PID")
     for _ in $(seq 50); do grep -q "listening on" "$WORK/$1.tcpdump.log" && break; sleep 0.1; done
@@ -134,6 +134,10 @@ workload:
   ports: [8080]
   labels:
     app: $pod
+# A destination found without a sidecar is reached in plaintext for this long before the tunnel
+# is tried again (30s by default; short here so the demo need not wait).
+outbound:
+  unmeshed_ttl: 2s
 YAML
 done
 start_sidecar() { # netns name
@@ -145,18 +149,28 @@ start_sidecar() { # netns name
     cat "$WORK/$2.log"; die "sidecar $2 did not start"
 }
 start_sidecar "$CLIENT" client
-start_sidecar "$SERVER" server
 note "capture rules in the client pod (l4mesh iptables apply):"
 ip netns exec "$CLIENT" iptables -t nat -S L4MESH_OUTPUT | sed 's/^/     /'
+
+say "the client joined first: its server has no sidecar yet"
+note "client got: $(ip netns exec "$CLIENT" curl -s --max-time 5 "http://$SERVER_IP:8080/")"
+note "the server's port 15008 refused (no sidecar there), so the client's sidecar sent it as it"
+note "was, and says so:"
+sleep 0.2
+ip netns exec "$CLIENT" curl -s http://127.0.0.1:15020/metrics \
+    | grep '^l4mesh_outbound_plaintext_total' | sed 's/^/     client sidecar: /'
+
+start_sidecar "$SERVER" server
+sleep 2.2 # the client's un-meshed entry for the server expires (unmeshed_ttl)
 
 say "after: the same unmodified client, the same URL"
 capture_start after
 note "client got: $(ip netns exec "$CLIENT" curl -s --max-time 5 "http://$SERVER_IP:8080/")"
 capture_report after
-note "only TLS records crossed; the sidecars verified each other:"
+note "only TLS records crossed, to the tunnel port 15008; the sidecars verified each other:"
 sleep 0.2
-grep -h -o 'outbound mTLS established.*' "$WORK/client.log" | head -1 | sed 's/^/     client sidecar: /'
-grep -h -o 'inbound mTLS accepted.*' "$WORK/server.log" | head -1 | sed 's/^/     server sidecar: /'
+grep -h -o 'outbound tunnel stream open.*' "$WORK/client.log" | head -1 | sed 's/^/     client sidecar: /'
+grep -h -o 'tunnel stream accepted.*' "$WORK/server.log" | head -1 | sed 's/^/     server sidecar: /'
 
 say "PERMISSIVE (no policy yet): a pod without a sidecar still gets through in plaintext"
 note "outsider got: $(ip netns exec "$OUTSIDER" curl -s --max-time 5 "http://$SERVER_IP:8080/")"

@@ -298,7 +298,7 @@ impl OutboundConnection {
                     match opened {
                         Ok(opened) => {
                             let peer = opened.peer.as_ref();
-                            debug!(
+                            info!(
                                 src = %client_addr,
                                 %dst,
                                 rule = %route.name,
