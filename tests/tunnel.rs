@@ -325,3 +325,51 @@ fn short_connections_share_one_tunnel_connection() {
         2.0
     );
 }
+
+/// On drain the tunnel's server sends GOAWAY once the accept period is over, and a stream in
+/// flight still finishes before the sidecar exits.
+#[test]
+fn draining_lets_open_streams_finish() {
+    if !privileged("tunnel_drain") {
+        return;
+    }
+    let mut c = Cluster::new("tdrain", 2);
+    let ca = c.make_ca();
+    c.mesh_sidecar(&ca, CLIENT, "client", "");
+    let log = c.mesh_sidecar(
+        &ca,
+        SERVER,
+        "server",
+        "timeouts:\n  drain_accept: 500ms\n  drain: 30s\n",
+    );
+    let pid = c.sidecar_pids()[1];
+    let addr = c.pod(SERVER).addr(8080);
+    echo_server(c.pod(SERVER), addr, None);
+    let (to_conn, from_test) = std::sync::mpsc::channel::<()>();
+    let (to_test, ready) = std::sync::mpsc::channel::<()>();
+    let conn = c.pod(CLIENT).spawn(move || {
+        let mut s = connect(addr).unwrap();
+        let mut b = [0u8; 6];
+        s.write_all(b"before").unwrap();
+        s.read_exact(&mut b).unwrap();
+        to_test.send(()).unwrap();
+        from_test.recv().unwrap();
+        s.write_all(b"during").unwrap();
+        s.read_exact(&mut b).unwrap();
+        b
+    });
+    ready.recv().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_for_log(&log, "draining: not accepting", Duration::from_secs(5));
+    to_conn.send(()).unwrap();
+    assert_eq!(
+        &conn.join().unwrap(),
+        b"during",
+        "the stream in flight broke"
+    );
+    wait_for_log(&log, "l4mesh stopped", Duration::from_secs(10));
+}

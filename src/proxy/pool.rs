@@ -133,6 +133,9 @@ pub struct PoolView {
     pub streams_open: usize,
 }
 
+/// Pooled connections one stream tries before it gives up (a new connection is tried once).
+const MAX_TRIES: usize = 3;
+
 pub struct Pool {
     config: crate::config::Pool,
     entries: Mutex<HashMap<Key, Arc<Entry>>>,
@@ -147,7 +150,9 @@ impl Pool {
     }
 
     /// Opens a CONNECT stream to `target` through the tunnel at `tunnel`, reusing a pooled
-    /// connection with room, or making one.
+    /// connection with room, or making one. A pooled connection that turns out unusable (the
+    /// server sent GOAWAY, or its certificate is no longer valid) is dropped and the stream
+    /// tried again, on another or a new connection; a new connection's failure is final.
     pub async fn open(
         &self,
         tunnel: SocketAddr,
@@ -162,45 +167,52 @@ impl Pool {
             rule: dial.rule,
         };
         let entry = self.entry(&key);
-        let (conn, new_connection) = match self.take(&entry) {
-            Some(conn) => (conn, false),
-            None => {
-                let _opening = entry.opening.lock().await;
-                // Someone else may have made one while this waited.
-                match self.take(&entry) {
-                    Some(conn) => (conn, false),
-                    None => {
-                        let conn = self.connect(tunnel, &dial, timeouts, metrics).await?;
-                        conn.shared.open.fetch_add(1, Ordering::AcqRel);
-                        lock(&entry.conns).push(conn.clone());
-                        (conn, true)
+        let mut tries = 0;
+        loop {
+            let (conn, new_connection) = match self.take(&entry) {
+                Some(conn) => (conn, false),
+                None => {
+                    let _opening = entry.opening.lock().await;
+                    // Someone else may have made one while this waited.
+                    match self.take(&entry) {
+                        Some(conn) => (conn, false),
+                        None => {
+                            let conn = self.connect(tunnel, &dial, timeouts, metrics).await?;
+                            conn.shared.open.fetch_add(1, Ordering::AcqRel);
+                            lock(&entry.conns).push(conn.clone());
+                            (conn, true)
+                        }
                     }
                 }
-            }
-        };
-        conn.shared.started.fetch_add(1, Ordering::Relaxed);
-        let open = OpenStream(conn.shared.clone());
-        if let Err(e) = tls::still_valid(dial.trust, &conn.shared.chain, tls::Usage::Server) {
-            conn.shared.closed.store(true, Ordering::Release);
-            return Err(PoolError::Handshake(tunnel, e));
-        }
-        let peer = lock(&conn.shared.peer).clone();
-        let stream = stream(conn.send, tunnel, target, headers).await;
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                // A connection that cannot open a stream is not offered again.
-                if matches!(e, PoolError::Http2(..)) {
-                    conn.shared.closed.store(true, Ordering::Release);
+            };
+            conn.shared.started.fetch_add(1, Ordering::Relaxed);
+            let open = OpenStream(conn.shared.clone());
+            let opened = match tls::still_valid(dial.trust, &conn.shared.chain, tls::Usage::Server)
+            {
+                Err(e) => Err(PoolError::Handshake(tunnel, e)),
+                Ok(()) => stream(conn.send, tunnel, target, headers).await,
+            };
+            match opened {
+                Ok(stream) => {
+                    return Ok(Opened {
+                        stream: stream.holding(open),
+                        peer: lock(&conn.shared.peer).clone(),
+                        new_connection,
+                    })
                 }
-                return Err(e);
+                // The server refused this one stream: the connection is fine.
+                Err(e @ PoolError::Status(..)) => return Err(e),
+                Err(e) => {
+                    // A connection that cannot open a stream is not offered again.
+                    conn.shared.closed.store(true, Ordering::Release);
+                    tries += 1;
+                    if new_connection || tries >= MAX_TRIES {
+                        return Err(e);
+                    }
+                    debug!(%tunnel, error = %e, "pooled tunnel connection unusable; trying another");
+                }
             }
-        };
-        Ok(Opened {
-            stream: stream.holding(open),
-            peer,
-            new_connection,
-        })
+        }
     }
 
     fn entry(&self, key: &Key) -> Arc<Entry> {
