@@ -31,6 +31,11 @@ pub const MAX_FRAME: u32 = 256 * 1024;
 /// Streams one client may have open on one tunnel connection (the pool opens another
 /// connection past its own, smaller limit).
 pub const MAX_STREAMS: u32 = 1024;
+/// The CONNECT's headers: an authority and a few metadata headers need far less.
+const MAX_HEADERS: u32 = 16 * 1024;
+/// A tunnel connection with no stream open at two checks this far apart is closed; clients
+/// close theirs sooner (`outbound.pool.idle`).
+const IDLE_TUNNEL: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Why a tunnel connection (not one of its streams) ended early.
 #[derive(Debug, Error)]
@@ -41,6 +46,8 @@ pub enum TunnelError {
     HandshakeTimeout,
     #[error("refused: the client did not negotiate ALPN h2")]
     NotH2,
+    #[error("refused: the client certificate carries no SPIFFE ID")]
+    NoIdentity,
     #[error("HTTP/2: {0}")]
     Http2(h2::Error),
 }
@@ -51,6 +58,7 @@ impl Ending for TunnelError {
             TunnelError::Handshake(_) => "handshake",
             TunnelError::HandshakeTimeout => "handshake_timeout",
             TunnelError::NotH2 => "not_h2",
+            TunnelError::NoIdentity => "no_identity",
             TunnelError::Http2(_) => "http2",
         }
     }
@@ -109,7 +117,7 @@ impl TunnelConnection {
         let (peer, peer_serial) = tls::peer(tls.get_ref().1);
         // The verifier refuses a certificate without a SPIFFE ID in our trust domain.
         let Some(peer) = peer else {
-            return Err(TunnelError::NotH2);
+            return Err(TunnelError::NoIdentity);
         };
         debug!(%peer, %peer_serial, src = %client_addr, "tunnel accepted, client identity verified");
         // Kept to check the peer again on every stream: a tunnel lives for many connections,
@@ -121,22 +129,43 @@ impl TunnelConnection {
             .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
             .unwrap_or_default();
         let peer = Arc::new(peer);
-        let mut conn = h2::server::Builder::new()
+        let handshake = h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_concurrent_streams(MAX_STREAMS)
-            .handshake::<_, Bytes>(tls)
+            .max_header_list_size(MAX_HEADERS)
+            .handshake::<_, Bytes>(tls);
+        // The HTTP/2 preface is part of the handshake: a client that stops after TLS is
+        // closed at the same deadline.
+        let mut conn = tokio::time::timeout_at(deadline, handshake)
             .await
+            .map_err(|_| TunnelError::HandshakeTimeout)?
             .map_err(TunnelError::Http2)?;
-        let mut draining = false;
+        let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut idle_check = tokio::time::interval(IDLE_TUNNEL);
+        idle_check.tick().await;
+        let mut was_idle = false;
+        let mut closing = false;
         loop {
             let next = tokio::select! {
                 next = conn.accept() => next,
                 // GOAWAY: the client opens no new stream here; open ones finish.
-                _ = drain.accepting_stopped(), if !draining => {
-                    draining = true;
+                _ = drain.accepting_stopped(), if !closing => {
+                    closing = true;
                     conn.graceful_shutdown();
+                    continue;
+                }
+                // A tunnel with no stream for two checks in a row is closed (GOAWAY), so
+                // idle connections from clients cannot pile up.
+                _ = idle_check.tick(), if !closing => {
+                    let idle = streams.load(std::sync::atomic::Ordering::Acquire) == 0;
+                    if idle && was_idle {
+                        debug!(src = %client_addr, "tunnel idle: closing");
+                        closing = true;
+                        conn.graceful_shutdown();
+                    }
+                    was_idle = idle;
                     continue;
                 }
             };
@@ -150,9 +179,11 @@ impl TunnelConnection {
                         tunnel_src: client_addr,
                     };
                     let watcher = drain.watcher();
+                    let open = Open::new(&streams);
+                    was_idle = false;
                     tokio::spawn(async move {
                         stream.run(request, respond).await;
-                        drop(watcher);
+                        drop((open, watcher));
                     });
                 }
                 Some(Err(e)) if e.is_go_away() || e.is_io() => {
@@ -162,6 +193,22 @@ impl TunnelConnection {
                 Some(Err(e)) => return Err(TunnelError::Http2(e)),
             }
         }
+    }
+}
+
+/// Counts a tunnel connection's open streams while held.
+struct Open(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Open {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Open {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Open(count.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
