@@ -12,6 +12,7 @@ const PIPE: usize = 64 << 10;
 
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
         .build()
         .unwrap();
     let mut g = c.benchmark_group("relay");

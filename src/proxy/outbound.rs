@@ -264,7 +264,13 @@ impl OutboundConnection {
         // The credentials in force now; a rotation during this connection does not touch it.
         let tls_state = inputs.tls.borrow().clone();
         let route = tls_state.routes.route(dst);
-        let timeouts = &inputs.config.timeouts;
+        let to = Destination {
+            inputs: &inputs,
+            tls_state: &tls_state,
+            route,
+            client_addr,
+            dst,
+        };
         let (sent, result) = match &route.kind {
             RouteKind::Passthrough => {
                 debug!(src = %client_addr, %dst, rule = %route.name, "outbound passthrough");
@@ -274,90 +280,8 @@ impl OutboundConnection {
                 connector,
                 pins,
                 fallback,
-            } => {
-                if *fallback && inputs.unmeshed.contains(dst.ip()) {
-                    debug!(src = %client_addr, %dst, "destination known un-meshed: plaintext");
-                    plaintext(&inputs, client, dst, "unmeshed").await?
-                } else {
-                    let tunnel = SocketAddr::new(dst.ip(), inputs.config.listeners.tunnel.port());
-                    let dial = pool::Dial {
-                        connector,
-                        trust: &tls_state.creds.trust,
-                        pins,
-                        rule: route.index,
-                    };
-                    let headers = [
-                        (baggage::BAGGAGE, inputs.baggage.clone()),
-                        ("forwarded", forwarded(client_addr)),
-                        ("traceparent", traceparent()),
-                    ];
-                    let opened = tls_state
-                        .pool
-                        .open(tunnel, dst, dial, &headers, timeouts, &inputs.metrics)
-                        .await;
-                    match opened {
-                        Ok(opened) => {
-                            let peer = opened.peer.as_ref();
-                            info!(
-                                src = %client_addr,
-                                %dst,
-                                rule = %route.name,
-                                peer = %peer.map(ToString::to_string).unwrap_or_default(),
-                                new_connection = opened.new_connection,
-                                "outbound tunnel stream open, server identity verified"
-                            );
-                            let labels = outbound_labels(&inputs, Some(peer));
-                            let recorder = inputs.metrics.connection(labels, "outbound");
-                            relay::relay(client, opened.stream, &recorder, timeouts.idle).await
-                        }
-                        // No sidecar there: with `auto`, the destination is not in the
-                        // mesh yet, and is reached as it would be without l4mesh.
-                        Err(PoolError::Refused(..)) if *fallback => {
-                            debug!(src = %client_addr, %dst, "tunnel port refused: destination un-meshed, plaintext");
-                            inputs.unmeshed.insert(dst.ip());
-                            plaintext(&inputs, client, dst, "unmeshed").await?
-                        }
-                        Err(source) => return Err(OutboundError::Tunnel { dst, source }),
-                    }
-                }
-            }
-            RouteKind::Direct { connector, pins } => {
-                let upstream = socket::connect(dst, None, timeouts.connect)
-                    .await
-                    .map_err(|source| OutboundError::Connect { dst, source })?;
-                // SPIFFE identities are not DNS names: the verifier ignores the name, and an
-                // IP address name keeps rustls from sending SNI.
-                let name = ServerName::IpAddress(dst.ip().into());
-                let handshake =
-                    connector.connect(name, crate::proxy::tls_io::Batched::new(upstream));
-                let tls = tls::handshake(
-                    tls::Direction::Outbound,
-                    handshake,
-                    tokio::time::Instant::now() + timeouts.handshake,
-                    &tls_state.creds.trust,
-                    pins,
-                    &inputs.metrics,
-                )
-                .await
-                .map_err(|e| match e {
-                    tls::HandshakeFailure::Timeout => OutboundError::HandshakeTimeout { dst },
-                    tls::HandshakeFailure::Failed(source) => {
-                        OutboundError::Handshake { dst, source }
-                    }
-                })?;
-                let (peer, peer_serial) = tls::peer(tls.get_ref().1);
-                info!(
-                    src = %client_addr,
-                    %dst,
-                    rule = %route.name,
-                    peer = %peer.as_ref().map(ToString::to_string).unwrap_or_default(),
-                    %peer_serial,
-                    "outbound mTLS established, server identity verified"
-                );
-                let labels = outbound_labels(&inputs, Some(peer.as_ref()));
-                let recorder = inputs.metrics.connection(labels, "outbound");
-                relay::relay(client, tls, &recorder, timeouts.idle).await
-            }
+            } => to.tunnel(connector, pins, *fallback, client).await?,
+            RouteKind::Direct { connector, pins } => to.direct(connector, pins, client).await?,
         };
         debug!(
             src = %client_addr,
@@ -370,6 +294,131 @@ impl OutboundConnection {
     }
 }
 
+/// Where one connection goes, and with what: what both mesh routes read.
+#[derive(Clone, Copy)]
+struct Destination<'a> {
+    inputs: &'a ProxyInputs,
+    tls_state: &'a crate::proxy::TlsState,
+    route: &'a Route,
+    client_addr: SocketAddr,
+    dst: SocketAddr,
+}
+
+type Relayed = Result<(relay::Transferred, Option<RelayError>), OutboundError>;
+
+impl Destination<'_> {
+    /// A stream in a pooled tunnel to the destination's sidecar, or with `fallback`
+    /// (`auto`) plaintext when the destination has none.
+    async fn tunnel(
+        &self,
+        connector: &TlsConnector,
+        pins: &[crate::identity::IdentityPattern],
+        fallback: bool,
+        client: TcpStream,
+    ) -> Relayed {
+        let Destination {
+            inputs,
+            tls_state,
+            route,
+            client_addr,
+            dst,
+        } = *self;
+        if fallback && inputs.unmeshed.contains(dst.ip()) {
+            debug!(src = %client_addr, %dst, "destination known un-meshed: plaintext");
+            return plaintext(inputs, client, dst, "unmeshed").await;
+        }
+        let tunnel = SocketAddr::new(dst.ip(), inputs.config.listeners.tunnel.port());
+        let dial = pool::Dial {
+            connector,
+            trust: &tls_state.creds.trust,
+            pins,
+            rule: route.index,
+        };
+        let headers = [
+            (baggage::BAGGAGE, inputs.baggage.clone()),
+            ("forwarded", forwarded(client_addr)),
+            ("traceparent", traceparent()),
+        ];
+        let timeouts = &inputs.config.timeouts;
+        let opened = tls_state
+            .pool
+            .open(tunnel, dst, dial, &headers, timeouts, &inputs.metrics)
+            .await;
+        match opened {
+            Ok(opened) => {
+                let peer = opened.peer.as_ref();
+                info!(
+                    src = %client_addr,
+                    %dst,
+                    rule = %route.name,
+                    peer = %peer.map(ToString::to_string).unwrap_or_default(),
+                    new_connection = opened.new_connection,
+                    "outbound tunnel stream open, server identity verified"
+                );
+                let labels = outbound_labels(inputs, Some(peer));
+                let recorder = inputs.metrics.connection(labels, "outbound");
+                Ok(relay::relay(client, opened.stream, &recorder, timeouts.idle).await)
+            }
+            // No sidecar there: with `auto`, the destination is not in the mesh yet, and is
+            // reached as it would be without l4mesh.
+            Err(PoolError::Refused(..)) if fallback => {
+                debug!(src = %client_addr, %dst, "tunnel port refused: destination un-meshed, plaintext");
+                inputs.unmeshed.insert(dst.ip());
+                plaintext(inputs, client, dst, "unmeshed").await
+            }
+            Err(source) => Err(OutboundError::Tunnel { dst, source }),
+        }
+    }
+
+    /// Mesh TLS straight to the destination port (ALPN `l4mesh/1`): the direct transport.
+    async fn direct(
+        &self,
+        connector: &TlsConnector,
+        pins: &[crate::identity::IdentityPattern],
+        client: TcpStream,
+    ) -> Relayed {
+        let Destination {
+            inputs,
+            tls_state,
+            route,
+            client_addr,
+            dst,
+        } = *self;
+        let upstream = socket::connect(dst, None, inputs.config.timeouts.connect)
+            .await
+            .map_err(|source| OutboundError::Connect { dst, source })?;
+        // SPIFFE identities are not DNS names: the verifier ignores the name, and an
+        // IP address name keeps rustls from sending SNI.
+        let name = ServerName::IpAddress(dst.ip().into());
+        let handshake = connector.connect(name, crate::proxy::tls_io::Batched::new(upstream));
+        let tls = tls::handshake(
+            tls::Direction::Outbound,
+            handshake,
+            tokio::time::Instant::now() + inputs.config.timeouts.handshake,
+            &tls_state.creds.trust,
+            pins,
+            &inputs.metrics,
+        )
+        .await
+        .map_err(|e| match e {
+            tls::HandshakeFailure::Timeout => OutboundError::HandshakeTimeout { dst },
+            tls::HandshakeFailure::Failed(source) => OutboundError::Handshake { dst, source },
+        })?;
+        let (peer, peer_serial) = tls::peer(tls.get_ref().1);
+        info!(
+            src = %client_addr,
+            %dst,
+            rule = %route.name,
+            peer = %peer.as_ref().map(ToString::to_string).unwrap_or_default(),
+            %peer_serial,
+            "outbound mTLS established, server identity verified"
+        );
+        let labels = outbound_labels(inputs, Some(peer.as_ref()));
+        let recorder = inputs.metrics.connection(labels, "outbound");
+        Ok(relay::relay(client, tls, &recorder, inputs.config.timeouts.idle).await)
+    }
+}
+
 /// Sends a connection on as it is, counted as plaintext with `reason` (`rule`: a passthrough
 /// rule; `unmeshed`: `auto` found no sidecar at the destination).
 async fn plaintext(
@@ -377,7 +426,7 @@ async fn plaintext(
     client: TcpStream,
     dst: SocketAddr,
     reason: &'static str,
-) -> Result<(relay::Transferred, Option<RelayError>), OutboundError> {
+) -> Relayed {
     let upstream = socket::connect(dst, None, inputs.config.timeouts.connect)
         .await
         .map_err(|source| OutboundError::Connect { dst, source })?;
