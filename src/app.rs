@@ -65,7 +65,7 @@ pub fn load_policy(config: &Config, id: &SpiffeId) -> Result<WorkloadPolicy, Pol
         None => PolicySet::default(),
     };
     for (index, kind) in &set.ignored {
-        debug!(document = index, kind = %kind, "ignoring a resource of another kind");
+        debug!(document = index, kind = %kind, "ignoring a resource that does not apply to a sidecar");
     }
     let workload = policy::Workload {
         namespace: crate::proxy::workload_namespace(config, id),

@@ -180,6 +180,10 @@ struct RawPeerAuthentication {
     metadata: RawMetadata,
     #[serde(default, deserialize_with = "present")]
     spec: Option<RawSpec>,
+    /// What the API server reports (`kubectl get -o yaml` prints it): not policy, ignored.
+    #[serde(default)]
+    #[allow(dead_code)]
+    status: Option<serde_yaml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -206,6 +210,10 @@ struct RawAuthorizationPolicy {
     metadata: RawMetadata,
     #[serde(default, deserialize_with = "present")]
     spec: Option<authz::Spec>,
+    /// What the API server reports: not policy, ignored.
+    #[serde(default)]
+    #[allow(dead_code)]
+    status: Option<serde_yaml::Value>,
 }
 
 fn empty_spec() -> authz::Spec {
@@ -214,6 +222,8 @@ fn empty_spec() -> authz::Spec {
         action: authz::Action::Allow,
         provider: None,
         rules: Vec::new(),
+        target_ref: None,
+        target_refs: None,
     }
 }
 
@@ -229,7 +239,29 @@ struct RawSpec {
     #[serde(default, deserialize_with = "present")]
     mtls: Option<RawMtls>,
     #[serde(default)]
-    port_level_mtls: BTreeMap<u16, Option<RawMtls>>,
+    port_level_mtls: BTreeMap<PortKey, Option<RawMtls>>,
+}
+
+/// A `portLevelMtls` key: a number, or a number in quotes (`"8080":`, as kubectl and JSON
+/// print map keys).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct PortKey(u16);
+
+impl<'de> Deserialize<'de> for PortKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u16),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(PortKey(n)),
+            Raw::Text(t) => t.trim().parse().map(PortKey).map_err(|_| {
+                serde::de::Error::custom(format!("port {t:?} is not a number from 0 to 65535"))
+            }),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -374,6 +406,13 @@ impl PolicySet {
                 let raw = RawAuthorizationPolicy::deserialize(doc)
                     .map_err(|e| invalid(index, what.clone(), e))?;
                 let spec = raw.spec.unwrap_or_else(empty_spec);
+                // A policy bound with targetRef(s) applies to gateways and waypoints, never
+                // to sidecars (Istio's sidecars ignore it): skipped, not an error.
+                if spec.target_ref.is_some() || spec.target_refs.is_some() {
+                    set.ignored
+                        .push((index, format!("AuthorizationPolicy{what} with targetRef")));
+                    continue;
+                }
                 authz::check_spec(&spec).map_err(|message| PolicyError::Invalid {
                     path: path.to_path_buf(),
                     index,
@@ -407,7 +446,7 @@ impl PolicySet {
                 .map(|s| s.match_labels)
                 .filter(|labels| !labels.is_empty());
             let mut port_level = BTreeMap::new();
-            for (port, m) in spec.port_level_mtls {
+            for (PortKey(port), m) in spec.port_level_mtls {
                 // `8080:` with nothing under it: cut off, not "inherit" (see `present`).
                 let m = m.ok_or_else(|| {
                     fail(
@@ -562,6 +601,66 @@ fn source(level: Level, pa: &PeerAuthentication) -> Source {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `kubectl get peerauthentications,authorizationpolicies -o yaml` adds to a
+    /// resource (issue 17): API-server bookkeeping in metadata, a `status` stanza, port keys in
+    /// quotes; and a targetRefs policy, which binds to waypoints and never to sidecars.
+    #[test]
+    fn exported_resources_read_as_istio_reads_them() {
+        let text = r#"apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: web
+  namespace: shop
+  uid: 4b1c
+  resourceVersion: "123"
+  generation: 2
+  managedFields:
+  - manager: kubectl
+    operation: Update
+spec:
+  selector:
+    matchLabels:
+      app: web
+  mtls:
+    mode: PERMISSIVE
+  portLevelMtls:
+    "8080":
+      mode: STRICT
+    9090:
+      mode: DISABLE
+status:
+  conditions: []
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: for-the-waypoint
+  namespace: shop
+spec:
+  targetRefs:
+  - kind: Service
+    group: ""
+    name: web
+  action: DENY
+  rules:
+  - {}
+status:
+  validationMessages: []
+"#;
+        let set = PolicySet::parse(Path::new("p.yaml"), text).unwrap();
+        let pa = &set.peer_authentications[0];
+        assert_eq!(pa.port_level.get(&8080), Some(&ModeSetting::Strict));
+        assert_eq!(pa.port_level.get(&9090), Some(&ModeSetting::Disable));
+        // The DENY-everything policy for the waypoint does not deny the sidecar's traffic.
+        assert!(set.authorization_policies.is_empty());
+        assert_eq!(set.ignored.len(), 1);
+        let bad = text.replace("\"8080\":", "\"http\":");
+        let err = PolicySet::parse(Path::new("p.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"http\" is not a number"), "{err}");
+    }
 
     fn pa(ns: &str, name: &str, selector: Option<&[(&str, &str)]>, mode: &str) -> String {
         let selector = selector

@@ -40,6 +40,12 @@ pub struct Spec {
     /// nothing, so it denies everything (`spec: {}`).
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Binds the policy to a gateway or waypoint: a policy with either does not apply to
+    /// sidecars, as in Istio (the policy file skips it).
+    #[serde(default)]
+    pub target_ref: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub target_refs: Option<serde_yaml::Value>,
 }
 
 fn allow() -> Action {
