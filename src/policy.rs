@@ -318,12 +318,6 @@ impl PolicySet {
             }
         };
         let mut set = PolicySet::default();
-        let fail = |index: usize, what: String, message: String| PolicyError::Invalid {
-            path: path.to_path_buf(),
-            index,
-            what,
-            message,
-        };
         // First pass: what kind each document is. Stop at the first syntax error: serde_yaml's
         // document iterator keeps yielding it otherwise.
         let mut headers = Vec::new();
@@ -345,130 +339,166 @@ impl PolicySet {
             .zip(headers)
             .enumerate()
         {
-            let index = i + 1;
             let Some(header) = header else { continue }; // an empty document
-            let kind = header.kind.clone().unwrap_or_default();
-            let meta = header.metadata.as_ref();
-            let what = format!(
-                " ({kind} {}/{})",
-                meta.and_then(|m| m.namespace.clone())
-                    .unwrap_or_else(default_namespace),
-                meta.and_then(|m| m.name.clone()).unwrap_or_default()
-            );
-            let api = header.api_version.clone().unwrap_or_default();
-            if kind.is_empty() {
-                return Err(fail(
-                    index,
-                    String::new(),
-                    "no `kind:` (a file cut off mid-write?); every document must say what it is"
-                        .to_string(),
-                ));
-            }
-            if kind == "List" {
-                if header.items.as_ref().is_some_and(|items| !items.is_empty()) {
-                    return Err(fail(
-                        index,
-                        " (List)".to_string(),
-                        "items of a `kind: List` are not read; write each item as its own `---` document"
-                            .to_string(),
-                    ));
-                }
-                // `kind: List` with `items: []`: no policies, said on purpose.
-                continue;
-            }
-            let security = api.starts_with("security.istio.io/");
-            if kind != "PeerAuthentication" && kind != "AuthorizationPolicy" {
-                if security && !L7_ONLY_KINDS.contains(&kind.as_str()) {
-                    return Err(fail(
-                        index,
-                        what,
-                        format!(
-                            "kind: {kind:?} is not a security.istio.io kind l4mesh knows (PeerAuthentication, AuthorizationPolicy, {})",
-                            L7_ONLY_KINDS.join(", ")
-                        ),
-                    ));
-                }
-                set.ignored.push((index, kind));
-                continue;
-            }
-            if !API_VERSIONS.contains(&api.as_str()) {
-                return Err(PolicyError::Invalid {
-                    path: path.to_path_buf(),
-                    index,
-                    what,
-                    message: format!(
-                        "apiVersion: {api:?} is not one of {}",
-                        API_VERSIONS.join(", ")
-                    ),
-                });
-            }
-            if kind == "AuthorizationPolicy" {
-                let raw = RawAuthorizationPolicy::deserialize(doc)
-                    .map_err(|e| invalid(index, what.clone(), e))?;
-                let spec = raw.spec.unwrap_or_else(empty_spec);
-                // A policy bound with targetRef(s) applies to gateways and waypoints, never
-                // to sidecars (Istio's sidecars ignore it): skipped, not an error.
-                if spec.target_ref.is_some() || spec.target_refs.is_some() {
-                    set.ignored
-                        .push((index, format!("AuthorizationPolicy{what} with targetRef")));
-                    continue;
-                }
-                authz::check_spec(&spec).map_err(|message| PolicyError::Invalid {
-                    path: path.to_path_buf(),
-                    index,
-                    what: what.clone(),
-                    message,
-                })?;
-                set.authorization_policies.push(AuthorizationPolicy {
-                    name: raw.metadata.name,
-                    namespace: raw.metadata.namespace,
-                    spec,
-                });
-                continue;
-            }
-            let raw = RawPeerAuthentication::deserialize(doc)
-                .map_err(|e| invalid(index, what.clone(), e))?;
-            let created =
-                match &raw.metadata.creation_timestamp {
-                    None => None,
-                    Some(ts) => Some(humantime::parse_rfc3339_weak(ts).map_err(|e| {
-                        PolicyError::Invalid {
-                            path: path.to_path_buf(),
-                            index,
-                            what: what.clone(),
-                            message: format!("metadata.creationTimestamp: {ts:?}: {e}"),
-                        }
-                    })?),
-                };
-            let spec = raw.spec.unwrap_or_default();
-            let selector = spec
-                .selector
-                .map(|s| s.match_labels)
-                .filter(|labels| !labels.is_empty());
-            let mut port_level = BTreeMap::new();
-            for (PortKey(port), m) in spec.port_level_mtls {
-                // `8080:` with nothing under it: cut off, not "inherit" (see `present`).
-                let m = m.ok_or_else(|| {
-                    fail(
-                        index,
-                        what.clone(),
-                        format!("spec.portLevelMtls.{port}: is empty (a file cut off mid-write?); write `mode: UNSET` to inherit"),
-                    )
-                })?;
-                port_level.insert(port, m.mode);
-            }
-            set.peer_authentications.push(PeerAuthentication {
-                name: raw.metadata.name,
-                namespace: raw.metadata.namespace,
-                created,
-                selector,
-                mode: spec.mtls.map_or(ModeSetting::Unset, |m| m.mode),
-                port_level,
-                index,
-            });
+            add_document(&mut set, path, i + 1, None, header, doc)?;
         }
         Ok(set)
     }
+}
+
+/// Reads one document (or one item of a `kind: List`) into `set`: `doc` is the document
+/// itself, `header` what it says it is. Skipped kinds return `Ok` without adding anything.
+fn add_document<'de, D>(
+    set: &mut PolicySet,
+    path: &Path,
+    index: usize,
+    item: Option<usize>,
+    header: Header,
+    doc: D,
+) -> Result<(), PolicyError>
+where
+    D: serde::Deserializer<'de, Error = serde_yaml::Error>,
+{
+    let invalid = |index: usize, what: String, e: serde_yaml::Error| {
+        let message = match e.location() {
+            Some(l) => {
+                let m = crate::parse::yaml_message(&e);
+                format!("line {} column {}: {m}", l.line(), l.column())
+            }
+            None => e.to_string(),
+        };
+        PolicyError::Invalid {
+            path: path.to_path_buf(),
+            index,
+            what,
+            message,
+        }
+    };
+    let fail = |index: usize, what: String, message: String| PolicyError::Invalid {
+        path: path.to_path_buf(),
+        index,
+        what,
+        message,
+    };
+    let kind = header.kind.clone().unwrap_or_default();
+    let meta = header.metadata.as_ref();
+    let what = format!(
+        " ({}{kind} {}/{})",
+        item.map(|j| format!("item {j}: ")).unwrap_or_default(),
+        meta.and_then(|m| m.namespace.clone())
+            .unwrap_or_else(default_namespace),
+        meta.and_then(|m| m.name.clone()).unwrap_or_default()
+    );
+    let api = header.api_version.clone().unwrap_or_default();
+    if kind.is_empty() {
+        return Err(fail(
+            index,
+            String::new(),
+            "no `kind:` (a file cut off mid-write?); every document must say what it is"
+                .to_string(),
+        ));
+    }
+    if kind == "List" {
+        // `kubectl get ... -o yaml` prints a List: each item is read as a document of its
+        // own (`items: []` says "no policies" on purpose).
+        for (j, value) in header.items.unwrap_or_default().into_iter().enumerate() {
+            let header = Option::<Header>::deserialize(value.clone())
+                .map_err(|e| invalid(index, format!(" (List item {})", j + 1), e))?;
+            let Some(header) = header else { continue };
+            add_document(set, path, index, Some(j + 1), header, value)?;
+        }
+        return Ok(());
+    }
+    let security = api.starts_with("security.istio.io/");
+    if kind != "PeerAuthentication" && kind != "AuthorizationPolicy" {
+        if security && !L7_ONLY_KINDS.contains(&kind.as_str()) {
+            return Err(fail(
+                    index,
+                    what,
+                    format!(
+                        "kind: {kind:?} is not a security.istio.io kind l4mesh knows (PeerAuthentication, AuthorizationPolicy, {})",
+                        L7_ONLY_KINDS.join(", ")
+                    ),
+                ));
+        }
+        set.ignored.push((index, kind));
+        return Ok(());
+    }
+    if !API_VERSIONS.contains(&api.as_str()) {
+        return Err(PolicyError::Invalid {
+            path: path.to_path_buf(),
+            index,
+            what,
+            message: format!(
+                "apiVersion: {api:?} is not one of {}",
+                API_VERSIONS.join(", ")
+            ),
+        });
+    }
+    if kind == "AuthorizationPolicy" {
+        let raw = RawAuthorizationPolicy::deserialize(doc)
+            .map_err(|e| invalid(index, what.clone(), e))?;
+        let spec = raw.spec.unwrap_or_else(empty_spec);
+        // A policy bound with targetRef(s) applies to gateways and waypoints, never
+        // to sidecars (Istio's sidecars ignore it): skipped, not an error.
+        if spec.target_ref.is_some() || spec.target_refs.is_some() {
+            set.ignored
+                .push((index, format!("AuthorizationPolicy{what} with targetRef")));
+            return Ok(());
+        }
+        authz::check_spec(&spec).map_err(|message| PolicyError::Invalid {
+            path: path.to_path_buf(),
+            index,
+            what: what.clone(),
+            message,
+        })?;
+        set.authorization_policies.push(AuthorizationPolicy {
+            name: raw.metadata.name,
+            namespace: raw.metadata.namespace,
+            spec,
+        });
+        return Ok(());
+    }
+    let raw =
+        RawPeerAuthentication::deserialize(doc).map_err(|e| invalid(index, what.clone(), e))?;
+    let created = match &raw.metadata.creation_timestamp {
+        None => None,
+        Some(ts) => Some(
+            humantime::parse_rfc3339_weak(ts).map_err(|e| PolicyError::Invalid {
+                path: path.to_path_buf(),
+                index,
+                what: what.clone(),
+                message: format!("metadata.creationTimestamp: {ts:?}: {e}"),
+            })?,
+        ),
+    };
+    let spec = raw.spec.unwrap_or_default();
+    let selector = spec
+        .selector
+        .map(|s| s.match_labels)
+        .filter(|labels| !labels.is_empty());
+    let mut port_level = BTreeMap::new();
+    for (PortKey(port), m) in spec.port_level_mtls {
+        // `8080:` with nothing under it: cut off, not "inherit" (see `present`).
+        let m = m.ok_or_else(|| {
+                fail(
+                    index,
+                    what.clone(),
+                    format!("spec.portLevelMtls.{port}: is empty (a file cut off mid-write?); write `mode: UNSET` to inherit"),
+                )
+            })?;
+        port_level.insert(port, m.mode);
+    }
+    set.peer_authentications.push(PeerAuthentication {
+        name: raw.metadata.name,
+        namespace: raw.metadata.namespace,
+        created,
+        selector,
+        mode: spec.mtls.map_or(ModeSetting::Unset, |m| m.mode),
+        port_level,
+        index,
+    });
+    Ok(())
 }
 
 /// Everything the policy file says about one workload, resolved once per reload.
@@ -605,6 +635,44 @@ mod tests {
     /// What `kubectl get peerauthentications,authorizationpolicies -o yaml` adds to a
     /// resource (issue 17): API-server bookkeeping in metadata, a `status` stanza, port keys in
     /// quotes; and a targetRefs policy, which binds to waypoints and never to sidecars.
+    /// `kubectl get -A -o yaml` prints one List: every item is read, none dropped.
+    #[test]
+    fn a_list_is_read_item_by_item() {
+        let text = format!(
+            "apiVersion: v1\nkind: List\nmetadata:\n  resourceVersion: \"\"\nitems:\n{}\n{}",
+            indent_item(pa("shop", "strict", None, "STRICT").trim_end_matches("---\n")),
+            indent_item("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-all\n  namespace: shop\nspec: {}\n"),
+        );
+        let set = PolicySet::parse(Path::new("p.yaml"), &text).unwrap();
+        assert_eq!(set.peer_authentications.len(), 1);
+        assert_eq!(set.peer_authentications[0].mode, ModeSetting::Strict);
+        assert_eq!(set.authorization_policies.len(), 1);
+        // A bad item is named by its place in the List.
+        let bad = text.replace("mode: STRICT", "mode: STRICTLY");
+        let err = PolicySet::parse(Path::new("p.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("document 1 (item 1: PeerAuthentication shop/strict)"),
+            "{err}"
+        );
+    }
+
+    /// A YAML document as an item of a `- ` list.
+    fn indent_item(doc: &str) -> String {
+        doc.lines()
+            .enumerate()
+            .map(|(i, l)| {
+                if i == 0 {
+                    format!("- {l}")
+                } else {
+                    format!("  {l}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     #[test]
     fn exported_resources_read_as_istio_reads_them() {
         let text = r#"apiVersion: security.istio.io/v1
@@ -930,7 +998,7 @@ status:
             ),
             (
                 format!("apiVersion: v1\nkind: List\nitems:\n- {}", "kind: PeerAuthentication"),
-                "items of a `kind: List` are not read",
+                "document 1 (item 1: PeerAuthentication default/): apiVersion",
             ),
             (
                 "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: p\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: a\n  portLevelMtls:\n    8080:\n".to_string(),
