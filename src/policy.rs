@@ -302,21 +302,7 @@ impl PolicySet {
     /// Parses multi-document YAML; `path` only names the source in errors. Documents are
     /// numbered from 1, as a person counts them.
     pub fn parse(path: &Path, text: &str) -> Result<PolicySet, PolicyError> {
-        let invalid = |index: usize, what: String, e: serde_yaml::Error| {
-            let message = match e.location() {
-                Some(l) => {
-                    let m = crate::parse::yaml_message(&e);
-                    format!("line {} column {}: {m}", l.line(), l.column())
-                }
-                None => e.to_string(),
-            };
-            PolicyError::Invalid {
-                path: path.to_path_buf(),
-                index,
-                what,
-                message,
-            }
-        };
+        let invalid = |index, what, e| yaml_error(path, index, what, e);
         let mut set = PolicySet::default();
         // First pass: what kind each document is. Stop at the first syntax error: serde_yaml's
         // document iterator keeps yielding it otherwise.
@@ -346,6 +332,23 @@ impl PolicySet {
     }
 }
 
+/// A document's YAML error, with its position (when serde_yaml knows it) said once.
+fn yaml_error(path: &Path, index: usize, what: String, e: serde_yaml::Error) -> PolicyError {
+    let message = match e.location() {
+        Some(l) => {
+            let m = crate::parse::yaml_message(&e);
+            format!("line {} column {}: {m}", l.line(), l.column())
+        }
+        None => e.to_string(),
+    };
+    PolicyError::Invalid {
+        path: path.to_path_buf(),
+        index,
+        what,
+        message,
+    }
+}
+
 /// Reads one document (or one item of a `kind: List`) into `set`: `doc` is the document
 /// itself, `header` what it says it is. Skipped kinds return `Ok` without adding anything.
 fn add_document<'de, D>(
@@ -359,21 +362,7 @@ fn add_document<'de, D>(
 where
     D: serde::Deserializer<'de, Error = serde_yaml::Error>,
 {
-    let invalid = |index: usize, what: String, e: serde_yaml::Error| {
-        let message = match e.location() {
-            Some(l) => {
-                let m = crate::parse::yaml_message(&e);
-                format!("line {} column {}: {m}", l.line(), l.column())
-            }
-            None => e.to_string(),
-        };
-        PolicyError::Invalid {
-            path: path.to_path_buf(),
-            index,
-            what,
-            message,
-        }
-    };
+    let invalid = |index, what, e| yaml_error(path, index, what, e);
     let fail = |index: usize, what: String, message: String| PolicyError::Invalid {
         path: path.to_path_buf(),
         index,
