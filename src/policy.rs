@@ -5,7 +5,8 @@
 //!
 //! Istio's semantics: mesh-wide (root namespace, no selector) → namespace (no selector) →
 //! workload (selector) → `portLevelMtls`; `UNSET` inherits from the level above; several
-//! resources at one level: the oldest `creationTimestamp` wins (file order when absent);
+//! resources at one level: the oldest `creationTimestamp` wins (equal ones: by name, then
+//! namespace; file order when absent);
 //! nothing at all means PERMISSIVE.
 
 use std::collections::BTreeMap;
@@ -558,7 +559,14 @@ impl EffectiveMtls {
             set.peer_authentications
                 .iter()
                 .filter(|pa| applies_at(pa, level, workload, root_namespace))
-                .min_by_key(|pa| (pa.created.is_none(), pa.created, pa.index))
+                // Oldest first; equal timestamps (they have one-second resolution) by name,
+                // then namespace, as istiod orders them; without timestamps, file order.
+                .min_by_key(|pa| {
+                    let tie = pa
+                        .created
+                        .map(|_| (pa.name.as_str(), pa.namespace.as_str()));
+                    (pa.created.is_none(), pa.created, tie, pa.index)
+                })
         };
         for level in [Level::Mesh, Level::Namespace, Level::Workload] {
             let Some(pa) = oldest(level) else { continue };
@@ -900,6 +908,16 @@ status:
         assert_eq!(
             mode(&resolve(&docs, "shop", &[]), 1).1,
             Some("shop/first".into())
+        );
+        // The same second: by name, whatever the file order (issue 17).
+        let docs = format!(
+            "{}{}",
+            with_ts("zeta", "2024-01-01T00:00:00Z", "STRICT"),
+            with_ts("alpha", "2024-01-01T00:00:00Z", "DISABLE"),
+        );
+        assert_eq!(
+            mode(&resolve(&docs, "shop", &[]), 1).1,
+            Some("shop/alpha".into())
         );
     }
 
