@@ -334,10 +334,12 @@ impl Destination<'_> {
             pins,
             rule: route.index,
         };
+        // The baggage value is built once at start-up and borrowed, not copied per stream.
+        let (forwarded, traceparent) = (forwarded(client_addr), traceparent());
         let headers = [
-            (baggage::BAGGAGE, inputs.baggage.clone()),
-            ("forwarded", forwarded(client_addr)),
-            ("traceparent", traceparent()),
+            (baggage::BAGGAGE, inputs.baggage.as_str()),
+            ("forwarded", forwarded.as_str()),
+            ("traceparent", traceparent.as_str()),
         ];
         let timeouts = &inputs.config.timeouts;
         let opened = tls_state

@@ -158,7 +158,7 @@ impl Pool {
         tunnel: SocketAddr,
         target: SocketAddr,
         dial: Dial<'_>,
-        headers: &[(&'static str, String)],
+        headers: &[(&'static str, &str)],
         timeouts: &crate::config::Timeouts,
         metrics: &Arc<Metrics>,
     ) -> Result<Opened, PoolError> {
@@ -330,7 +330,7 @@ async fn stream(
     send: h2::client::SendRequest<Bytes>,
     tunnel: SocketAddr,
     target: SocketAddr,
-    headers: &[(&'static str, String)],
+    headers: &[(&'static str, &str)],
 ) -> Result<H2Stream, PoolError> {
     let h2e = |e| PoolError::Http2(tunnel, e);
     let mut send = send.ready().await.map_err(h2e)?;
@@ -338,7 +338,7 @@ async fn stream(
         .method(Method::CONNECT)
         .uri(target.to_string());
     for (name, value) in headers {
-        request = request.header(*name, value.as_str());
+        request = request.header(*name, *value);
     }
     // The target is an address; a header value could still be invalid (a label from the
     // config with a control character in it).
