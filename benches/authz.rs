@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use l4mesh::policy::authz::{AuthorizationPolicy, Authorizer, Peer, Spec};
+use l4mesh::policy::Workload;
 
 /// 1,000 policies in namespace `shop`: 600 ALLOW lists of exact principals (indexed), 300 ALLOW
 /// rules with wildcards, namespaces and ports (scanned), 100 DENY rules on IP blocks.
@@ -19,6 +20,7 @@ fn policies() -> Vec<AuthorizationPolicy> {
             name,
             namespace: "shop".to_string(),
             spec: serde_yaml::from_str::<Spec>(&spec).expect("bench policy parses"),
+            dry_run: false,
         })
     };
     for i in 0..600 {
@@ -45,11 +47,17 @@ fn policies() -> Vec<AuthorizationPolicy> {
 }
 
 fn bench(c: &mut Criterion) {
-    let authorizer = Authorizer::compile(&policies(), "shop", &BTreeMap::new(), "istio-system");
+    let workload = Workload {
+        namespace: "shop".to_string(),
+        labels: BTreeMap::new(),
+        trust_domain: "cluster.local".to_string(),
+    };
+    let authorizer = Authorizer::compile(&policies(), &workload, "istio-system");
     let dst: SocketAddr = "10.200.0.9:8080".parse().unwrap();
     let peer = |principal: Option<&'static str>, namespace: Option<&'static str>| Peer {
         principal,
         namespace,
+        service_account: principal.and_then(|p| p.split('/').nth(4)),
         source_ip: "10.150.3.4".parse().unwrap(),
         destination: dst,
     };
@@ -57,8 +65,8 @@ fn bench(c: &mut Criterion) {
     let scanned = peer(Some("cluster.local/ns/w299/sa/x"), Some("w299"));
     let denied = peer(Some("cluster.local/ns/nobody/sa/x"), Some("nobody"));
     let plaintext = peer(None, None);
-    assert!(authorizer.decide(&indexed).0.is_allowed());
-    assert!(!authorizer.decide(&denied).0.is_allowed());
+    assert!(authorizer.decide(&indexed).decision.is_allowed());
+    assert!(!authorizer.decide(&denied).decision.is_allowed());
 
     let mut g = c.benchmark_group("authz decision, 1000 policies");
     g.bench_function("allowed by an exact principal (hash index)", |b| {
@@ -69,7 +77,7 @@ fn bench(c: &mut Criterion) {
             destination: "10.200.0.9:8299".parse().unwrap(),
             ..scanned
         };
-        assert!(authorizer.decide(&p).0.is_allowed());
+        assert!(authorizer.decide(&p).decision.is_allowed());
         b.iter(|| authorizer.decide(black_box(&p)))
     });
     g.bench_function("denied: no rule matches (full scan)", |b| {

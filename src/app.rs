@@ -64,14 +64,15 @@ pub fn load_policy(config: &Config, id: &SpiffeId) -> Result<WorkloadPolicy, Pol
         Some(path) => PolicySet::load(path)?,
         None => PolicySet::default(),
     };
-    for (index, kind) in &set.ignored {
-        debug!(document = index, kind = %kind, "ignoring a resource that does not apply to a sidecar");
+    for s in &set.skipped {
+        debug!(document = s.index, what = %s.what, why = %s.why, "skipping a resource that is not for a sidecar");
     }
     let workload = policy::Workload {
         namespace: crate::proxy::workload_namespace(config, id),
         labels: config.workload.labels.clone(),
+        trust_domain: config.identity.trust_domain.as_str().to_string(),
     };
-    let resolved = WorkloadPolicy::resolve(&set, &workload, &config.policy.root_namespace);
+    let resolved = WorkloadPolicy::resolve(&set, &workload, &config.policy.root_namespace)?;
     for w in resolved.warnings() {
         warn!("{w}");
     }

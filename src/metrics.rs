@@ -196,6 +196,9 @@ pub struct Metrics {
     /// Authorization decisions by deciding policy (`ns/name`) and action (`allow`, `deny`,
     /// `audit`).
     pub authorization_decisions: IntCounterVec,
+    /// What dry-run AuthorizationPolicies (`istio.io/dry-run: "true"`) would have decided,
+    /// by policy and decision (`allow`, `deny`, `audit`): never enforced.
+    pub authz_dry_run: IntCounterVec,
     /// Failed mTLS handshakes by direction (`inbound`, `outbound`) and reason (`unknown_ca`,
     /// `expired`, `bad_identity`, `timeout`, `protocol`, ...; see `tls::HandshakeError`).
     pub handshake_failures: IntCounterVec,
@@ -343,6 +346,11 @@ impl Metrics {
                 "l4mesh_authorization_decisions_total",
                 "Inbound authorization decisions by deciding AuthorizationPolicy and action",
                 &["policy", "action"],
+            ),
+            authz_dry_run: counter(
+                "l4mesh_authz_dry_run_total",
+                "What dry-run AuthorizationPolicies would have decided (never enforced), by policy and decision",
+                &["policy", "decision"],
             ),
             handshake_failures: counter(
                 "l4mesh_tls_handshake_failures_total",

@@ -109,6 +109,18 @@ impl PeerAuthentication {
     fn id(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// `mtls STRICT, portLevelMtls 8080=PERMISSIVE`.
+    fn mode_text(&self) -> String {
+        let mut out = format!("mtls {:?}", self.mode).to_uppercase();
+        for (port, m) in &self.port_level {
+            out.push_str(&format!(
+                ", port {port} {}",
+                format!("{m:?}").to_uppercase()
+            ));
+        }
+        out
+    }
 }
 
 /// Everything the policy file holds that l4mesh understands.
@@ -116,8 +128,128 @@ impl PeerAuthentication {
 pub struct PolicySet {
     pub peer_authentications: Vec<PeerAuthentication>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
-    /// Documents of other kinds, skipped: `(index, kind)`.
-    pub ignored: Vec<(usize, String)>,
+    /// Documents that are not for a sidecar (other kinds, policies bound with targetRef).
+    pub skipped: Vec<Skipped>,
+    /// Documents l4mesh cannot use (invalid, or not what Istio accepts): each one is a
+    /// problem only for the workloads it may apply to (see [`Broken::applies_to`]).
+    pub broken: Vec<Broken>,
+}
+
+/// A document skipped on purpose.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Skipped {
+    pub index: usize,
+    /// ` (item 2: ConfigMap shop/x)`, as errors name documents.
+    pub what: String,
+    pub why: String,
+}
+
+/// A document that could not be read, and where (as far as can be told) it applies.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Broken {
+    pub path: std::path::PathBuf,
+    pub index: usize,
+    pub what: String,
+    pub message: String,
+    scope: Scope,
+}
+
+impl Broken {
+    /// The error, as the file's other errors are written.
+    pub fn error(&self) -> PolicyError {
+        PolicyError::Invalid {
+            path: self.path.clone(),
+            index: self.index,
+            what: self.what.clone(),
+            message: self.message.clone(),
+        }
+    }
+
+    /// Whether the document could apply to `workload`: `Err(why not)` only when what can be
+    /// read of it (kind, namespace, selector, targetRef) says it cannot. Anything unreadable
+    /// counts as "could": a broken policy must never be dropped where it might be in force.
+    pub fn applies_to(&self, workload: &Workload, root: &str) -> Result<(), String> {
+        let s = &self.scope;
+        if s.target_ref {
+            return Err("it is bound with targetRef (gateways and waypoints, not sidecars)".into());
+        }
+        let Some(ns) = &s.namespace else {
+            return Ok(());
+        };
+        if *ns != workload.namespace && *ns != root {
+            return Err(format!("it is in namespace {ns}"));
+        }
+        match &s.selector {
+            SelectorScope::Unreadable | SelectorScope::None => Ok(()),
+            SelectorScope::Labels(_) if s.kind == "PeerAuthentication" && *ns == root => Err(
+                "a PeerAuthentication with a selector in the root namespace applies nowhere".into(),
+            ),
+            SelectorScope::Labels(labels) => {
+                if labels
+                    .iter()
+                    .all(|(k, v)| workload.labels.get(k) == Some(v))
+                {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "its selector {} does not match",
+                        authz::labels_text(labels)
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// What can be read of a document's reach without trusting the rest of it.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Scope {
+    kind: String,
+    namespace: Option<String>,
+    selector: SelectorScope,
+    target_ref: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+enum SelectorScope {
+    #[default]
+    None,
+    Labels(BTreeMap<String, String>),
+    Unreadable,
+}
+
+impl Scope {
+    fn of(value: &serde_yaml::Value) -> Scope {
+        let text = |v: Option<&serde_yaml::Value>| v.and_then(|v| v.as_str()).map(str::to_string);
+        let spec = value.get("spec");
+        let selector = match spec.and_then(|s| s.get("selector")) {
+            None | Some(serde_yaml::Value::Null) => SelectorScope::None,
+            Some(sel) => match sel.get("matchLabels") {
+                None | Some(serde_yaml::Value::Null) => SelectorScope::None,
+                Some(serde_yaml::Value::Mapping(m)) => m
+                    .iter()
+                    .map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
+                    .collect::<Option<BTreeMap<_, _>>>()
+                    .map_or(SelectorScope::Unreadable, |labels| {
+                        if labels.is_empty() {
+                            SelectorScope::None
+                        } else {
+                            SelectorScope::Labels(labels)
+                        }
+                    }),
+                Some(_) => SelectorScope::Unreadable,
+            },
+        };
+        let kind = text(value.get("kind")).unwrap_or_default();
+        let target_ref = kind == "AuthorizationPolicy"
+            && spec.is_some_and(|s| s.get("targetRef").is_some() || s.get("targetRefs").is_some());
+        Scope {
+            kind,
+            namespace: text(value.get("metadata").and_then(|m| m.get("namespace"))),
+            selector,
+            target_ref,
+        }
+    }
 }
 
 /// A policy file that cannot be used; says which document and field.
@@ -144,9 +276,6 @@ pub enum PolicyError {
 struct Header {
     kind: Option<String>,
     api_version: Option<String>,
-    metadata: Option<HeaderMetadata>,
-    /// Only read for `kind: List`.
-    items: Option<Vec<serde_yaml::Value>>,
 }
 
 /// A field that may be left out but, when written, must say something: `mtls:` with nothing
@@ -163,12 +292,6 @@ where
             "is empty (a file cut off mid-write?); leave the field out, or write `mode: UNSET` to inherit",
         )),
     }
-}
-
-#[derive(Deserialize)]
-struct HeaderMetadata {
-    name: Option<String>,
-    namespace: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -191,15 +314,39 @@ struct RawPeerAuthentication {
 #[serde(rename_all = "camelCase")]
 struct RawMetadata {
     name: String,
-    /// Kubernetes' default namespace when omitted.
-    #[serde(default = "default_namespace")]
-    namespace: String,
+    /// Required: a shared file cannot know which namespace `kubectl apply` would have put
+    /// a resource without one in, and guessing `default` moves a policy silently.
+    namespace: Option<String>,
     #[serde(default)]
     creation_timestamp: Option<String>,
-    // labels, annotations, uid, ... are Kubernetes bookkeeping: accepted and ignored.
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+    // labels, uid, managedFields, ... are Kubernetes bookkeeping: accepted and ignored.
     #[serde(flatten)]
     _rest: BTreeMap<String, serde_yaml::Value>,
 }
+
+impl RawMetadata {
+    fn namespace(&self) -> Result<String, String> {
+        self.namespace.clone().ok_or_else(|| {
+            "metadata.namespace: missing; write the namespace the policy is in (the root namespace for a mesh-wide one)".to_string()
+        })
+    }
+}
+
+/// Istio's `istio.io/dry-run` annotation, read as Go's `strconv.ParseBool` reads it.
+fn dry_run(meta: &RawMetadata) -> Result<bool, String> {
+    match meta.annotations.get(DRY_RUN).map(String::as_str) {
+        None => Ok(false),
+        Some("true" | "True" | "TRUE" | "t" | "T" | "1") => Ok(true),
+        Some("false" | "False" | "FALSE" | "f" | "F" | "0") => Ok(false),
+        Some(other) => Err(format!(
+            "metadata.annotations.{DRY_RUN}: {other:?} is not \"true\" or \"false\""
+        )),
+    }
+}
+
+pub const DRY_RUN: &str = "istio.io/dry-run";
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -226,10 +373,6 @@ fn empty_spec() -> authz::Spec {
         target_ref: None,
         target_refs: None,
     }
-}
-
-fn default_namespace() -> String {
-    "default".to_string()
 }
 
 #[derive(Default, Deserialize)]
@@ -301,194 +444,233 @@ impl PolicySet {
     }
 
     /// Parses multi-document YAML; `path` only names the source in errors. Documents are
-    /// numbered from 1, as a person counts them.
+    /// numbered from 1, as a person counts them. Only what spoils the whole file is an error
+    /// here (unreadable YAML, an empty file); a document that cannot be used is recorded in
+    /// `broken`, for each workload to judge whether it matters to it.
     pub fn parse(path: &Path, text: &str) -> Result<PolicySet, PolicyError> {
-        let invalid = |index, what, e| yaml_error(path, index, what, e);
         let mut set = PolicySet::default();
-        // First pass: what kind each document is. Stop at the first syntax error: serde_yaml's
-        // document iterator keeps yielding it otherwise.
-        let mut headers = Vec::new();
+        // First pass: each document as plain YAML. A syntax error ends it: without valid
+        // YAML there is no telling where one document stops (and serde_yaml's iterator keeps
+        // yielding the error).
+        let mut values = Vec::new();
         for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let header =
-                Option::<Header>::deserialize(doc).map_err(|e| invalid(i + 1, String::new(), e))?;
-            headers.push(header);
+            let value = Option::<serde_yaml::Value>::deserialize(doc)
+                .map_err(|e| yaml_error(path, i + 1, String::new(), e))?;
+            values.push(value);
         }
         // An empty file is what a failed or half-done write leaves (`cmd > policy.yaml` that
         // died, a truncate not yet followed by the content): never read as "no policies",
         // which would loosen every STRICT port. Saying "no policies" takes an explicit
         // document: an empty List, as `kubectl get ... -o yaml` prints when there are none.
-        if headers.iter().all(Option::is_none) {
+        if values.iter().all(Option::is_none) {
             return Err(PolicyError::Empty {
                 path: path.to_path_buf(),
             });
         }
-        for (i, (doc, header)) in serde_yaml::Deserializer::from_str(text)
-            .zip(headers)
+        // Second pass: each document read for real, from the text, so that errors carry
+        // their line and column.
+        for (i, (doc, value)) in serde_yaml::Deserializer::from_str(text)
+            .zip(values)
             .enumerate()
         {
-            let Some(header) = header else { continue }; // an empty document
-            add_document(&mut set, path, i + 1, None, header, doc)?;
+            let Some(value) = value else { continue }; // an empty document
+            set.read(path, i + 1, None, &value, doc);
         }
         Ok(set)
+    }
+
+    /// Reads one document (or one item of a `kind: List`) into the set, or records it as
+    /// broken.
+    fn read<'de, D>(
+        &mut self,
+        path: &Path,
+        index: usize,
+        item: Option<usize>,
+        value: &serde_yaml::Value,
+        doc: D,
+    ) where
+        D: serde::Deserializer<'de, Error = serde_yaml::Error>,
+    {
+        if item.is_none() && value.get("kind").and_then(|k| k.as_str()) == Some("List") {
+            // `kubectl get ... -o yaml` prints a List: each item is read as a document of
+            // its own (`items: []` says "no policies" on purpose).
+            match value.get("items") {
+                Some(serde_yaml::Value::Sequence(items)) => {
+                    for (j, it) in items.iter().enumerate() {
+                        if !it.is_null() {
+                            self.read(path, index, Some(j + 1), it, it.clone());
+                        }
+                    }
+                }
+                None | Some(serde_yaml::Value::Null) => {}
+                Some(_) => self.broken.push(Broken {
+                    path: path.to_path_buf(),
+                    index,
+                    what: " (List)".into(),
+                    message: "items: not a list".into(),
+                    scope: Scope::default(),
+                }),
+            }
+            return;
+        }
+        let what = describe(value, item);
+        if let Err(message) = self.add_document(index, &what, value, doc) {
+            self.broken.push(Broken {
+                path: path.to_path_buf(),
+                index,
+                what,
+                message,
+                scope: Scope::of(value),
+            });
+        }
+    }
+
+    /// Adds one document (not a List); `Err` is the message naming the field at fault.
+    fn add_document<'de, D>(
+        &mut self,
+        index: usize,
+        what: &str,
+        value: &serde_yaml::Value,
+        doc: D,
+    ) -> Result<(), String>
+    where
+        D: serde::Deserializer<'de, Error = serde_yaml::Error>,
+    {
+        let message = |e: serde_yaml::Error| yaml_message(&e);
+        let header = Header::deserialize(value).map_err(message)?;
+        let kind = header.kind.unwrap_or_default();
+        let api = header.api_version.unwrap_or_default();
+        if kind.is_empty() {
+            return Err(
+                "no `kind:` (a file cut off mid-write?); every document must say what it is"
+                    .to_string(),
+            );
+        }
+        let security = api.starts_with("security.istio.io/");
+        let skip = |set: &mut PolicySet, why: String| {
+            set.skipped.push(Skipped {
+                index,
+                what: what.to_string(),
+                why,
+            });
+            Ok(())
+        };
+        if kind != "PeerAuthentication" && kind != "AuthorizationPolicy" {
+            if security && !L7_ONLY_KINDS.contains(&kind.as_str()) {
+                return Err(format!(
+                    "kind: {kind:?} is not a security.istio.io kind l4mesh knows (PeerAuthentication, AuthorizationPolicy, {})",
+                    L7_ONLY_KINDS.join(", ")
+                ));
+            }
+            let why = if security {
+                "acts on HTTP requests only"
+            } else {
+                "not a security.istio.io policy"
+            };
+            return skip(self, why.to_string());
+        }
+        if !API_VERSIONS.contains(&api.as_str()) {
+            return Err(format!(
+                "apiVersion: {api:?} is not one of {}",
+                API_VERSIONS.join(", ")
+            ));
+        }
+        if kind == "AuthorizationPolicy" {
+            let raw = RawAuthorizationPolicy::deserialize(doc).map_err(message)?;
+            let namespace = raw.metadata.namespace()?;
+            let spec = raw.spec.unwrap_or_else(empty_spec);
+            // A policy bound with targetRef(s) applies to gateways and waypoints, never
+            // to sidecars (Istio's sidecars ignore it): skipped, not an error.
+            if spec.target_ref.is_some() || spec.target_refs.is_some() {
+                return skip(
+                    self,
+                    "bound with targetRef: applies to gateways and waypoints, not sidecars"
+                        .to_string(),
+                );
+            }
+            authz::check_spec(&spec, &namespace)?;
+            let dry_run = dry_run(&raw.metadata)?;
+            self.authorization_policies.push(AuthorizationPolicy {
+                name: raw.metadata.name,
+                namespace,
+                spec,
+                dry_run,
+            });
+            return Ok(());
+        }
+        let raw = RawPeerAuthentication::deserialize(doc).map_err(message)?;
+        let namespace = raw.metadata.namespace()?;
+        let created = match &raw.metadata.creation_timestamp {
+            None => None,
+            Some(ts) => Some(
+                humantime::parse_rfc3339_weak(ts)
+                    .map_err(|e| format!("metadata.creationTimestamp: {ts:?}: {e}"))?,
+            ),
+        };
+        let spec = raw.spec.unwrap_or_default();
+        let selector = spec
+            .selector
+            .map(|s| s.match_labels)
+            .filter(|labels| !labels.is_empty());
+        let mut port_level = BTreeMap::new();
+        for (PortKey(port), m) in spec.port_level_mtls {
+            // `8080:` with nothing under it: cut off, not "inherit" (see `present`).
+            let m = m.ok_or_else(|| {
+                format!("spec.portLevelMtls.{port}: is empty (a file cut off mid-write?); write `mode: UNSET` to inherit")
+            })?;
+            port_level.insert(port, m.mode);
+        }
+        self.peer_authentications.push(PeerAuthentication {
+            name: raw.metadata.name,
+            namespace,
+            created,
+            selector,
+            mode: spec.mtls.map_or(ModeSetting::Unset, |m| m.mode),
+            port_level,
+            index,
+        });
+        Ok(())
+    }
+}
+
+/// How errors and reports name a document: ` (item 2: PeerAuthentication shop/strict)`, read
+/// leniently so that even a broken document gets a name.
+fn describe(value: &serde_yaml::Value, item: Option<usize>) -> String {
+    fn text(v: Option<&serde_yaml::Value>) -> &str {
+        v.and_then(|v| v.as_str()).unwrap_or_default()
+    }
+    let meta = value.get("metadata");
+    let ns = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("(no namespace)");
+    format!(
+        " ({}{} {ns}/{})",
+        item.map(|j| format!("item {j}: ")).unwrap_or_default(),
+        text(value.get("kind")),
+        text(meta.and_then(|m| m.get("name")))
+    )
+}
+
+/// A serde_yaml error's message with its position (when it knows it) said once.
+fn yaml_message(e: &serde_yaml::Error) -> String {
+    match e.location() {
+        Some(l) => {
+            let m = crate::parse::yaml_message(e);
+            format!("line {} column {}: {m}", l.line(), l.column())
+        }
+        None => e.to_string(),
     }
 }
 
 /// A document's YAML error, with its position (when serde_yaml knows it) said once.
 fn yaml_error(path: &Path, index: usize, what: String, e: serde_yaml::Error) -> PolicyError {
-    let message = match e.location() {
-        Some(l) => {
-            let m = crate::parse::yaml_message(&e);
-            format!("line {} column {}: {m}", l.line(), l.column())
-        }
-        None => e.to_string(),
-    };
     PolicyError::Invalid {
         path: path.to_path_buf(),
         index,
         what,
-        message,
+        message: yaml_message(&e),
     }
-}
-
-/// Reads one document (or one item of a `kind: List`) into `set`: `doc` is the document
-/// itself, `header` what it says it is. Skipped kinds return `Ok` without adding anything.
-fn add_document<'de, D>(
-    set: &mut PolicySet,
-    path: &Path,
-    index: usize,
-    item: Option<usize>,
-    header: Header,
-    doc: D,
-) -> Result<(), PolicyError>
-where
-    D: serde::Deserializer<'de, Error = serde_yaml::Error>,
-{
-    let invalid = |index, what, e| yaml_error(path, index, what, e);
-    let fail = |index: usize, what: String, message: String| PolicyError::Invalid {
-        path: path.to_path_buf(),
-        index,
-        what,
-        message,
-    };
-    let kind = header.kind.clone().unwrap_or_default();
-    let meta = header.metadata.as_ref();
-    let what = format!(
-        " ({}{kind} {}/{})",
-        item.map(|j| format!("item {j}: ")).unwrap_or_default(),
-        meta.and_then(|m| m.namespace.clone())
-            .unwrap_or_else(default_namespace),
-        meta.and_then(|m| m.name.clone()).unwrap_or_default()
-    );
-    let api = header.api_version.clone().unwrap_or_default();
-    if kind.is_empty() {
-        return Err(fail(
-            index,
-            String::new(),
-            "no `kind:` (a file cut off mid-write?); every document must say what it is"
-                .to_string(),
-        ));
-    }
-    if kind == "List" {
-        // `kubectl get ... -o yaml` prints a List: each item is read as a document of its
-        // own (`items: []` says "no policies" on purpose).
-        for (j, value) in header.items.unwrap_or_default().into_iter().enumerate() {
-            let header = Option::<Header>::deserialize(value.clone())
-                .map_err(|e| invalid(index, format!(" (List item {})", j + 1), e))?;
-            let Some(header) = header else { continue };
-            add_document(set, path, index, Some(j + 1), header, value)?;
-        }
-        return Ok(());
-    }
-    let security = api.starts_with("security.istio.io/");
-    if kind != "PeerAuthentication" && kind != "AuthorizationPolicy" {
-        if security && !L7_ONLY_KINDS.contains(&kind.as_str()) {
-            return Err(fail(
-                    index,
-                    what,
-                    format!(
-                        "kind: {kind:?} is not a security.istio.io kind l4mesh knows (PeerAuthentication, AuthorizationPolicy, {})",
-                        L7_ONLY_KINDS.join(", ")
-                    ),
-                ));
-        }
-        set.ignored.push((index, kind));
-        return Ok(());
-    }
-    if !API_VERSIONS.contains(&api.as_str()) {
-        return Err(PolicyError::Invalid {
-            path: path.to_path_buf(),
-            index,
-            what,
-            message: format!(
-                "apiVersion: {api:?} is not one of {}",
-                API_VERSIONS.join(", ")
-            ),
-        });
-    }
-    if kind == "AuthorizationPolicy" {
-        let raw = RawAuthorizationPolicy::deserialize(doc)
-            .map_err(|e| invalid(index, what.clone(), e))?;
-        let spec = raw.spec.unwrap_or_else(empty_spec);
-        // A policy bound with targetRef(s) applies to gateways and waypoints, never
-        // to sidecars (Istio's sidecars ignore it): skipped, not an error.
-        if spec.target_ref.is_some() || spec.target_refs.is_some() {
-            set.ignored
-                .push((index, format!("AuthorizationPolicy{what} with targetRef")));
-            return Ok(());
-        }
-        authz::check_spec(&spec).map_err(|message| PolicyError::Invalid {
-            path: path.to_path_buf(),
-            index,
-            what: what.clone(),
-            message,
-        })?;
-        set.authorization_policies.push(AuthorizationPolicy {
-            name: raw.metadata.name,
-            namespace: raw.metadata.namespace,
-            spec,
-        });
-        return Ok(());
-    }
-    let raw =
-        RawPeerAuthentication::deserialize(doc).map_err(|e| invalid(index, what.clone(), e))?;
-    let created = match &raw.metadata.creation_timestamp {
-        None => None,
-        Some(ts) => Some(
-            humantime::parse_rfc3339_weak(ts).map_err(|e| PolicyError::Invalid {
-                path: path.to_path_buf(),
-                index,
-                what: what.clone(),
-                message: format!("metadata.creationTimestamp: {ts:?}: {e}"),
-            })?,
-        ),
-    };
-    let spec = raw.spec.unwrap_or_default();
-    let selector = spec
-        .selector
-        .map(|s| s.match_labels)
-        .filter(|labels| !labels.is_empty());
-    let mut port_level = BTreeMap::new();
-    for (PortKey(port), m) in spec.port_level_mtls {
-        // `8080:` with nothing under it: cut off, not "inherit" (see `present`).
-        let m = m.ok_or_else(|| {
-                fail(
-                    index,
-                    what.clone(),
-                    format!("spec.portLevelMtls.{port}: is empty (a file cut off mid-write?); write `mode: UNSET` to inherit"),
-                )
-            })?;
-        port_level.insert(port, m.mode);
-    }
-    set.peer_authentications.push(PeerAuthentication {
-        name: raw.metadata.name,
-        namespace: raw.metadata.namespace,
-        created,
-        selector,
-        mode: spec.mtls.map_or(ModeSetting::Unset, |m| m.mode),
-        port_level,
-        index,
-    });
-    Ok(())
 }
 
 /// Everything the policy file says about one workload, resolved once per reload.
@@ -496,24 +678,43 @@ where
 pub struct WorkloadPolicy {
     pub mtls: EffectiveMtls,
     pub authz: Authorizer,
+    /// Broken documents that cannot apply here, and why (they block other workloads).
+    pub broken_elsewhere: Vec<String>,
 }
 
 impl WorkloadPolicy {
-    pub fn resolve(set: &PolicySet, workload: &Workload, root_namespace: &str) -> WorkloadPolicy {
-        WorkloadPolicy {
-            mtls: EffectiveMtls::resolve(set, workload, root_namespace),
-            authz: Authorizer::compile(
-                &set.authorization_policies,
-                &workload.namespace,
-                &workload.labels,
-                root_namespace,
-            ),
+    /// Resolves `set` for `workload`. A broken document that may apply to this workload is
+    /// an error (the caller keeps the stricter state: the policy in force, or no start); one
+    /// that cannot apply here is a warning.
+    pub fn resolve(
+        set: &PolicySet,
+        workload: &Workload,
+        root_namespace: &str,
+    ) -> Result<WorkloadPolicy, PolicyError> {
+        let mut broken_elsewhere = Vec::new();
+        for b in &set.broken {
+            match b.applies_to(workload, root_namespace) {
+                Ok(()) => return Err(b.error()),
+                Err(why) => broken_elsewhere.push(format!(
+                    "document {}{} cannot be used ({}) and is skipped here: {why}",
+                    b.index, b.what, b.message
+                )),
+            }
         }
+        Ok(WorkloadPolicy {
+            mtls: EffectiveMtls::resolve(set, workload, root_namespace),
+            authz: Authorizer::compile(&set.authorization_policies, workload, root_namespace),
+            broken_elsewhere,
+        })
     }
 
     /// Everything a person should be told about this workload's policies.
     pub fn warnings(&self) -> impl Iterator<Item = &String> {
-        self.mtls.warnings.iter().chain(&self.authz.warnings)
+        self.mtls
+            .warnings
+            .iter()
+            .chain(&self.authz.warnings)
+            .chain(&self.broken_elsewhere)
     }
 }
 
@@ -522,6 +723,8 @@ impl WorkloadPolicy {
 pub struct Workload {
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
+    /// The mesh's trust domain: `cluster.local/...` principals stand for it.
+    pub trust_domain: String,
 }
 
 /// The resolved mode of every inbound port of one workload.
@@ -533,6 +736,9 @@ pub struct EffectiveMtls {
     pub ports: BTreeMap<u16, (Mode, Source)>,
     /// Things a person should know (ignored fields).
     pub warnings: Vec<String>,
+    /// Every PeerAuthentication looked at: `namespace/name` and `Ok(how it applies)` or
+    /// `Err(why it does not)` (for `check --explain`).
+    pub considered: Vec<(String, Result<String, String>)>,
 }
 
 impl Default for EffectiveMtls {
@@ -547,6 +753,7 @@ impl Default for EffectiveMtls {
             ),
             ports: BTreeMap::new(),
             warnings: Vec::new(),
+            considered: Vec::new(),
         }
     }
 }
@@ -568,8 +775,10 @@ impl EffectiveMtls {
                     (pa.created.is_none(), pa.created, tie, pa.index)
                 })
         };
+        let mut deciding = Vec::new();
         for level in [Level::Mesh, Level::Namespace, Level::Workload] {
             let Some(pa) = oldest(level) else { continue };
+            deciding.push((pa.id(), level));
             if let Some(mode) = resolved(pa.mode) {
                 out.default = (mode, source(level, pa));
             }
@@ -589,6 +798,22 @@ impl EffectiveMtls {
                     .insert(port, (mode, source(Level::Port(port), pa)));
             }
         }
+        for pa in &set.peer_authentications {
+            let id = pa.id();
+            let level = [Level::Mesh, Level::Namespace, Level::Workload]
+                .into_iter()
+                .find(|&l| applies_at(pa, l, workload, root_namespace));
+            let verdict = match level {
+                Some(level) if deciding.contains(&(id.clone(), level)) => {
+                    Ok(format!("{level} level, {}", pa.mode_text()))
+                }
+                Some(level) => Err(format!(
+                    "{level} level, but an older one at that level decides (oldest creationTimestamp wins)"
+                )),
+                None => Err(why_not(pa, workload, root_namespace)),
+            };
+            out.considered.push((id, verdict));
+        }
         out
     }
 
@@ -602,10 +827,29 @@ fn applies_at(pa: &PeerAuthentication, level: Level, w: &Workload, root: &str) -
     match (level, &pa.selector) {
         (Level::Mesh, None) => pa.namespace == root,
         (Level::Namespace, None) => pa.namespace == w.namespace && pa.namespace != root,
+        // A selector in the root namespace: Istio applies it nowhere, not even to the root
+        // namespace's own workloads.
         (Level::Workload, Some(labels)) => {
-            pa.namespace == w.namespace && labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+            pa.namespace == w.namespace
+                && pa.namespace != root
+                && labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
         }
         _ => false,
+    }
+}
+
+/// Why a PeerAuthentication does not apply to `w`.
+fn why_not(pa: &PeerAuthentication, w: &Workload, root: &str) -> String {
+    match &pa.selector {
+        Some(_) if pa.namespace == root => {
+            "a selector in the root namespace: Istio applies it nowhere".to_string()
+        }
+        _ if pa.namespace != w.namespace && pa.namespace != root => format!(
+            "another namespace ({}, the workload is in {})",
+            pa.namespace, w.namespace
+        ),
+        Some(labels) => format!("selector {} does not match", authz::labels_text(labels)),
+        None => "does not apply".to_string(),
     }
 }
 
@@ -629,6 +873,20 @@ fn source(level: Level, pa: &PeerAuthentication) -> Source {
 mod tests {
     use super::*;
 
+    /// The file as a workload sees it: an error if the file is unusable or any document in
+    /// it is broken.
+    fn outcome(text: &str) -> Result<PolicySet, String> {
+        let set = PolicySet::parse(Path::new("p.yaml"), text).map_err(|e| e.to_string())?;
+        match set.broken.first() {
+            Some(b) => Err(b.error().to_string()),
+            None => Ok(set),
+        }
+    }
+
+    fn parse_err(text: &str) -> String {
+        outcome(text).unwrap_err()
+    }
+
     /// What `kubectl get peerauthentications,authorizationpolicies -o yaml` adds to a
     /// resource (issue 17): API-server bookkeeping in metadata, a `status` stanza, port keys in
     /// quotes; and a targetRefs policy, which binds to waypoints and never to sidecars.
@@ -646,9 +904,7 @@ mod tests {
         assert_eq!(set.authorization_policies.len(), 1);
         // A bad item is named by its place in the List.
         let bad = text.replace("mode: STRICT", "mode: STRICTLY");
-        let err = PolicySet::parse(Path::new("p.yaml"), &bad)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&bad);
         assert!(
             err.contains("document 1 (item 1: PeerAuthentication shop/strict)"),
             "{err}"
@@ -719,11 +975,10 @@ status:
         assert_eq!(pa.port_level.get(&9090), Some(&ModeSetting::Disable));
         // The DENY-everything policy for the waypoint does not deny the sidecar's traffic.
         assert!(set.authorization_policies.is_empty());
-        assert_eq!(set.ignored.len(), 1);
+        assert_eq!(set.skipped.len(), 1);
+        assert!(set.skipped[0].why.contains("targetRef"));
         let bad = text.replace("\"8080\":", "\"http\":");
-        let err = PolicySet::parse(Path::new("p.yaml"), &bad)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&bad);
         assert!(err.contains("\"http\" is not a number"), "{err}");
     }
 
@@ -745,6 +1000,7 @@ status:
     fn resolve(docs: &str, ns: &str, labels: &[(&str, &str)]) -> EffectiveMtls {
         let set = PolicySet::parse(Path::new("p.yaml"), docs).unwrap();
         let w = Workload {
+            trust_domain: "cluster.local".into(),
             namespace: ns.to_string(),
             labels: labels
                 .iter()
@@ -924,19 +1180,23 @@ status:
     #[test]
     fn other_kinds_are_skipped_and_bad_documents_named() {
         let docs = format!(
-            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata: {{}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: a\nspec: {{}}\n---\n{}",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata: {{}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: a\n  namespace: shop\nspec: {{}}\n---\n{}",
             pa("shop", "x", None, "STRICT")
         );
         let set = PolicySet::parse(Path::new("p.yaml"), &docs).unwrap();
-        assert_eq!(set.ignored, vec![(1, "ConfigMap".to_string())]);
+        assert_eq!(set.skipped.len(), 1);
+        assert_eq!(set.skipped[0].what, " (ConfigMap (no namespace)/a)");
         assert_eq!(set.peer_authentications.len(), 1);
         assert_eq!(set.authorization_policies.len(), 1);
-        let custom = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: ext\n  namespace: shop\nspec:\n  action: CUSTOM\n";
-        let err = PolicySet::parse(Path::new("p.yaml"), custom)
-            .unwrap_err()
-            .to_string();
+        // CUSTOM is read (it denies what its rules match: see authz).
+        let custom = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: ext\n  namespace: shop\nspec:\n  action: CUSTOM\n  provider:\n    name: opa\n  rules:\n  - {}\n";
+        assert_eq!(outcome(custom).unwrap().authorization_policies.len(), 1);
+        // No namespace: an error naming the document, not a silent `default`.
+        let err = parse_err(&pa("shop", "n", None, "STRICT").replace("  namespace: shop\n", ""));
         assert!(
-            err.contains("document 1 (AuthorizationPolicy shop/ext): spec.action: CUSTOM"),
+            err.contains(
+                "document 1 (PeerAuthentication (no namespace)/n): metadata.namespace: missing"
+            ),
             "{err}"
         );
 
@@ -970,9 +1230,7 @@ status:
             ("a: [unclosed\n".to_string(), "p.yaml: document 1", "line"),
         ];
         for (docs, at, what) in cases {
-            let err = PolicySet::parse(Path::new("p.yaml"), &docs)
-                .unwrap_err()
-                .to_string();
+            let err = parse_err(&docs);
             assert!(err.starts_with("p.yaml: "), "{err}");
             assert!(err.contains(at), "{at}: {err}");
             assert!(err.contains(what), "{what}: {err}");
@@ -1005,7 +1263,7 @@ status:
             ),
             (
                 format!("apiVersion: v1\nkind: List\nitems:\n- {}", "kind: PeerAuthentication"),
-                "document 1 (item 1: PeerAuthentication default/): apiVersion",
+                "document 1 (item 1: PeerAuthentication (no namespace)/): apiVersion",
             ),
             (
                 "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: p\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: a\n  portLevelMtls:\n    8080:\n".to_string(),
@@ -1013,9 +1271,9 @@ status:
             ),
         ];
         for (text, want) in cases {
-            let err = PolicySet::parse(Path::new("p.yaml"), &text)
+            let err = outcome(&text)
                 .map(|set| format!("parsed as {set:?}"))
-                .unwrap_or_else(|e| e.to_string());
+                .unwrap_or_else(|e| e);
             assert!(err.starts_with("p.yaml: "), "{text:?}: {err}");
             assert!(err.contains(want), "{text:?}: want {want:?}, got {err}");
         }
@@ -1031,8 +1289,162 @@ status:
             "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: jwt\nspec: {{}}\n---\n{strict}"
         );
         let set = PolicySet::parse(Path::new("p.yaml"), &jwt).unwrap();
-        assert_eq!(set.ignored, vec![(1, "RequestAuthentication".to_string())]);
+        assert_eq!(set.skipped.len(), 1);
+        assert!(set.skipped[0].what.contains("RequestAuthentication"));
         assert_eq!(set.peer_authentications.len(), 1);
+    }
+
+    fn workload(ns: &str, labels: &[(&str, &str)]) -> Workload {
+        Workload {
+            namespace: ns.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            trust_domain: "cluster.local".into(),
+        }
+    }
+
+    fn peer<'a>(principal: Option<&'a str>, port: u16) -> authz::Peer<'a> {
+        let parts: Vec<&str> = principal
+            .map(|p| p.split('/').collect())
+            .unwrap_or_default();
+        authz::Peer {
+            principal,
+            namespace: parts.get(2).copied(),
+            service_account: parts.get(4).copied(),
+            source_ip: "10.1.2.3".parse().unwrap(),
+            destination: std::net::SocketAddr::new("10.1.2.4".parse().unwrap(), port),
+        }
+    }
+
+    /// Issue 17's "done means": a policy file exported the way kubectl prints it loads and
+    /// applies as Istio would, and its one broken document (in another namespace) blocks
+    /// only the workloads it could apply to.
+    #[test]
+    fn a_kubectl_export_loads_and_applies_as_istio_would() {
+        let path = Path::new("tests/fixtures/policy/kubectl-export.yaml");
+        let set = PolicySet::parse(
+            path,
+            include_str!("../tests/fixtures/policy/kubectl-export.yaml"),
+        )
+        .unwrap();
+        let cart = workload("shop", &[("app", "cart")]);
+        let p = WorkloadPolicy::resolve(&set, &cart, "istio-system").unwrap();
+        assert_eq!(p.mtls.mode_for(8080).0, Mode::Strict);
+        assert_eq!(p.mtls.mode_for(9102).0, Mode::Permissive);
+        let decide = |principal, port| p.authz.decide(&peer(principal, port)).decision;
+        assert_eq!(
+            decide(Some("cluster.local/ns/shop/sa/web"), 8080).policy_label(),
+            "shop/cart-callers"
+        );
+        assert!(decide(Some("cluster.local/ns/monitoring/sa/prom"), 9102).is_allowed());
+        assert!(!decide(Some("cluster.local/ns/monitoring/sa/prom"), 8080).is_allowed());
+        // CUSTOM without the provider: what its rules match is denied.
+        assert_eq!(
+            decide(Some("cluster.local/ns/legacy/sa/old"), 9102).policy_label(),
+            "shop/ext-authz"
+        );
+        // The waypoint's deny-all does not touch the sidecar.
+        assert_eq!(set.skipped.len(), 1);
+        assert!(p
+            .warnings()
+            .any(|w| w.contains("reporting/reports-typo") && w.contains("in namespace reporting")));
+        // The workloads the broken document may apply to keep what they have.
+        let reports = workload("reporting", &[("app", "reports")]);
+        let err = WorkloadPolicy::resolve(&set, &reports, "istio-system")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("document 1 (item 6: AuthorizationPolicy reporting/reports-typo)")
+                && err.contains("unknown field `principal`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_broken_document_blocks_only_the_workloads_it_may_apply_to() {
+        let bad = |ns: Option<&str>, selector: Option<&str>, kind: &str| {
+            let ns = ns
+                .map(|n| format!("  namespace: {n}\n"))
+                .unwrap_or_default();
+            let selector = selector
+                .map(|s| format!("  selector:\n    matchLabels:\n      app: {s}\n"))
+                .unwrap_or_default();
+            let body = if kind == "PeerAuthentication" {
+                "  mtls:\n    mode: STRICTER\n"
+            } else {
+                "  rules:\n  - from:\n    - source:\n        principal: [x]\n"
+            };
+            format!("apiVersion: security.istio.io/v1\nkind: {kind}\nmetadata:\n  name: bad\n{ns}spec:\n{selector}{body}---\n")
+        };
+        let good = pa("shop", "ok", None, "STRICT");
+        let cart = workload("shop", &[("app", "cart")]);
+        let cases = [
+            (bad(Some("web"), None, "AuthorizationPolicy"), true),
+            (bad(Some("shop"), Some("web"), "AuthorizationPolicy"), true),
+            (bad(Some("shop"), Some("cart"), "AuthorizationPolicy"), false),
+            (bad(Some("shop"), None, "PeerAuthentication"), false),
+            (bad(Some("istio-system"), None, "PeerAuthentication"), false),
+            // Istio applies a root-namespace PeerAuthentication with a selector nowhere.
+            (bad(Some("istio-system"), Some("cart"), "PeerAuthentication"), true),
+            // A root-namespace AuthorizationPolicy's selector matches in every namespace.
+            (bad(Some("istio-system"), Some("cart"), "AuthorizationPolicy"), false),
+            // No namespace: it could be anywhere.
+            (bad(None, Some("web"), "AuthorizationPolicy"), false),
+            ("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: x\n  namespace: [shop]\nspec: {}\n---\n".to_string(), false),
+        ];
+        for (broken, usable) in cases {
+            let text = format!("{broken}{good}");
+            let set = PolicySet::parse(Path::new("p.yaml"), &text).unwrap();
+            let r = WorkloadPolicy::resolve(&set, &cart, "istio-system");
+            assert_eq!(r.is_ok(), usable, "{broken}: {:?}", r.as_ref().err());
+            match r {
+                // The good document still applies; the broken one is named in a warning.
+                Ok(p) => {
+                    assert_eq!(p.mtls.mode_for(80).0, Mode::Strict);
+                    assert!(p.warnings().any(|w| w.contains("document 1")), "{broken}");
+                }
+                Err(e) => assert!(e.to_string().contains("p.yaml: document 1"), "{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_root_namespace_selector_applies_nowhere() {
+        let docs = pa("istio-system", "sel", Some(&[("app", "gw")]), "STRICT");
+        let gw = workload("istio-system", &[("app", "gw")]);
+        let set = PolicySet::parse(Path::new("p.yaml"), &docs).unwrap();
+        let e = EffectiveMtls::resolve(&set, &gw, "istio-system");
+        assert_eq!(e.mode_for(80).0, Mode::Permissive);
+        assert!(e.considered[0]
+            .1
+            .as_ref()
+            .unwrap_err()
+            .contains("root namespace"));
+    }
+
+    #[test]
+    fn the_dry_run_annotation_is_read_as_istio_reads_it() {
+        let ap = |value: &str| {
+            format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: d\n  namespace: shop\n  annotations:\n    istio.io/dry-run: \"{value}\"\nspec:\n  action: DENY\n  rules:\n  - {{}}\n")
+        };
+        for (value, dry) in [
+            ("true", true),
+            ("True", true),
+            ("1", true),
+            ("false", false),
+        ] {
+            let set = outcome(&ap(value)).unwrap();
+            assert_eq!(set.authorization_policies[0].dry_run, dry, "{value}");
+        }
+        assert!(parse_err(&ap("yes")).contains("metadata.annotations.istio.io/dry-run: \"yes\""));
+        // Enforced or not: a dry-run DENY of everything lets everyone in.
+        let set = outcome(&ap("true")).unwrap();
+        let p = WorkloadPolicy::resolve(&set, &workload("shop", &[]), "istio-system").unwrap();
+        let v = p.authz.decide(&peer(None, 80));
+        assert!(v.decision.is_allowed());
+        assert_eq!(v.dry_run[0].decision, "deny");
     }
 
     #[test]
@@ -1040,6 +1452,7 @@ status:
         let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/policy.yaml"));
         let set = PolicySet::parse(path, include_str!("../config/policy.yaml")).unwrap();
         let cart = Workload {
+            trust_domain: "cluster.local".into(),
             namespace: "shop".into(),
             labels: [("app".to_string(), "cart".to_string())].into(),
         };

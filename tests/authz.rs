@@ -97,7 +97,7 @@ fn only_the_allowed_principal_reaches_the_app() {
 
     wait_for_log(
         &orders_log,
-        "denied by authorization: peer cluster.local/ns/shop/sa/intruder to port 8080, decided by (no ALLOW policy matched)",
+        "denied by authorization: peer cluster.local/ns/shop/sa/intruder to port 8080: no rule of the ALLOW policies in force matched (shop/orders-callers)",
         Duration::from_secs(5),
     );
     wait_for_log(

@@ -274,7 +274,7 @@ fn policy_file_changes_apply_to_new_connections_without_a_restart() {
     );
     let log = std::fs::read_to_string(&b_log).unwrap();
     assert!(
-        log.contains("document 1 (PeerAuthentication default/x)"),
+        log.contains("document 1 (PeerAuthentication (no namespace)/x)"),
         "{log}"
     );
     assert!(

@@ -378,7 +378,7 @@ fn check_prints_the_effective_mode_of_every_port() {
         "{text}"
     );
     assert!(
-        text.contains("warning: AuthorizationPolicy shop/get-only rules[0] uses HTTP-only fields"),
+        text.contains("warning: AuthorizationPolicy shop/get-only rules[0]: to[0].operation.methods (HTTP only): not checkable at L4, so this ALLOW rule never matches"),
         "{text}"
     );
 

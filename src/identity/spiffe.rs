@@ -262,6 +262,9 @@ pub enum Glob {
     Exact(String),
     Prefix(String),
     Suffix(String),
+    /// `*` anywhere, each matching any run of characters: only AuthorizationPolicy
+    /// namespaces, which Istio's sidecars match as a regular expression with `*` as `.*`.
+    Pieces(Vec<String>),
 }
 
 impl Glob {
@@ -277,6 +280,17 @@ impl Glob {
         }
     }
 
+    /// A namespace pattern: as [`Glob::new`], and a `*` in the middle matches too
+    /// (`prod-*-eu` matches `prod-web-eu`), as in Istio's sidecars.
+    pub fn namespace(s: &str) -> Glob {
+        let inner = s.len() > 1 && s[1..s.len() - 1].contains('*');
+        if inner {
+            Glob::Pieces(s.split('*').map(str::to_string).collect())
+        } else {
+            Glob::new(s)
+        }
+    }
+
     /// A value that is absent (a plaintext peer has no principal) matches no pattern, not
     /// even `*`: `principals: ["*"]` means "any authenticated peer".
     pub fn matches(&self, value: Option<&str>) -> bool {
@@ -286,13 +300,64 @@ impl Glob {
             Glob::Exact(e) => v == e,
             Glob::Prefix(p) => v.starts_with(p.as_str()),
             Glob::Suffix(s) => v.ends_with(s.as_str()),
+            Glob::Pieces(pieces) => pieces_match(pieces, v),
         }
     }
+}
+
+/// Whether `v` is `pieces` joined by runs of any characters: the first piece a prefix, the
+/// last a suffix, the others in order between them, none overlapping.
+fn pieces_match(pieces: &[String], v: &str) -> bool {
+    let (Some(first), Some(last)) = (pieces.first(), pieces.last()) else {
+        return true;
+    };
+    if v.len() < first.len() + last.len() || !v.starts_with(first.as_str()) {
+        return false;
+    }
+    let (mut rest, end) = (&v[first.len()..], v.len() - first.len() - last.len());
+    if !v.ends_with(last.as_str()) {
+        return false;
+    }
+    rest = &rest[..end];
+    for piece in &pieces[1..pieces.len() - 1] {
+        match rest.find(piece.as_str()) {
+            Some(at) => rest = &rest[at + piece.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn namespace_patterns_match_a_star_anywhere() {
+        let cases = [
+            ("prod-*-eu", "prod-web-eu", true),
+            ("prod-*-eu", "prod--eu", true),
+            ("prod-*-eu", "prod-eu", false),
+            ("prod-*-eu", "prod-web-us", false),
+            ("a*b*c", "a-x-b-y-c", true),
+            ("a*b*c", "acb", false),
+            ("a*b*c", "abc", true),
+            ("*-eu", "web-eu", true),
+            ("prod-*", "prod-web", true),
+            ("*", "anything", true),
+            ("web", "web", true),
+            ("web", "web2", false),
+        ];
+        for (pattern, ns, want) in cases {
+            assert_eq!(
+                Glob::namespace(pattern).matches(Some(ns)),
+                want,
+                "{pattern} {ns}"
+            );
+        }
+        // Principals keep Istio's exact/prefix/suffix: a `*` in the middle is a character.
+        assert!(!Glob::new("a*c").matches(Some("abc")));
+    }
 
     #[test]
     fn parses_and_prints_workload_ids() {

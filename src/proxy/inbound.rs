@@ -46,7 +46,7 @@ pub enum InboundError {
     HandshakeTimeout,
     #[error("refused: TLS without the mesh ALPN (STRICT)")]
     NotMesh,
-    #[error("denied by authorization: peer {peer} to port {port}, decided by {policy}")]
+    #[error("denied by authorization: peer {peer} to port {port}: {policy}")]
     Denied {
         peer: String,
         port: u16,
@@ -255,33 +255,52 @@ pub(super) fn authorize(
 ) -> Result<(), InboundError> {
     // Istio principals are SPIFFE IDs without the scheme.
     let principal = peer.map(|id| format!("{}{}", id.trust_domain(), id.path()));
-    let namespace = peer.and_then(|id| id.namespace_and_service_account().map(|(ns, _)| ns));
-    let (decision, audits) = policy.authz.decide(&Peer {
+    let (namespace, service_account) = peer
+        .and_then(|id| id.namespace_and_service_account())
+        .unzip();
+    let verdict = policy.authz.decide(&Peer {
         principal: principal.as_deref(),
         namespace,
+        service_account,
         source_ip: client_addr.ip(),
         destination: dst,
     });
-    let metrics = &inputs.metrics.authorization_decisions;
+    let metrics = &inputs.metrics;
     let shown = principal.as_deref().unwrap_or("(plaintext: none)");
-    for audit in audits {
+    for audit in &verdict.audits {
         info!(principal = %shown, src = %client_addr, port = dst.port(), policy = %audit, "authorization AUDIT match");
-        metrics.with_label_values(&[audit, "audit"]).inc();
+        metrics
+            .authorization_decisions
+            .with_label_values(&[&audit.policy, "audit"])
+            .inc();
     }
-    let label = decision.policy_label().to_string();
+    // Dry-run policies were asked for to be watched: logged at info like AUDIT, counted.
+    for dry in &verdict.dry_run {
+        let rule = dry.rule.map(|r| format!(" rules[{r}]")).unwrap_or_default();
+        info!(principal = %shown, src = %client_addr, port = dst.port(), policy = %dry.policy, decision = dry.decision, "authorization dry run{rule}: not enforced");
+        metrics
+            .authz_dry_run
+            .with_label_values(&[&dry.policy, dry.decision])
+            .inc();
+    }
+    let decision = verdict.decision;
+    metrics
+        .authorization_decisions
+        .with_label_values(&[decision.policy_label(), decision.name()])
+        .inc();
     match decision {
-        Decision::Allow { .. } => {
-            metrics.with_label_values(&[label.as_str(), "allow"]).inc();
-            Ok(())
-        }
-        Decision::Deny { .. } => {
-            metrics.with_label_values(&[label.as_str(), "deny"]).inc();
-            Err(InboundError::Denied {
-                peer: shown.to_string(),
-                port: dst.port(),
-                policy: label,
-            })
-        }
+        Decision::Allow(_) => Ok(()),
+        Decision::Deny(by) => Err(InboundError::Denied {
+            peer: shown.to_string(),
+            port: dst.port(),
+            policy: match by {
+                Some(m) => format!("matched {m}"),
+                None => format!(
+                    "no rule of the ALLOW policies in force matched ({})",
+                    policy.authz.allow_policies()
+                ),
+            },
+        }),
     }
 }
 
