@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use std::sync::Arc;
 
 use l4mesh::admin::LogControl;
-use l4mesh::cmd::{certs, check, inject, injector, iptables, report};
+use l4mesh::cmd::{certs, check, explain, inject, injector, iptables, report};
 use l4mesh::{app, config::Config};
 
 /// Transparent L4 service-mesh sidecar: iptables capture + mutual TLS with SPIFFE identities.
@@ -22,6 +22,30 @@ struct Cli {
     log_level: String,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// The workload `check --explain` and `simulate` ask about, over the config's `workload`.
+#[derive(clap::Args)]
+struct SubjectArgs {
+    /// The workload's namespace (default: workload.namespace).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// The workload's service account (default: workload.service_account).
+    #[arg(long)]
+    service_account: Option<String>,
+    /// A pod label, `key=value`, over the config's; repeat for more.
+    #[arg(long = "label", value_parser = explain::parse_label)]
+    labels: Vec<(String, String)>,
+}
+
+impl SubjectArgs {
+    fn subject(self) -> explain::Subject {
+        explain::Subject {
+            namespace: self.namespace,
+            service_account: self.service_account,
+            labels: self.labels,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -39,6 +63,37 @@ enum Cmd {
         /// where `l4mesh inject` mounts certificates, policy and pod labels).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Explain the policy file for this workload instead: every resource that applies
+        /// and why, every one skipped and why, what cannot be enforced at L4. Needs no
+        /// certificate files.
+        #[arg(long)]
+        explain: bool,
+        #[command(flatten)]
+        subject: SubjectArgs,
+    },
+    /// What the sidecar would do with one connection: mode, detection, authorization
+    /// decision and the deciding policy and rule. Exit 0 allowed, 1 denied.
+    Simulate {
+        /// Sidecar configuration file (YAML); without it, the Kubernetes defaults.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The client: its SPIFFE ID (`spiffe://td/ns/NS/sa/SA`, as a mesh peer), or
+        /// `plaintext`.
+        #[arg(long)]
+        from: explain::From,
+        /// The client's address.
+        #[arg(long)]
+        source_ip: std::net::IpAddr,
+        /// The port dialled.
+        #[arg(long)]
+        port: u16,
+        /// The pod address dialled (default: workload.pod_ip).
+        #[arg(long)]
+        destination_ip: Option<std::net::IpAddr>,
+        #[command(flatten)]
+        subject: SubjectArgs,
+        #[arg(long, default_value = "text")]
+        output: ReportFormat,
     },
     /// Add l4mesh to Kubernetes workloads: YAML from FILE (or stdin) to stdout.
     Inject {
@@ -238,6 +293,7 @@ fn main() -> ExitCode {
             eprintln!("l4mesh: {e:#}");
             ExitCode::from(EXIT_BAD_INPUT)
         }
+        Err(Failure::Denied) => ExitCode::FAILURE,
         Err(Failure::Other(e)) => {
             eprintln!("l4mesh: {e:#}");
             ExitCode::FAILURE
@@ -250,6 +306,8 @@ enum Failure {
     BadInput(anyhow::Error),
     /// Something else failed (iptables, bind, ...).
     Other(anyhow::Error),
+    /// `simulate`: the connection would be refused (exit 1, nothing on stderr).
+    Denied,
 }
 
 /// What `inject` and `injector` both take: how the sidecar is added to a pod.
@@ -358,10 +416,47 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
             let threads = Threads::Workers(config.runtime.worker_threads);
             block_on(threads, app::run(config, creds, policy, log))?.map_err(other)
         }
-        Cmd::Check { config } => {
+        Cmd::Check {
+            config,
+            explain: true,
+            subject,
+        } => {
+            let config = load_config(config.as_deref()).map_err(bad)?;
+            let text = explain::explain(&config, &subject.subject()).map_err(bad)?;
+            print!("{text}");
+            Ok(())
+        }
+        Cmd::Check { config, .. } => {
             let config = load_config(config.as_deref()).map_err(bad)?;
             print!("{}", check::check(&config).map_err(bad)?);
             Ok(())
+        }
+        Cmd::Simulate {
+            config,
+            from,
+            source_ip,
+            port,
+            destination_ip,
+            subject,
+            output,
+        } => {
+            let config = load_config(config.as_deref()).map_err(bad)?;
+            let conn = explain::Connection {
+                from,
+                source_ip,
+                port,
+                destination_ip,
+            };
+            let sim = explain::simulate(&config, &subject.subject(), &conn).map_err(bad)?;
+            match output {
+                ReportFormat::Text => print!("{}", sim.text()),
+                ReportFormat::Json => println!("{}", sim.json()),
+            }
+            if sim.allowed {
+                Ok(())
+            } else {
+                Err(Failure::Denied)
+            }
         }
         Cmd::Iptables(IptablesCmd::Apply(args)) => iptables::apply(&args).map_err(other),
         Cmd::Iptables(IptablesCmd::Cleanup(args)) => iptables::cleanup(&args).map_err(other),

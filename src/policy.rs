@@ -1356,7 +1356,7 @@ status:
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("document 1 (item 6: AuthorizationPolicy reporting/reports-typo)")
+            err.contains("document 1 (item 8: AuthorizationPolicy reporting/reports-typo)")
                 && err.contains("unknown field `principal`"),
             "{err}"
         );

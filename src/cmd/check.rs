@@ -2,8 +2,6 @@
 //! policy, TLS configurations), and a description of what it would enforce: the identity, the
 //! mTLS mode of each port and which resource set it, the authorization policies that apply.
 
-use std::fmt::Write;
-
 use thiserror::Error;
 
 use crate::app;
@@ -19,13 +17,6 @@ pub enum CheckError {
     Policy(#[from] crate::policy::PolicyError),
     #[error(transparent)]
     Tls(#[from] crate::tls::ConfigError),
-}
-
-/// `writeln!` into a String, which cannot fail.
-macro_rules! outln {
-    ($out:expr, $($arg:tt)*) => {
-        let _ = writeln!($out, $($arg)*);
-    };
 }
 
 /// Loads and builds what `run` would, and says what it would enforce.
