@@ -189,6 +189,11 @@ fn handle(
             "application/json",
             state.inputs.metrics.plaintext_sources.to_json(),
         ),
+        (Endpoints::Admin, &Method::GET, "/refused") => text(
+            StatusCode::OK,
+            "application/json",
+            state.inputs.metrics.refusals.to_json(),
+        ),
         (Endpoints::Admin, &Method::GET, "/unmeshed_destinations") => text(
             StatusCode::OK,
             "application/json",

@@ -224,6 +224,8 @@ pub struct Metrics {
     /// Recent sources of non-mTLS inbound connections, per port (bounded; not a metric,
     /// because addresses must never become label values).
     pub plaintext_sources: PlaintextSources,
+    /// The last refused or failed connections, for the admin "why refused" view.
+    pub refusals: Refusals,
     /// Recent destinations this workload reached in plaintext because they have no sidecar
     /// (`auto`), per destination port: the other half of a migration.
     pub unmeshed_destinations: PlaintextSources,
@@ -292,6 +294,85 @@ impl PlaintextSources {
         let map: std::collections::BTreeMap<String, Vec<SourceSeen>> =
             ports.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         serde_json::to_string_pretty(&map).unwrap_or_else(|_| "{}".to_string())
+    }
+}
+
+/// The last [`MAX_REFUSALS`] refused or failed connections (admin `/refused`): when, from
+/// where, to which port, who the peer was, how it ended and which policy decided. Bounded in
+/// count and in the size of every field a peer can influence.
+#[derive(Default)]
+pub struct Refusals {
+    entries: Mutex<std::collections::VecDeque<Refusal>>,
+}
+
+pub const MAX_REFUSALS: usize = 100;
+/// Longer texts are cut: a hostile peer's CONNECT target or certificate must not make an
+/// entry large.
+const MAX_REFUSAL_TEXT: usize = 300;
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Refusal {
+    /// RFC 3339, to the millisecond.
+    pub time: String,
+    pub direction: &'static str,
+    pub source: std::net::SocketAddr,
+    pub port: Option<u16>,
+    /// The peer's identity (a SPIFFE ID without the scheme), when it got that far.
+    pub peer: Option<String>,
+    /// The `outcome` label of `l4mesh_connections_total`.
+    pub outcome: &'static str,
+    /// The deciding policy (AuthorizationPolicy and rule, or PeerAuthentication and level).
+    pub policy: Option<String>,
+    pub error: String,
+}
+
+fn cut(mut s: String) -> String {
+    if s.len() > MAX_REFUSAL_TEXT {
+        let mut end = MAX_REFUSAL_TEXT;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+impl Refusals {
+    pub fn record(
+        &self,
+        direction: &'static str,
+        source: std::net::SocketAddr,
+        outcome: &'static str,
+        context: crate::proxy::EndingContext,
+        error: &dyn std::fmt::Display,
+    ) {
+        let entry = Refusal {
+            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            direction,
+            source,
+            port: context.port,
+            peer: context.peer.map(cut),
+            outcome,
+            policy: context.policy.map(cut),
+            error: cut(error.to_string()),
+        };
+        let Ok(mut entries) = self.entries.lock() else {
+            return;
+        };
+        if entries.len() >= MAX_REFUSALS {
+            entries.pop_front();
+        }
+        entries.push_back(entry);
+    }
+
+    /// Newest first, as JSON.
+    pub fn to_json(&self) -> String {
+        let entries: Vec<Refusal> = match self.entries.lock() {
+            Ok(e) => e.iter().rev().cloned().collect(),
+            Err(e) => e.into_inner().iter().rev().cloned().collect(),
+        };
+        serde_json::to_string_pretty(&entries).unwrap_or_else(|_| "[]".to_string())
     }
 }
 
@@ -436,6 +517,7 @@ impl Metrics {
                 g
             },
             plaintext_sources: PlaintextSources::default(),
+            refusals: Refusals::default(),
             unmeshed_destinations: PlaintextSources::default(),
             registry,
         }
@@ -596,6 +678,24 @@ mod tests {
             .lines()
             .find(|l| l.starts_with("istio_tcp_connections_closed_total{"));
         assert!(closed.unwrap().ends_with(" 1"), "{text}");
+    }
+
+    #[test]
+    fn refusals_are_bounded_in_count_and_size() {
+        let r = Refusals::default();
+        let src: std::net::SocketAddr = "10.0.0.1:4000".parse().unwrap();
+        for i in 0..(MAX_REFUSALS + 20) {
+            let context = crate::proxy::EndingContext {
+                port: Some(8080),
+                peer: Some("x".repeat(10_000)),
+                policy: Some(format!("shop/p{i}")),
+            };
+            r.record("inbound", src, "denied", context, &"denied");
+        }
+        let list: Vec<serde_json::Value> = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(list.len(), MAX_REFUSALS);
+        assert_eq!(list[0]["policy"], format!("shop/p{}", MAX_REFUSALS + 19));
+        assert!(list[0]["peer"].as_str().unwrap().len() <= MAX_REFUSAL_TEXT + 3);
     }
 
     #[test]

@@ -46,6 +46,18 @@ pub enum Capture {
 pub trait Ending: std::fmt::Display {
     fn outcome(&self) -> &'static str;
     fn operator_must_act(&self) -> bool;
+    /// What the admin "why refused" view shows beyond the outcome, when the ending knows it.
+    fn context(&self) -> EndingContext {
+        EndingContext::default()
+    }
+}
+
+/// The port, peer identity and deciding policy of a refused connection, as far as known.
+#[derive(Clone, Debug, Default)]
+pub struct EndingContext {
+    pub port: Option<u16>,
+    pub peer: Option<String>,
+    pub policy: Option<String>,
 }
 
 /// Records how a connection ended, in one place for both directions: the counter series of
@@ -72,6 +84,12 @@ fn record(
         .with_label_values(&[direction, outcome])
         .inc();
     if let Some(e) = error {
+        // An idle timeout is how long-lived connections normally end, not a refusal.
+        if outcome != "idle" {
+            metrics
+                .refusals
+                .record(direction, client, outcome, e.context(), e);
+        }
         if e.operator_must_act() {
             tracing::warn!(direction, src = %client, outcome, error = %e, "connection failed");
         } else {
@@ -259,6 +277,7 @@ mod tests {
             InboundError::Detect(io()),
             InboundError::Strict {
                 protocol: "plaintext",
+                port: 8080,
                 decided_by: source,
             },
             InboundError::Handshake(tls::HandshakeError(io())),

@@ -32,6 +32,21 @@ fn counting_echo(c: &Cluster, addr: SocketAddr, seen: Arc<AtomicUsize>) {
     echo_server(c.pod(ORDERS), addr, Some(seen));
 }
 
+/// Waits until the sidecar has reloaded the policy `n` times.
+fn wait_for_reloads(log: &std::path::Path, n: usize) {
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches("policy reloaded").count() >= n {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "policy not reloaded {n} times: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
 fn call(c: &Cluster, from: usize, addr: SocketAddr) -> Vec<u8> {
     c.pod(from).run(move || {
         let Ok(mut s) = connect(addr) else {
@@ -111,9 +126,50 @@ fn only_the_allowed_principal_reaches_the_app() {
         Duration::from_secs(5),
     );
 
+    // The admin "why refused" view names the refused peer, port and deciding policy.
+    let refused: serde_json::Value = serde_json::from_str(&c.pod(ORDERS).exec(&[
+        "curl",
+        "-s",
+        "http://127.0.0.1:15000/refused",
+    ]))
+    .expect("/refused is JSON");
+    let intruder = refused
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["peer"] == "cluster.local/ns/shop/sa/intruder" && r["port"] == 8080)
+        .unwrap_or_else(|| panic!("no entry for the intruder in {refused:#}"));
+    assert_eq!(intruder["outcome"], "denied");
+    assert_eq!(
+        intruder["policy"],
+        "no rule of the ALLOW policies in force matched (shop/orders-callers)"
+    );
+    assert_eq!(intruder["direction"], "inbound");
+    assert!(intruder["time"].as_str().unwrap().starts_with("20"));
+
+    // A dry-run DENY on payment is counted and logged, and payment still gets through.
+    let dry_deny = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-payment\n  namespace: shop\n  annotations:\n    istio.io/dry-run: \"true\"\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        serviceAccounts: [\"payment\"]\n";
+    write_policy(&policy_path, &format!("{}{dry_deny}", policy(&["payment"])));
+    wait_for_reloads(&orders_log, 1);
+    assert_eq!(
+        call(&c, PAYMENT, port_8080),
+        b"order #1",
+        "a dry-run DENY was enforced"
+    );
+    let dry = r#"policy="shop/deny-payment""#;
+    assert_eq!(
+        metric_sum(&c, ORDERS, "l4mesh_authz_dry_run_total", dry),
+        1.0
+    );
+    wait_for_log(
+        &orders_log,
+        "authorization dry run rules[0]: not enforced",
+        Duration::from_secs(5),
+    );
+
     // The policy file changes: intruder is let in for the next connection.
     write_policy(&policy_path, &policy(&["payment", "intruder"]));
-    wait_for_log(&orders_log, "policy reloaded", Duration::from_secs(10));
+    wait_for_reloads(&orders_log, 2);
     assert_eq!(
         call(&c, INTRUDER, port_8080),
         b"order #1",

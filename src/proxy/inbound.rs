@@ -38,6 +38,7 @@ pub enum InboundError {
     #[error("refused: {protocol} is not mesh mTLS (STRICT, from {decided_by})")]
     Strict {
         protocol: &'static str,
+        port: u16,
         decided_by: Source,
     },
     #[error("refused: not mesh mTLS: {0}")]
@@ -86,6 +87,28 @@ impl Ending for InboundError {
             InboundError::Relay(RelayError::Upstream(_)) => "app_relay",
             InboundError::Relay(RelayError::Idle(_)) => "idle",
         }
+    }
+
+    fn context(&self) -> crate::proxy::EndingContext {
+        let mut c = crate::proxy::EndingContext::default();
+        match self {
+            InboundError::Denied { peer, port, policy } => {
+                c.port = Some(*port);
+                c.peer = Some(peer.clone());
+                c.policy = Some(policy.clone());
+            }
+            InboundError::Strict {
+                port, decided_by, ..
+            } => {
+                c.port = Some(*port);
+                c.policy = Some(decided_by.to_string());
+            }
+            InboundError::NotPodAddress { dst } | InboundError::ConnectApp { dst, .. } => {
+                c.port = Some(dst.port())
+            }
+            _ => {}
+        }
+        c
     }
 
     /// A broken capture (no original destination, a loop) or an application that is not
@@ -179,6 +202,7 @@ impl InboundConnection {
                     .inc();
                 Err(InboundError::Strict {
                     protocol: protocol.name(),
+                    port: dst.port(),
                     decided_by: source,
                 })
             }
