@@ -306,6 +306,15 @@ pub struct Refusals {
 }
 
 pub const MAX_REFUSALS: usize = 100;
+
+/// The port, peer identity and deciding policy of a refused connection, as far as known
+/// (what an ending adds to its outcome; see `proxy::Ending::context`).
+#[derive(Clone, Debug, Default)]
+pub struct RefusalContext {
+    pub port: Option<u16>,
+    pub peer: Option<String>,
+    pub policy: Option<String>,
+}
 /// Longer texts are cut: a hostile peer's CONNECT target or certificate must not make an
 /// entry large.
 const MAX_REFUSAL_TEXT: usize = 300;
@@ -344,7 +353,7 @@ impl Refusals {
         direction: &'static str,
         source: std::net::SocketAddr,
         outcome: &'static str,
-        context: crate::proxy::EndingContext,
+        context: RefusalContext,
         error: &dyn std::fmt::Display,
     ) {
         let entry = Refusal {
@@ -685,7 +694,7 @@ mod tests {
         let r = Refusals::default();
         let src: std::net::SocketAddr = "10.0.0.1:4000".parse().unwrap();
         for i in 0..(MAX_REFUSALS + 20) {
-            let context = crate::proxy::EndingContext {
+            let context = RefusalContext {
                 port: Some(8080),
                 peer: Some("x".repeat(10_000)),
                 policy: Some(format!("shop/p{i}")),

@@ -112,12 +112,10 @@ impl PeerAuthentication {
 
     /// `mtls STRICT, portLevelMtls 8080=PERMISSIVE`.
     fn mode_text(&self) -> String {
-        let mut out = format!("mtls {:?}", self.mode).to_uppercase();
-        for (port, m) in &self.port_level {
-            out.push_str(&format!(
-                ", port {port} {}",
-                format!("{m:?}").to_uppercase()
-            ));
+        let name = |m: ModeSetting| format!("{m:?}").to_uppercase();
+        let mut out = format!("mtls {}", name(self.mode));
+        for (port, &m) in &self.port_level {
+            out.push_str(&format!(", port {port} {}", name(m)));
         }
         out
     }
@@ -1445,6 +1443,70 @@ status:
         let v = p.authz.decide(&peer(None, 80));
         assert!(v.decision.is_allowed());
         assert_eq!(v.dry_run[0].decision, "deny");
+    }
+
+    /// The commented-out examples of a policy file, uncommented as a user would: from the
+    /// `(examples start here)` line on, `## ` notes dropped, `# ` taken off.
+    fn uncomment_examples(text: &str) -> String {
+        let (head, examples) = text
+            .split_once("(examples start here)")
+            .expect("the examples marker");
+        let mut out = head.to_string();
+        out.push('\n');
+        for line in examples.lines() {
+            let line = line.trim_start();
+            if line.starts_with("##") {
+                continue;
+            }
+            out.push_str(
+                line.strip_prefix("# ")
+                    .unwrap_or(line.trim_start_matches('#')),
+            );
+            out.push('\n');
+        }
+        out
+    }
+
+    #[test]
+    fn the_commented_authorization_examples_do_what_their_notes_say() {
+        let text = uncomment_examples(include_str!("../config/policy.yaml"));
+        let set = outcome(&text).unwrap();
+        assert_eq!(set.authorization_policies.len(), 3);
+        let cart = workload("shop", &[("app", "cart")]);
+        let p = WorkloadPolicy::resolve(&set, &cart, "istio-system").unwrap();
+        let decide = |principal, port| p.authz.decide(&peer(principal, port));
+        assert!(decide(Some("cluster.local/ns/shop/sa/web"), 8080)
+            .decision
+            .is_allowed());
+        assert!(!decide(Some("cluster.local/ns/shop/sa/web"), 9090)
+            .decision
+            .is_allowed());
+        assert!(!decide(Some("cluster.local/ns/shop/sa/orders"), 8080)
+            .decision
+            .is_allowed());
+        assert_eq!(
+            decide(Some("cluster.local/ns/legacy/sa/web"), 8080)
+                .decision
+                .policy_label(),
+            "shop/deny-legacy"
+        );
+        let v = decide(None, 8080);
+        assert_eq!(v.dry_run[0].policy.as_ref(), "shop/require-mtls");
+        assert_eq!(v.dry_run[0].decision, "deny");
+
+        // The Kubernetes ConfigMap's examples, the same way.
+        let cm: serde_yaml::Value =
+            serde_yaml::from_str(include_str!("../deploy/kubernetes/policy.yaml")).unwrap();
+        let inner = cm["data"]["policy.yaml"].as_str().unwrap();
+        let set = outcome(&uncomment_examples(inner)).unwrap();
+        let api = workload("shop", &[("app", "api")]);
+        let p = WorkloadPolicy::resolve(&set, &api, "istio-system").unwrap();
+        assert_eq!(p.authz.counts(), (1, 1, 0));
+        let v = p
+            .authz
+            .decide(&peer(Some("cluster.local/ns/shop/sa/frontend"), 8080));
+        assert!(v.decision.is_allowed());
+        assert!(p.authz.considered.iter().any(|c| c.dry_run));
     }
 
     #[test]

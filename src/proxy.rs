@@ -39,6 +39,8 @@ pub enum Capture {
     Fixed { dst: std::net::SocketAddr },
 }
 
+pub use crate::metrics::RefusalContext;
+
 /// How a connection that ended in an error is told: the `outcome` label of
 /// `l4mesh_connections_total` (one per error variant) and whether an operator must act on it
 /// (warn) or any remote peer can cause it at will (debug, so a hostile client cannot flood
@@ -47,17 +49,9 @@ pub trait Ending: std::fmt::Display {
     fn outcome(&self) -> &'static str;
     fn operator_must_act(&self) -> bool;
     /// What the admin "why refused" view shows beyond the outcome, when the ending knows it.
-    fn context(&self) -> EndingContext {
-        EndingContext::default()
+    fn context(&self) -> RefusalContext {
+        RefusalContext::default()
     }
-}
-
-/// The port, peer identity and deciding policy of a refused connection, as far as known.
-#[derive(Clone, Debug, Default)]
-pub struct EndingContext {
-    pub port: Option<u16>,
-    pub peer: Option<String>,
-    pub policy: Option<String>,
 }
 
 /// Records how a connection ended, in one place for both directions: the counter series of

@@ -89,8 +89,8 @@ impl Ending for InboundError {
         }
     }
 
-    fn context(&self) -> crate::proxy::EndingContext {
-        let mut c = crate::proxy::EndingContext::default();
+    fn context(&self) -> crate::proxy::RefusalContext {
+        let mut c = crate::proxy::RefusalContext::default();
         match self {
             InboundError::Denied { peer, port, policy } => {
                 c.port = Some(*port);
