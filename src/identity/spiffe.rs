@@ -293,6 +293,7 @@ impl Glob {
 
     /// A value that is absent (a plaintext peer has no principal) matches no pattern, not
     /// even `*`: `principals: ["*"]` means "any authenticated peer".
+    #[inline]
     pub fn matches(&self, value: Option<&str>) -> bool {
         let Some(v) = value else { return false };
         match self {
@@ -305,6 +306,8 @@ impl Glob {
     }
 }
 
+#[cold]
+#[inline(never)]
 /// Whether `v` is `pieces` joined by runs of any characters: the first piece a prefix, the
 /// last a suffix, the others in order between them, none overlapping.
 fn pieces_match(pieces: &[String], v: &str) -> bool {

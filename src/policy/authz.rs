@@ -290,15 +290,19 @@ impl<T> Field<T> {
     fn new(values: Vec<T>, not_values: Vec<T>) -> Self {
         Field { values, not_values }
     }
+    fn is_empty(&self) -> bool {
+        self.values.is_empty() && self.not_values.is_empty()
+    }
     fn check(&self, matches: impl Fn(&T) -> bool) -> bool {
         (self.values.is_empty() || self.values.iter().any(&matches))
             && !self.not_values.iter().any(&matches)
     }
 }
 
-/// A compiled source, operation or condition: the L4 constraints it makes.
+/// A source, operation or condition as written: every L4 constraint it can make (most are
+/// empty). Compiled into a [`Matcher`] holding only the ones it makes.
 #[derive(Clone, Debug, Default)]
-struct Matcher {
+struct Constraints {
     principals: Field<Glob>,
     namespaces: Field<Glob>,
     service_accounts: Field<ServiceAccount>,
@@ -309,22 +313,95 @@ struct Matcher {
     ports: Field<PortRange>,
 }
 
+/// One constraint a matcher checks.
+#[derive(Clone, Debug)]
+enum Check {
+    Principals(Field<Glob>),
+    Namespaces(Field<Glob>),
+    ServiceAccounts(Field<ServiceAccount>),
+    TrustDomains(Field<Glob>),
+    SourceIps(Field<IpNet>),
+    DestinationIps(Field<IpNet>),
+    Ports(Field<PortRange>),
+}
+
+impl Check {
+    fn matches(&self, f: &Facts<'_>) -> bool {
+        match self {
+            Check::Principals(c) => c.check(|m| m.matches(f.principal)),
+            Check::Namespaces(c) => c.check(|m| m.matches(f.namespace)),
+            Check::ServiceAccounts(c) => c.check(|sa| {
+                f.namespace == Some(sa.0.as_str()) && f.service_account == Some(sa.1.as_str())
+            }),
+            Check::TrustDomains(c) => c.check(|m| m.matches(f.trust_domain)),
+            Check::SourceIps(c) => c.check(|n| n.contains(&f.source_ip)),
+            Check::DestinationIps(c) => c.check(|n| n.contains(&f.destination_ip)),
+            Check::Ports(c) => c.check(|p| p.contains(f.port)),
+        }
+    }
+}
+
+/// A compiled source, operation or condition: only the constraints it makes, so a decision
+/// over many sparse rules costs what they say, not what they could say.
+#[derive(Clone, Debug)]
+struct Matcher(Vec<Check>);
+
 impl Matcher {
-    fn matches(&self, peer: &Peer<'_>) -> bool {
-        let src = peer.source_ip.to_canonical();
-        let dst = peer.destination.ip().to_canonical();
-        let trust_domain = peer.principal.and_then(|p| p.split('/').next());
-        self.principals.check(|m| m.matches(peer.principal))
-            && self.namespaces.check(|m| m.matches(peer.namespace))
-            && self.service_accounts.check(|sa| {
-                peer.namespace == Some(sa.0.as_str()) && peer.service_account == Some(sa.1.as_str())
-            })
-            && self.trust_domains.check(|m| m.matches(trust_domain))
-            && self.source_ips.check(|n| n.contains(&src))
-            // At L4 there is no X-Forwarded-For or PROXY header: the remote is the peer.
-            && self.remote_ips.check(|n| n.contains(&src))
-            && self.destination_ips.check(|n| n.contains(&dst))
-            && self.ports.check(|p| p.contains(peer.destination.port()))
+    fn new(c: Constraints) -> Matcher {
+        let mut checks = Vec::new();
+        let mut add = |empty: bool, check: Check| {
+            if !empty {
+                checks.push(check);
+            }
+        };
+        add(c.principals.is_empty(), Check::Principals(c.principals));
+        add(c.namespaces.is_empty(), Check::Namespaces(c.namespaces));
+        add(
+            c.service_accounts.is_empty(),
+            Check::ServiceAccounts(c.service_accounts),
+        );
+        add(
+            c.trust_domains.is_empty(),
+            Check::TrustDomains(c.trust_domains),
+        );
+        add(c.source_ips.is_empty(), Check::SourceIps(c.source_ips));
+        // At L4 there is no X-Forwarded-For or PROXY header: the remote is the peer.
+        add(c.remote_ips.is_empty(), Check::SourceIps(c.remote_ips));
+        add(
+            c.destination_ips.is_empty(),
+            Check::DestinationIps(c.destination_ips),
+        );
+        add(c.ports.is_empty(), Check::Ports(c.ports));
+        Matcher(checks)
+    }
+
+    fn matches(&self, f: &Facts<'_>) -> bool {
+        self.0.iter().all(|c| c.matches(f))
+    }
+}
+
+/// What the matchers look at, worked out once per decision.
+struct Facts<'a> {
+    principal: Option<&'a str>,
+    namespace: Option<&'a str>,
+    service_account: Option<&'a str>,
+    trust_domain: Option<&'a str>,
+    source_ip: IpAddr,
+    destination_ip: IpAddr,
+    port: u16,
+}
+
+impl<'a> Facts<'a> {
+    fn of(peer: &Peer<'a>) -> Facts<'a> {
+        Facts {
+            principal: peer.principal,
+            namespace: peer.namespace,
+            service_account: peer.service_account,
+            trust_domain: peer.principal.and_then(|p| p.split('/').next()),
+            source_ip: peer.source_ip.to_canonical(),
+            destination_ip: peer.destination.ip().to_canonical(),
+            port: peer.destination.port(),
+        }
     }
 }
 
@@ -341,10 +418,10 @@ struct CompiledRule {
 }
 
 impl CompiledRule {
-    fn matches(&self, peer: &Peer<'_>) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|m| m.matches(peer)))
-            && (self.to.is_empty() || self.to.iter().any(|m| m.matches(peer)))
-            && self.when.iter().all(|m| m.matches(peer))
+    fn matches(&self, f: &Facts<'_>) -> bool {
+        (self.from.is_empty() || self.from.iter().any(|m| m.matches(f)))
+            && (self.to.is_empty() || self.to.iter().any(|m| m.matches(f)))
+            && self.when.iter().all(|m| m.matches(f))
     }
 }
 
@@ -357,8 +434,8 @@ struct CompiledPolicy {
 }
 
 impl CompiledPolicy {
-    fn first_match(&self, peer: &Peer<'_>) -> Option<Match> {
-        self.rules.iter().find(|r| r.matches(peer)).map(|r| Match {
+    fn first_match(&self, f: &Facts<'_>) -> Option<Match> {
+        self.rules.iter().find(|r| r.matches(f)).map(|r| Match {
             policy: self.id.clone(),
             rule: r.index,
         })
@@ -613,6 +690,8 @@ impl Authorizer {
 
     /// Decides a connection.
     pub fn decide(&self, peer: &Peer<'_>) -> Verdict {
+        let facts = Facts::of(peer);
+        let peer = &facts;
         let audits = self
             .audit
             .iter()
@@ -631,7 +710,7 @@ impl Authorizer {
         }
     }
 
-    fn enforce(&self, peer: &Peer<'_>) -> Decision {
+    fn enforce(&self, peer: &Facts<'_>) -> Decision {
         if let Some(m) = self.deny.iter().find_map(|p| p.first_match(peer)) {
             return Decision::Deny(Some(m));
         }
@@ -644,7 +723,7 @@ impl Authorizer {
         }
     }
 
-    fn allow_match(&self, peer: &Peer<'_>) -> Option<Match> {
+    fn allow_match(&self, peer: &Facts<'_>) -> Option<Match> {
         let indexed = peer
             .principal
             .and_then(|p| self.allow_by_principal.get(p))
@@ -656,7 +735,7 @@ impl Authorizer {
     /// AUDIT that matches would audit, an ALLOW that matches would allow, and an ALLOW that
     /// does not would deny when no other ALLOW policy (enforced or dry-run) lets the
     /// connection in.
-    fn dry_runs(&self, peer: &Peer<'_>) -> Vec<DryRun> {
+    fn dry_runs(&self, peer: &Facts<'_>) -> Vec<DryRun> {
         let any_allow = self.allow_match(peer).is_some()
             || self
                 .dry_run
@@ -762,7 +841,7 @@ fn compile_rule(
             if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
                 unsupported.push(format!("from[{f}].source.requestPrincipals (HTTP only)"));
             }
-            Matcher {
+            Matcher::new(Constraints {
                 principals: Field::new(principals(&s.principals), principals(&s.not_principals)),
                 namespaces: Field::new(namespaces(&s.namespaces), namespaces(&s.not_namespaces)),
                 service_accounts: Field::new(
@@ -772,8 +851,8 @@ fn compile_rule(
                 trust_domains: Field::new(globs(&s.trust_domains), globs(&s.not_trust_domains)),
                 source_ips: Field::new(nets(&s.ip_blocks), nets(&s.not_ip_blocks)),
                 remote_ips: Field::new(nets(&s.remote_ip_blocks), nets(&s.not_remote_ip_blocks)),
-                ..Matcher::default()
-            }
+                ..Constraints::default()
+            })
         })
         .collect();
     let to = rule
@@ -791,10 +870,10 @@ fn compile_rule(
                     unsupported.push(format!("to[{t}].operation.{name} (HTTP only)"));
                 }
             }
-            Matcher {
+            Matcher::new(Constraints {
                 ports: Field::new(o.ports.clone(), o.not_ports.clone()),
-                ..Matcher::default()
-            }
+                ..Constraints::default()
+            })
         })
         .collect();
     let when = rule
@@ -802,7 +881,7 @@ fn compile_rule(
         .iter()
         .enumerate()
         .map(|(w, c)| {
-            let mut m = Matcher::default();
+            let mut m = Constraints::default();
             let blocks = |v: &[String]| {
                 v.iter()
                     .filter_map(|s| s.parse::<IpBlock>().ok())
@@ -836,7 +915,7 @@ fn compile_rule(
                     unsupported.push(format!("when[{w}] key {}", c.key));
                 }
             }
-            m
+            Matcher::new(m)
         })
         .collect();
     let compiled = CompiledRule {
