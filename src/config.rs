@@ -316,6 +316,11 @@ pub struct Workload {
     pub labels_file: Option<PathBuf>,
 }
 
+/// Environment naming the credential files, over the config's `identity` paths.
+pub const ENV_CERT_CHAIN: &str = "L4MESH_CERT_CHAIN";
+pub const ENV_PRIVATE_KEY: &str = "L4MESH_PRIVATE_KEY";
+pub const ENV_TRUST_BUNDLE: &str = "L4MESH_TRUST_BUNDLE";
+
 /// Parses a downward-API labels file: one `key="value"` per line, values quoted Go-style.
 pub fn parse_labels_file(text: &str) -> Result<BTreeMap<String, String>, String> {
     let mut labels = BTreeMap::new();
@@ -677,6 +682,17 @@ impl Config {
                 })?;
             self.workload.pod_ip = Some(parsed);
         }
+        // Where the certificate files are when a cert source puts them elsewhere (set by
+        // `l4mesh inject`); one file may hold both key and chain.
+        for (var, path) in [
+            (ENV_CERT_CHAIN, &mut self.identity.cert_chain),
+            (ENV_PRIVATE_KEY, &mut self.identity.private_key),
+            (ENV_TRUST_BUNDLE, &mut self.identity.trust_bundle),
+        ] {
+            if let Some(p) = nonempty(var) {
+                *path = PathBuf::from(p);
+            }
+        }
         // The app containers' declared ports, as the injector lists them: "8080,9090".
         if let Some(ports) = nonempty("L4MESH_APP_PORTS") {
             for port in ports.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -844,9 +860,15 @@ mod tests {
             "SERVICE_ACCOUNT" => Some("cart".into()),
             "POD_IP" => Some("10.1.2.3".into()),
             "L4MESH_APP_PORTS" => Some("8080, 9090".into()),
+            // What `l4mesh inject` sets for a Pod Certificate: key and chain in one file.
+            "L4MESH_CERT_CHAIN" | "L4MESH_PRIVATE_KEY" => Some("/certs/bundle.pem".into()),
+            "L4MESH_TRUST_BUNDLE" => Some("/certs/root-cert.pem".into()),
             _ => None,
         })
         .unwrap();
+        assert_eq!(c.identity.cert_chain, Path::new("/certs/bundle.pem"));
+        assert_eq!(c.identity.private_key, Path::new("/certs/bundle.pem"));
+        assert_eq!(c.identity.trust_bundle, Path::new("/certs/root-cert.pem"));
         assert_eq!(c.workload.ports, vec![8080, 9090]);
         assert_eq!(c.workload.namespace.as_deref(), Some("shop"));
         assert_eq!(c.workload.service_account.as_deref(), Some("cart"));

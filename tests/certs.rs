@@ -486,3 +486,76 @@ fn a_resumed_session_is_refused_once_the_client_certificate_is_revoked() {
         "counted as a success"
     );
 }
+
+/// Key and chain in one PEM file, as a Kubernetes Pod Certificate's credential bundle holds
+/// them (issue 18): both sidecars read `identity.cert_chain` and `identity.private_key` from
+/// that one file, talk mTLS, and a rewritten file (key first, then chain, replaced atomically
+/// as the kubelet does) is picked up: new connections show the new certificate.
+#[test]
+fn key_and_chain_in_one_file_work_and_rotate_by_rewriting_the_file() {
+    if !privileged("key_and_chain_in_one_file") {
+        return;
+    }
+    let mut c = Cluster::new("bundle", 2);
+    let ca = c.make_ca();
+    // `<dir>/credential-bundle.pem` = key.pem then cert-chain.pem; root-cert.pem beside it.
+    let bundle = |dir: &Path, from: &Path| {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut pem = std::fs::read(from.join("key.pem")).unwrap();
+        pem.extend(std::fs::read(from.join("cert-chain.pem")).unwrap());
+        let tmp = dir.join("credential-bundle.tmp");
+        std::fs::write(&tmp, pem).unwrap();
+        std::fs::copy(from.join("root-cert.pem"), dir.join("root-cert.pem")).unwrap();
+        make_proxy_readable(dir);
+        std::fs::rename(&tmp, dir.join("credential-bundle.pem")).unwrap();
+    };
+    let config = |dir: &Path, extra: &str| {
+        let d = dir.display();
+        format!(
+            "identity:\n  cert_chain: {d}/credential-bundle.pem\n  private_key: {d}/credential-bundle.pem\n  trust_bundle: {d}/root-cert.pem\n  reload_interval: 200ms\n{extra}"
+        )
+    };
+    let (dir_a, dir_b) = (c.dir.path().join("bundle-a"), c.dir.path().join("bundle-b"));
+    let a0 = issue(&c, &ca, "a0", "client", "1h");
+    bundle(&dir_a, &a0);
+    let b0 = issue(&c, &ca, "b0", "server", "1h");
+    bundle(&dir_b, &b0);
+    let log_a = start(&mut c, A, "sidecar-a", &config(&dir_a, DIRECT));
+    let log_b = start(&mut c, B, "sidecar-b", &config(&dir_b, ""));
+    let addr = c.pod(B).addr(8080);
+    echo_server(c.pod(B), addr, None);
+
+    assert_eq!(c.pod(A).run(move || exchange_here(addr, 1000)), 1000);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        last_peer_serial(&log_a, "outbound mTLS established"),
+        serial(&b0)
+    );
+    assert_eq!(
+        last_peer_serial(&log_b, "inbound mTLS accepted"),
+        serial(&a0)
+    );
+
+    // Both bundles rewritten (a client that did not rotate would resume its session with
+    // the server and see the server's old certificate, as TLS resumption means to).
+    let (a1, b1) = (
+        issue(&c, &ca, "a1", "client", "1h"),
+        issue(&c, &ca, "b1", "server", "1h"),
+    );
+    bundle(&dir_a, &a1);
+    bundle(&dir_b, &b1);
+    wait_for_log(&log_a, "credentials rotated", Duration::from_secs(10));
+    wait_for_log(&log_b, "credentials rotated", Duration::from_secs(10));
+    assert_eq!(c.pod(A).run(move || exchange_here(addr, 1000)), 1000);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        last_peer_serial(&log_a, "outbound mTLS established"),
+        serial(&b1),
+        "the server's rewritten bundle was not used"
+    );
+    assert_eq!(
+        last_peer_serial(&log_b, "inbound mTLS accepted"),
+        serial(&a1),
+        "the client's rewritten bundle was not used"
+    );
+}

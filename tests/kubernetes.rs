@@ -13,7 +13,9 @@ use serde_json::{json, Value};
 
 use common::*;
 
-const KINDS: [&str; 8] = [
+/// Workload kinds, then the certificate sources other than the default Secret (issue 18):
+/// cert-manager's csi-driver-spiffe, Kubernetes Pod Certificates, SPIRE via spiffe-helper.
+const KINDS: [&str; 11] = [
     "pod",
     "deployment",
     "statefulset",
@@ -22,6 +24,9 @@ const KINDS: [&str; 8] = [
     "job",
     "cronjob",
     "list",
+    "cert-csi-driver-spiffe",
+    "cert-pod-certificate",
+    "cert-spire",
 ];
 
 fn fixture(name: &str) -> PathBuf {

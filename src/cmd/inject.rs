@@ -32,6 +32,124 @@ const CAPTURE_ANNOTATIONS: [(&str, &str); 4] = [
 /// Annotation naming the Secret with the workload's certificate (default
 /// `<serviceAccount>-l4mesh-certs`, as the example cert-manager `Certificate` names it).
 const CERT_SECRET: &str = "l4mesh.io/cert-secret";
+/// Annotation choosing where the pod's certificate comes from: `secret` (the default),
+/// `csi-driver-spiffe`, `pod-certificate` or `spire` (see [`CertSource`]).
+pub const CERT_SOURCE: &str = "l4mesh.io/cert-source";
+/// `pod-certificate`: the signer the kubelet asks (required) and the key type it generates.
+const CERT_SIGNER: &str = "l4mesh.io/cert-signer";
+const CERT_KEY_TYPE: &str = "l4mesh.io/cert-key-type";
+/// `spire`: the spiffe-helper image.
+const SPIFFE_HELPER_IMAGE: &str = "l4mesh.io/spiffe-helper-image";
+/// The port spiffe-helper's health endpoint listens on (its startup probe): excluded from
+/// inbound capture, since the kubelet probes it before the sidecar runs.
+const SPIFFE_HELPER_HEALTH_PORT: u16 = 15029;
+
+/// Where a pod's certificate, key and trust bundle come from. Every source ends as files in
+/// the sidecar's certificate folder, which it watches and reloads; the sources differ in who
+/// writes them.
+#[derive(Clone, Debug, PartialEq)]
+enum CertSource {
+    /// A Secret (cert-manager `Certificate` per service account): `tls.crt`, `tls.key`,
+    /// `ca.crt`. Every pod of the service account shares the key.
+    Secret(String),
+    /// cert-manager's csi-driver-spiffe: a per-pod key made on the node and a SPIFFE SVID,
+    /// renewed by the driver (`tls.crt`, `tls.key`, `ca.crt`).
+    CsiDriverSpiffe,
+    /// Kubernetes Pod Certificates (KEP-4317): the kubelet makes the key, asks `signer` and
+    /// writes key and chain in one credential bundle; the trust bundle comes from the
+    /// signer's ClusterTrustBundles.
+    PodCertificate { signer: String, key_type: String },
+    /// SPIRE: spiffe-helper, a native sidecar beside l4mesh, fetches the SVID from the SPIRE
+    /// agent's Workload API (SPIFFE CSI driver socket) and writes the files.
+    Spire { helper_image: String },
+}
+
+const KEY_TYPES: [&str; 6] = [
+    "ECDSAP256",
+    "ECDSAP384",
+    "ECDSAP521",
+    "ED25519",
+    "RSA3072",
+    "RSA4096",
+];
+
+impl CertSource {
+    fn from_annotations(annotations: &Mapping, service_account: &str) -> Result<Self, String> {
+        let get = |key: &str| annotations.get(key).and_then(Value::as_str);
+        match get(CERT_SOURCE).unwrap_or("secret") {
+            "secret" => Ok(CertSource::Secret(
+                get(CERT_SECRET)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("{service_account}-l4mesh-certs")),
+            )),
+            "csi-driver-spiffe" => Ok(CertSource::CsiDriverSpiffe),
+            "pod-certificate" => {
+                let signer = get(CERT_SIGNER).ok_or_else(|| {
+                    format!("{CERT_SOURCE}: pod-certificate needs {CERT_SIGNER} (the signerName the kubelet asks)")
+                })?;
+                let key_type = get(CERT_KEY_TYPE).unwrap_or("ECDSAP256");
+                if !KEY_TYPES.contains(&key_type) {
+                    return Err(format!(
+                        "{CERT_KEY_TYPE}: {key_type:?} is not one of {}",
+                        KEY_TYPES.join(", ")
+                    ));
+                }
+                Ok(CertSource::PodCertificate {
+                    signer: signer.to_string(),
+                    key_type: key_type.to_string(),
+                })
+            }
+            "spire" => Ok(CertSource::Spire {
+                helper_image: get(SPIFFE_HELPER_IMAGE)
+                    .unwrap_or(DEFAULT_SPIFFE_HELPER_IMAGE)
+                    .to_string(),
+            }),
+            other => Err(format!(
+                "{CERT_SOURCE}: {other:?} is not one of secret, csi-driver-spiffe, pod-certificate, spire"
+            )),
+        }
+    }
+
+    /// Where the sidecar finds the files, when not at the defaults (`cert-chain.pem`,
+    /// `key.pem`, `root-cert.pem`): environment for the sidecar container.
+    fn env(&self) -> Vec<EnvVar> {
+        let at = |file: &str| format!("{}/{file}", consts::CERTS_DIR);
+        let files = |chain: &str, key: &str, bundle: &str| {
+            vec![
+                EnvVar::value(ENV_CERT_CHAIN, &at(chain)),
+                EnvVar::value(ENV_PRIVATE_KEY, &at(key)),
+                EnvVar::value(ENV_TRUST_BUNDLE, &at(bundle)),
+            ]
+        };
+        match self {
+            CertSource::Secret(_) | CertSource::Spire { .. } => Vec::new(),
+            CertSource::CsiDriverSpiffe => files("tls.crt", "tls.key", "ca.crt"),
+            // Key and chain in one file: both settings name it.
+            CertSource::PodCertificate { .. } => {
+                files(CREDENTIAL_BUNDLE, CREDENTIAL_BUNDLE, "root-cert.pem")
+            }
+        }
+    }
+
+    fn volumes(&self) -> Vec<Volume> {
+        match self {
+            CertSource::Secret(name) => vec![Volume::secret(name)],
+            CertSource::CsiDriverSpiffe => vec![Volume::csi_driver_spiffe()],
+            CertSource::PodCertificate { signer, key_type } => {
+                vec![Volume::pod_certificate(signer, key_type)]
+            }
+            CertSource::Spire { .. } => Volume::spire(),
+        }
+    }
+}
+
+/// spiffe-helper's image when the pod does not name one.
+const DEFAULT_SPIFFE_HELPER_IMAGE: &str = "ghcr.io/spiffe/spiffe-helper:0.10.1";
+/// The ConfigMap with spiffe-helper's `helper.conf` (deploy/kubernetes/spire-helper.yaml).
+const SPIFFE_HELPER_CONFIGMAP: &str = "l4mesh-spiffe-helper";
+/// The file the kubelet writes a Pod Certificate's key and chain to.
+const CREDENTIAL_BUNDLE: &str = "credential-bundle.pem";
+pub use crate::config::{ENV_CERT_CHAIN, ENV_PRIVATE_KEY, ENV_TRUST_BUNDLE};
 
 /// How to inject.
 #[derive(Clone, Debug)]
@@ -191,18 +309,33 @@ fn inject_pod(pod: &mut Value, opts: &Options) -> Result<bool, String> {
         .and_then(Value::as_mapping)
         .cloned()
         .unwrap_or_default();
-    let secret = annotations_before
-        .get(CERT_SECRET)
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("{service_account}-l4mesh-certs"));
-    let capture_env: Vec<EnvVar> = CAPTURE_ANNOTATIONS
+    let source = CertSource::from_annotations(&annotations_before, &service_account)?;
+    if matches!(source, CertSource::Spire { .. }) && !opts.native_sidecar {
+        return Err(format!(
+            "{CERT_SOURCE}: spire needs native sidecars (Kubernetes 1.29+): spiffe-helper must have written the certificate before l4mesh starts"
+        ));
+    }
+    let mut capture_env: Vec<EnvVar> = CAPTURE_ANNOTATIONS
         .iter()
         .filter_map(|(ann, env)| {
             let v = annotations_before.get(*ann)?.as_str()?;
             Some(EnvVar::value(env, v))
         })
         .collect();
+    if matches!(source, CertSource::Spire { .. }) {
+        // The kubelet probes spiffe-helper before the sidecar runs: not captured.
+        let port = SPIFFE_HELPER_HEALTH_PORT.to_string();
+        match capture_env
+            .iter_mut()
+            .find(|e| e.name == "L4MESH_EXCLUDE_INBOUND_PORTS")
+        {
+            Some(e) => {
+                let v = e.value.get_or_insert_with(String::new);
+                *v = format!("{v},{port}");
+            }
+            None => capture_env.push(EnvVar::value("L4MESH_EXCLUDE_INBOUND_PORTS", &port)),
+        }
+    }
     {
         let annotations = entry_mapping(meta, "annotations")?;
         let stats_port = consts::STATS_PORT.to_string();
@@ -232,18 +365,21 @@ fn inject_pod(pod: &mut Value, opts: &Options) -> Result<bool, String> {
         .map(|p| p.to_string())
         .collect();
     let init = value(&InitContainer::new(opts, capture_env))?;
-    let sidecar = value(&SidecarContainer::new(opts, &app_ports))?;
-    if opts.native_sidecar {
+    let sidecar = value(&SidecarContainer::new(opts, &app_ports, source.env()))?;
+    if let CertSource::Spire { helper_image } = &source {
+        let helper = value(&SpiffeHelper::new(helper_image))?;
+        prepend(spec, "initContainers", vec![init, helper, sidecar])?;
+    } else if opts.native_sidecar {
         prepend(spec, "initContainers", vec![init, sidecar])?;
     } else {
         prepend(spec, "initContainers", vec![init])?;
         prepend(spec, "containers", vec![sidecar])?;
     }
-    let volumes = [
-        Volume::secret(&secret),
+    let mut volumes = source.volumes();
+    volumes.extend([
         Volume::config_map(&opts.policy_configmap),
         Volume::pod_labels(),
-    ];
+    ]);
     let volumes = volumes.iter().map(value).collect::<Result<_, _>>()?;
     append(spec, "volumes", volumes)?;
     Ok(true)
@@ -318,7 +454,7 @@ struct SidecarContainer {
 }
 
 impl SidecarContainer {
-    fn new(opts: &Options, app_ports: &[String]) -> Self {
+    fn new(opts: &Options, app_ports: &[String], cert_env: Vec<EnvVar>) -> Self {
         let field = EnvVar::field;
         let mut env = vec![
             field("POD_NAMESPACE", "metadata.namespace"),
@@ -329,6 +465,7 @@ impl SidecarContainer {
         if !app_ports.is_empty() {
             env.push(EnvVar::value("L4MESH_APP_PORTS", &app_ports.join(",")));
         }
+        env.extend(cert_env);
         let ready = |period_seconds, failure_threshold| Probe {
             http_get: HttpGet {
                 path: "/healthz/ready",
@@ -389,6 +526,75 @@ impl SidecarContainer {
                 mount("l4mesh-podinfo", consts::PODINFO_DIR),
             ],
             restart_policy: opts.native_sidecar.then_some("Always"),
+        }
+    }
+}
+
+/// SPIRE's spiffe-helper as a native sidecar started before l4mesh: it writes the SVID,
+/// key and bundle where l4mesh reads them and keeps them fresh. Its startup probe (the
+/// helper's health endpoint) holds l4mesh back until the first certificate is written.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SpiffeHelper {
+    name: &'static str,
+    image: String,
+    args: [&'static str; 2],
+    startup_probe: Probe,
+    resources: Resources,
+    security_context: SecurityContext,
+    volume_mounts: [VolumeMount; 3],
+    restart_policy: &'static str,
+}
+
+impl SpiffeHelper {
+    fn new(image: &str) -> Self {
+        SpiffeHelper {
+            name: "spiffe-helper",
+            image: image.to_string(),
+            args: ["-config", "/etc/spiffe-helper/helper.conf"],
+            startup_probe: Probe {
+                http_get: HttpGet {
+                    path: "/ready",
+                    port: SPIFFE_HELPER_HEALTH_PORT,
+                },
+                period_seconds: 1,
+                failure_threshold: 60,
+            },
+            resources: Resources {
+                requests: Quantities::new(Some("5m"), "16Mi"),
+                limits: Quantities::new(None, "64Mi"),
+            },
+            // The same user as l4mesh: the files it writes are the sidecar's to read.
+            security_context: SecurityContext {
+                run_as_user: consts::PROXY_UID,
+                run_as_group: consts::PROXY_GID,
+                run_as_non_root: true,
+                privileged: None,
+                allow_privilege_escalation: false,
+                read_only_root_filesystem: true,
+                capabilities: Capabilities {
+                    drop: ["ALL"],
+                    add: None,
+                },
+            },
+            volume_mounts: [
+                VolumeMount {
+                    name: "spire-agent-socket",
+                    mount_path: "/spiffe-workload-api",
+                    read_only: true,
+                },
+                VolumeMount {
+                    name: "l4mesh-certs",
+                    mount_path: consts::CERTS_DIR,
+                    read_only: false,
+                },
+                VolumeMount {
+                    name: "l4mesh-spiffe-helper",
+                    mount_path: "/etc/spiffe-helper",
+                    read_only: true,
+                },
+            ],
+            restart_policy: "Always",
         }
     }
 }
@@ -533,6 +739,12 @@ struct Volume {
     config_map: Option<ConfigMapSource>,
     #[serde(rename = "downwardAPI", skip_serializing_if = "Option::is_none")]
     downward_api: Option<DownwardApiSource>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    csi: Option<CsiSource>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    projected: Option<ProjectedSource>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    empty_dir: Option<EmptyDirSource>,
 }
 
 impl Volume {
@@ -542,7 +754,82 @@ impl Volume {
             secret: None,
             config_map: None,
             downward_api: None,
+            csi: None,
+            projected: None,
+            empty_dir: None,
         }
+    }
+
+    /// csi-driver-spiffe: files owned by the sidecar's group, so UID 1337 can read the key.
+    fn csi_driver_spiffe() -> Self {
+        Volume {
+            csi: Some(CsiSource {
+                driver: "spiffe.csi.cert-manager.io",
+                read_only: true,
+                volume_attributes: Some(
+                    [(
+                        "spiffe.csi.cert-manager.io/fs-group",
+                        consts::PROXY_GID.to_string(),
+                    )]
+                    .into(),
+                ),
+            }),
+            ..Volume::empty("l4mesh-certs")
+        }
+    }
+
+    /// A Pod Certificate (key and chain in one file) and the signer's trust bundle.
+    fn pod_certificate(signer: &str, key_type: &str) -> Self {
+        Volume {
+            projected: Some(ProjectedSource {
+                sources: [
+                    ProjectionSource {
+                        pod_certificate: Some(PodCertificateProjection {
+                            signer_name: signer.to_string(),
+                            key_type: key_type.to_string(),
+                            credential_bundle_path: CREDENTIAL_BUNDLE,
+                        }),
+                        cluster_trust_bundle: None,
+                    },
+                    ProjectionSource {
+                        pod_certificate: None,
+                        // Every bundle the signer publishes (an empty selector matches all).
+                        cluster_trust_bundle: Some(ClusterTrustBundleProjection {
+                            signer_name: signer.to_string(),
+                            label_selector: Mapping::new(),
+                            path: "root-cert.pem",
+                        }),
+                    },
+                ],
+            }),
+            ..Volume::empty("l4mesh-certs")
+        }
+    }
+
+    /// SPIRE: a memory-backed folder spiffe-helper writes and l4mesh reads, the agent's
+    /// Workload API socket (SPIFFE CSI driver), and spiffe-helper's config.
+    fn spire() -> Vec<Self> {
+        vec![
+            Volume {
+                empty_dir: Some(EmptyDirSource { medium: "Memory" }),
+                ..Volume::empty("l4mesh-certs")
+            },
+            Volume {
+                csi: Some(CsiSource {
+                    driver: "csi.spiffe.io",
+                    read_only: true,
+                    volume_attributes: None,
+                }),
+                ..Volume::empty("spire-agent-socket")
+            },
+            Volume {
+                config_map: Some(ConfigMapSource {
+                    name: SPIFFE_HELPER_CONFIGMAP.to_string(),
+                    optional: false,
+                }),
+                ..Volume::empty("l4mesh-spiffe-helper")
+            },
+        ]
     }
 
     /// The workload's certificate, under the file names the config expects.
@@ -599,6 +886,50 @@ struct SecretSource {
 struct KeyToPath {
     key: &'static str,
     path: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CsiSource {
+    driver: &'static str,
+    read_only: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    volume_attributes: Option<std::collections::BTreeMap<&'static str, String>>,
+}
+
+#[derive(Serialize)]
+struct ProjectedSource {
+    sources: [ProjectionSource; 2],
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ProjectionSource {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod_certificate: Option<PodCertificateProjection>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_trust_bundle: Option<ClusterTrustBundleProjection>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PodCertificateProjection {
+    signer_name: String,
+    key_type: String,
+    credential_bundle_path: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ClusterTrustBundleProjection {
+    signer_name: String,
+    label_selector: Mapping,
+    path: &'static str,
+}
+
+#[derive(Serialize)]
+struct EmptyDirSource {
+    medium: &'static str,
 }
 
 #[derive(Serialize)]
@@ -699,5 +1030,61 @@ mod tests {
         .to_string();
         assert!(err.contains("hostNetwork"), "{err}");
         assert!(inject_yaml("a: [", &Options::default()).is_err());
+    }
+
+    #[test]
+    fn certificate_source_annotations_are_checked() {
+        let pod = |annotations: &str| {
+            format!("kind: Pod\nmetadata:\n  name: p\n  annotations: {{{annotations}}}\nspec: {{containers: [{{name: a, image: b}}]}}\n")
+        };
+        let err = |annotations: &str, opts: &Options| {
+            inject_yaml(&pod(annotations), opts)
+                .unwrap_err()
+                .to_string()
+        };
+        let native = Options::default();
+        let classic = Options {
+            native_sidecar: false,
+            ..Options::default()
+        };
+        let cases = [
+            (
+                "l4mesh.io/cert-source: vault",
+                &native,
+                "\"vault\" is not one of secret, csi-driver-spiffe, pod-certificate, spire",
+            ),
+            (
+                "l4mesh.io/cert-source: pod-certificate",
+                &native,
+                "pod-certificate needs l4mesh.io/cert-signer",
+            ),
+            (
+                "l4mesh.io/cert-source: pod-certificate, l4mesh.io/cert-signer: x.io/y, l4mesh.io/cert-key-type: DSA",
+                &native,
+                "l4mesh.io/cert-key-type: \"DSA\" is not one of ECDSAP256",
+            ),
+            (
+                "l4mesh.io/cert-source: spire",
+                &classic,
+                "spire needs native sidecars",
+            ),
+        ];
+        for (annotations, opts, want) in cases {
+            let e = err(annotations, opts);
+            assert!(
+                e.contains("document 1 (Pod)") && e.contains(want),
+                "{annotations}: {e}"
+            );
+        }
+        // The default is today's Secret, named after the service account or the annotation.
+        let out = inject_yaml(&pod("l4mesh.io/cert-secret: mine"), &native).unwrap();
+        assert!(out.contains("secretName: mine"), "{out}");
+        // An explicit exclude list keeps its ports and gains spiffe-helper's health port.
+        let out = inject_yaml(
+            &pod("l4mesh.io/cert-source: spire, l4mesh.io/exclude-inbound-ports: '9000'"),
+            &native,
+        )
+        .unwrap();
+        assert!(out.contains("value: 9000,15029"), "{out}");
     }
 }
