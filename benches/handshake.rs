@@ -50,43 +50,49 @@ fn handshake(
 }
 
 fn bench(c: &mut Criterion) {
+    use l4mesh::tls::PostQuantum;
     let dir = tempfile::tempdir().unwrap();
     let client = credentials(dir.path(), "client");
     let server = credentials(dir.path(), "server");
     let trust = &server.trust;
-    let ticketer = Some(l4mesh::tls::ticketer().unwrap());
-    let accepting = l4mesh::tls::server_config(
-        &server,
-        server.trust.clone(),
-        ticketer,
-        l4mesh::tls::MESH_ALPN,
-    )
-    .unwrap();
-    let full = l4mesh::tls::client_config(
-        &client,
-        client.trust.clone(),
-        Vec::new(),
-        false,
-        l4mesh::tls::MESH_ALPN,
-    )
-    .unwrap();
-    let resuming = l4mesh::tls::client_config(
-        &client,
-        client.trust.clone(),
-        Vec::new(),
-        true,
-        l4mesh::tls::MESH_ALPN,
-    )
-    .unwrap();
-    assert!(!handshake(&full, &accepting, trust));
-    handshake(&resuming, &accepting, trust);
-    assert!(handshake(&resuming, &accepting, trust), "did not resume");
-
     let mut g = c.benchmark_group("mTLS handshake, both ends");
-    g.bench_function("full", |b| b.iter(|| handshake(&full, &accepting, trust)));
-    g.bench_function("resumed", |b| {
-        b.iter(|| handshake(&resuming, &accepting, trust))
-    });
+    // The default (X25519MLKEM768) and classical X25519 (`tls.post_quantum: off`), which is
+    // also what the ring build negotiated.
+    for (pq, group) in [
+        (PostQuantum::Prefer, "X25519MLKEM768"),
+        (PostQuantum::Off, "X25519"),
+    ] {
+        let ticketer = Some(l4mesh::tls::ticketer().unwrap());
+        let accepting = l4mesh::tls::server_config(
+            &server,
+            server.trust.clone(),
+            ticketer,
+            pq,
+            l4mesh::tls::MESH_ALPN,
+        )
+        .unwrap();
+        let client_config = |resume| {
+            l4mesh::tls::client_config(
+                &client,
+                client.trust.clone(),
+                Vec::new(),
+                resume,
+                pq,
+                l4mesh::tls::MESH_ALPN,
+            )
+            .unwrap()
+        };
+        let (full, resuming) = (client_config(false), client_config(true));
+        assert!(!handshake(&full, &accepting, trust));
+        handshake(&resuming, &accepting, trust);
+        assert!(handshake(&resuming, &accepting, trust), "did not resume");
+        g.bench_function(format!("full, {group}"), |b| {
+            b.iter(|| handshake(&full, &accepting, trust))
+        });
+        g.bench_function(format!("resumed, {group}"), |b| {
+            b.iter(|| handshake(&resuming, &accepting, trust))
+        });
+    }
     g.finish();
 }
 

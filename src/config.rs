@@ -64,12 +64,17 @@ pub struct TlsSettings {
     /// destination skips the signatures of a full handshake. Each resumed connection's peer
     /// certificate is still checked again (expiry, revocation, trust domain, pins).
     pub session_resumption: bool,
+    /// Post-quantum hybrid key exchange (X25519MLKEM768) on the tunnel and the direct
+    /// transport: `prefer` (offer it first, fall back to X25519), `require` (refuse peers
+    /// without it), `off` (classical groups only).
+    pub post_quantum: crate::tls::trust::PostQuantum,
 }
 
 impl Default for TlsSettings {
     fn default() -> Self {
         TlsSettings {
             session_resumption: true,
+            post_quantum: crate::tls::trust::PostQuantum::Prefer,
         }
     }
 }

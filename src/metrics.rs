@@ -207,6 +207,9 @@ pub struct Metrics {
     /// Successful mTLS handshakes by direction and kind (`full`, or `resumed` from a session
     /// ticket: no signatures, the peer's certificate checked again).
     pub handshakes: IntCounterVec,
+    /// Successful mTLS handshakes by direction and key-exchange group (`X25519MLKEM768`,
+    /// `X25519`, ...): how much of the mesh's traffic is protected against a quantum computer.
+    pub key_exchanges: IntCounterVec,
     /// Connections being proxied now, by direction and security (`mutual_tls`, `none`).
     pub active_connections: IntGaugeVec,
     /// This workload's certificate's notAfter, as a Unix timestamp.
@@ -446,6 +449,11 @@ impl Metrics {
                 "l4mesh_tls_handshake_failures_total",
                 "Failed mTLS handshakes by direction and reason",
                 &["direction", "reason"],
+            ),
+            key_exchanges: counter(
+                "l4mesh_tls_key_exchanges_total",
+                "Successful mTLS handshakes by direction and negotiated key-exchange group",
+                &["direction", "group"],
             ),
             handshakes: counter(
                 "l4mesh_tls_handshakes_total",

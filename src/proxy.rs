@@ -141,15 +141,16 @@ impl TlsState {
         ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
     ) -> Result<TlsState, tls::ConfigError> {
         let acceptor = |alpn| {
-            tls::server_config(&creds, creds.trust.clone(), ticketer.clone(), alpn)
-                .map(TlsAcceptor::from)
+            tls::server_config(
+                &creds,
+                creds.trust.clone(),
+                ticketer.clone(),
+                config.tls.post_quantum,
+                alpn,
+            )
+            .map(TlsAcceptor::from)
         };
-        let routes = Routes::new(
-            &config.outbound,
-            &creds,
-            &creds.trust,
-            config.tls.session_resumption,
-        )?;
+        let routes = Routes::new(&config.outbound, &creds, &creds.trust, &config.tls)?;
         Ok(TlsState {
             acceptor: acceptor(tls::MESH_ALPN)?,
             tunnel_acceptor: acceptor(tls::TUNNEL_ALPN)?,

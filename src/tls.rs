@@ -16,7 +16,9 @@ use crate::identity::spiffe::{IdentityPattern, SpiffeId};
 pub mod trust;
 
 use trust::other;
-pub use trust::{cert_error_reason, provider, PeerIdentityError, TrustStore, Usage};
+pub use trust::{
+    cert_error_reason, provider, provider_for, PeerIdentityError, PostQuantum, TrustStore, Usage,
+};
 
 /// The ALPN protocol mesh clients offer. An inbound TLS connection without it is not mesh
 /// traffic (it is a client doing its own TLS), however valid its certificate.
@@ -117,10 +119,11 @@ where
         .handshake_duration
         .with_label_values(&[dir])
         .observe(started.elapsed().as_secs_f64());
-    metrics
-        .handshakes
-        .with_label_values(&[dir, handshake_kind(tls.state())])
-        .inc();
+    let kind = handshake_kind(tls.state());
+    metrics.handshakes.with_label_values(&[dir, kind]).inc();
+    let group = key_exchange_group(tls.state());
+    metrics.key_exchanges.with_label_values(&[dir, group]).inc();
+    tracing::debug!(direction = dir, kind, group, "mTLS handshake done");
     Ok(tls)
 }
 
@@ -138,10 +141,11 @@ pub fn server_config(
     creds: &Credentials,
     trust: Arc<TrustStore>,
     ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
+    pq: PostQuantum,
     alpn: &[u8],
 ) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
     let verifier = Arc::new(SpiffeClientVerifier { trust });
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider_for(pq)))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(creds.chain.clone(), creds.key.clone_key())?;
@@ -159,10 +163,10 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// The ticket key source for [`server_config`]: ring's rotating ticketer (keys replaced every
+/// The ticket key source for [`server_config`]: aws-lc-rs' rotating ticketer (keys replaced every
 /// 6 hours, the previous key still accepted for the next 6).
 pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, ConfigError> {
-    Ok(rustls::crypto::ring::Ticketer::new()?)
+    Ok(rustls::crypto::aws_lc_rs::Ticketer::new()?)
 }
 
 /// The outbound side: TLS 1.3 only, presents our certificate, offers `alpn`, and
@@ -173,10 +177,11 @@ pub fn client_config(
     trust: Arc<TrustStore>,
     pins: Vec<IdentityPattern>,
     resume: bool,
+    pq: PostQuantum,
     alpn: &[u8],
 ) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
     let verifier = Arc::new(SpiffeServerVerifier { trust, pins });
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider_for(pq)))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
@@ -240,6 +245,20 @@ pub fn still_valid(
         .verify(leaf, intermediates, UnixTime::now(), usage)
         .map(drop)
         .map_err(invalid)
+}
+
+/// The key-exchange group a handshake negotiated, as a metric label (`X25519MLKEM768`,
+/// `X25519`, `secp256r1`, ...): bounded by the groups the provider has.
+pub fn key_exchange_group(conn: &rustls::CommonState) -> &'static str {
+    use rustls::NamedGroup;
+    match conn.negotiated_key_exchange_group().map(|g| g.name()) {
+        Some(NamedGroup::X25519MLKEM768) => "X25519MLKEM768",
+        Some(NamedGroup::X25519) => "X25519",
+        Some(NamedGroup::secp256r1) => "secp256r1",
+        Some(NamedGroup::secp384r1) => "secp384r1",
+        Some(_) => "other",
+        None => "none",
+    }
 }
 
 /// Whether a handshake was resumed, as a metric label (`full` or `resumed`).
@@ -490,6 +509,14 @@ mod tests {
         client: &Arc<rustls::ClientConfig>,
         server: &Arc<rustls::ServerConfig>,
     ) -> (rustls::ClientConnection, rustls::ServerConnection) {
+        try_handshake(client, server).unwrap()
+    }
+
+    /// A handshake in memory; the error of the side that gave up first.
+    fn try_handshake(
+        client: &Arc<rustls::ClientConfig>,
+        server: &Arc<rustls::ServerConfig>,
+    ) -> Result<(rustls::ClientConnection, rustls::ServerConnection), rustls::Error> {
         let name = ServerName::IpAddress(std::net::Ipv4Addr::new(10, 0, 0, 1).into());
         let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
         let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
@@ -499,16 +526,70 @@ mod tests {
                 c.write_tls(&mut wire).unwrap();
             }
             s.read_tls(&mut wire.as_slice()).unwrap();
-            s.process_new_packets().unwrap();
+            let server_says = s.process_new_packets().map(|_| ());
             wire.clear();
             while s.wants_write() {
                 s.write_tls(&mut wire).unwrap();
             }
+            server_says?;
             c.read_tls(&mut wire.as_slice()).unwrap();
-            c.process_new_packets().unwrap();
+            c.process_new_packets()?;
         }
         assert!(!c.is_handshaking() && !s.is_handshaking());
-        (c, s)
+        Ok((c, s))
+    }
+
+    /// Issue 18: sidecars negotiate X25519MLKEM768 by default; `require` refuses a peer that
+    /// offers only classical groups (either side); `off` never offers it.
+    #[test]
+    fn post_quantum_key_exchange_preferred_required_or_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = credentials(dir.path(), "client");
+        let server = credentials(dir.path(), "server");
+        let server_with =
+            |pq| server_config(&server, server.trust.clone(), None, pq, MESH_ALPN).unwrap();
+        let client_with = |pq| {
+            client_config(
+                &client,
+                client.trust.clone(),
+                Vec::new(),
+                false,
+                pq,
+                MESH_ALPN,
+            )
+            .unwrap()
+        };
+        use PostQuantum::{Off, Prefer, Require};
+        let cases = [
+            (Prefer, Prefer, Some("X25519MLKEM768")),
+            (Require, Prefer, Some("X25519MLKEM768")),
+            (Prefer, Require, Some("X25519MLKEM768")),
+            (Require, Require, Some("X25519MLKEM768")),
+            // A server that prefers ML-KEM picks X25519: the client did not offer ML-KEM.
+            (Off, Prefer, Some("X25519")),
+            (Prefer, Off, Some("X25519")),
+            (Off, Require, None),
+            (Require, Off, None),
+        ];
+        for (c_pq, s_pq, want) in cases {
+            match (try_handshake(&client_with(c_pq), &server_with(s_pq)), want) {
+                (Ok((c, s)), Some(group)) => {
+                    assert_eq!(key_exchange_group(&c), group, "{c_pq:?}/{s_pq:?}");
+                    assert_eq!(key_exchange_group(&s), group, "{c_pq:?}/{s_pq:?}");
+                }
+                // The server finds no group in common and refuses the handshake.
+                (Err(e), None) => assert!(
+                    matches!(
+                        e,
+                        rustls::Error::PeerIncompatible(
+                            rustls::PeerIncompatible::NoKxGroupsInCommon
+                        )
+                    ),
+                    "{c_pq:?}/{s_pq:?}: {e:?}"
+                ),
+                (r, want) => panic!("{c_pq:?}/{s_pq:?}: {:?}, wanted {want:?}", r.map(|_| ())),
+            }
+        }
     }
 
     #[test]
@@ -520,11 +601,19 @@ mod tests {
             &server,
             server.trust.clone(),
             Some(ticketer().unwrap()),
+            PostQuantum::Prefer,
             MESH_ALPN,
         )
         .unwrap();
-        let resuming =
-            client_config(&client, client.trust.clone(), Vec::new(), true, MESH_ALPN).unwrap();
+        let resuming = client_config(
+            &client,
+            client.trust.clone(),
+            Vec::new(),
+            true,
+            PostQuantum::Prefer,
+            MESH_ALPN,
+        )
+        .unwrap();
 
         let (c, s) = handshake(&resuming, &accepting);
         assert_eq!(handshake_kind(&c), "full");
@@ -563,8 +652,15 @@ mod tests {
         assert_eq!(reason_of(&e), "bad_identity", "{e}");
 
         // Without resumption every handshake is full.
-        let no_resume =
-            client_config(&client, client.trust.clone(), Vec::new(), false, MESH_ALPN).unwrap();
+        let no_resume = client_config(
+            &client,
+            client.trust.clone(),
+            Vec::new(),
+            false,
+            PostQuantum::Prefer,
+            MESH_ALPN,
+        )
+        .unwrap();
         handshake(&no_resume, &accepting);
         let (c, _) = handshake(&no_resume, &accepting);
         assert_eq!(handshake_kind(&c), "full");

@@ -433,3 +433,64 @@ async fn recording_app(ip: std::net::IpAddr, seen: Arc<std::sync::Mutex<Vec<u8>>
     });
     addr
 }
+
+/// Issue 18: two sidecars negotiate X25519MLKEM768 by default, both ends count it by group;
+/// a client with `post_quantum: off` against a server with `require` is refused (no byte
+/// reaches the app); `off` against the default negotiates X25519 (so it was not offered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_sidecars_negotiate_post_quantum_key_exchange() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca(dir.path());
+    let groups = "l4mesh_tls_key_exchanges_total";
+    let pq = "group=\"X25519MLKEM768\"";
+
+    let (server, client, _app) = tunnel_pair(dir.path(), &ca, NO_POLICIES, "").await;
+    assert_eq!(
+        exchange(client.bound.outbound, b"quantum").await,
+        b"quantum"
+    );
+    assert_eq!(metric(&client, groups, &["outbound", pq]), 1.0);
+    assert_eq!(metric(&server, groups, &["inbound", pq]), 1.0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = self::ca(dir.path());
+    let require = "tls:\n  post_quantum: require\n";
+    let off = "tls:\n  post_quantum: off\n";
+    let server_ip = pod_ip();
+    let app = echo_app_at(server_ip).await;
+    let server = sidecar_at(
+        dir.path(),
+        &ca,
+        "server",
+        NO_POLICIES,
+        app,
+        server_ip,
+        require,
+    )
+    .await;
+    let client = sidecar_at(dir.path(), &ca, "client", NO_POLICIES, app, pod_ip(), off).await;
+    assert!(exchange(client.bound.outbound, b"classical")
+        .await
+        .is_empty());
+    counted(
+        &server,
+        "l4mesh_tls_handshake_failures_total",
+        &["inbound"],
+        1.0,
+    )
+    .await;
+    assert_eq!(metric(&server, groups, &[]), 0.0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = self::ca(dir.path());
+    let (server, client, _app) = tunnel_pair(dir.path(), &ca, NO_POLICIES, off).await;
+    assert_eq!(exchange(client.bound.outbound, b"x25519").await, b"x25519");
+    assert_eq!(
+        metric(&client, groups, &["outbound", "group=\"X25519\""]),
+        1.0
+    );
+    assert_eq!(
+        metric(&server, groups, &["inbound", "group=\"X25519\""]),
+        1.0
+    );
+}

@@ -324,8 +324,8 @@ fn read_optional(path: &Path) -> Result<Option<String>, CertsError> {
 /// A positive 16-byte serial number, so every issued certificate is distinguishable.
 fn rand_serial() -> [u8; 16] {
     let mut serial = [0u8; 16];
-    // ring's system RNG only fails when the OS has no entropy source at all.
-    let _ = rustls::crypto::ring::default_provider()
+    // The system RNG only fails when the OS has no entropy source at all.
+    let _ = rustls::crypto::aws_lc_rs::default_provider()
         .secure_random
         .fill(&mut serial);
     serial[0] &= 0x7f;

@@ -157,7 +157,7 @@ pub fn load(paths: &CredentialPaths, expected: &Expected) -> Result<Credentials,
     let roots = read_certs(&paths.trust_bundle).map_err(field(TRUST_BUNDLE_FIELD))?;
     let key = read_key(&paths.private_key).map_err(field(PRIVATE_KEY_FIELD))?;
 
-    let signing_key = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
+    let signing_key = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key).map_err(|e| {
         IdentityError::UnsupportedKey {
             path: paths.private_key.clone(),
             reason: e.to_string(),

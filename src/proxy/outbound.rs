@@ -64,7 +64,7 @@ impl Routes {
         config: &Outbound,
         creds: &Credentials,
         trust: &Arc<TrustStore>,
-        resume: bool,
+        settings: &crate::config::TlsSettings,
     ) -> Result<Self, tls::ConfigError> {
         let route = |name: String,
                      index: usize,
@@ -75,7 +75,8 @@ impl Routes {
                     creds,
                     trust.clone(),
                     pins.clone(),
-                    resume,
+                    settings.session_resumption,
+                    settings.post_quantum,
                     alpn,
                 )?))
             };
@@ -460,10 +461,10 @@ fn forwarded(client: SocketAddr) -> String {
 /// A W3C `traceparent` with a fresh random trace and span, so a tunnel stream can be found
 /// in traces and logs on both sides.
 fn traceparent() -> String {
-    use ring::rand::SecureRandom;
+    use aws_lc_rs::rand::SecureRandom;
     let mut id = [0u8; 24];
     // The system RNG does not fail on Linux; zeros would still be a well-formed header.
-    let _ = ring::rand::SystemRandom::new().fill(&mut id);
+    let _ = aws_lc_rs::rand::SystemRandom::new().fill(&mut id);
     let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
     format!("00-{}-{}-00", hex(&id[..16]), hex(&id[16..]))
 }

@@ -12,16 +12,43 @@ use thiserror::Error;
 
 use crate::identity::spiffe::{spiffe_id_of, CertIdentityError, SpiffeId};
 
-/// The crypto provider l4mesh uses everywhere (ring: small, fast to build), preferring
+/// Post-quantum hybrid key exchange between sidecars: X25519MLKEM768 (ML-KEM-768 with
+/// X25519, as Linkerd prefers by default and ztunnel offers), so traffic recorded today cannot
+/// be decrypted by a quantum computer later.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PostQuantum {
+    /// Offer and prefer X25519MLKEM768; X25519 (then P-256, P-384) for peers without it.
+    #[default]
+    Prefer,
+    /// X25519MLKEM768 only: a peer that cannot do it is refused.
+    Require,
+    /// Classical groups only (X25519, P-256, P-384): X25519MLKEM768 is not offered.
+    Off,
+}
+
+/// The crypto provider l4mesh uses everywhere (aws-lc-rs: it has ML-KEM; benches/RESULTS.md
+/// compares it with ring), with the key-exchange groups `pq` asks for, preferring
 /// TLS_AES_128_GCM_SHA256: its handshake hash is SHA-256, which CPUs accelerate (SHA-384
 /// runs in software and was a quarter of a resumed handshake's time), and AES-128 is the
 /// suite every TLS 1.3 stack must have (Envoy, and so Istio, prefer it too).
-pub fn provider() -> CryptoProvider {
-    let mut provider = rustls::crypto::ring::default_provider();
+pub fn provider_for(pq: PostQuantum) -> CryptoProvider {
+    use rustls::crypto::aws_lc_rs::kx_group::{SECP256R1, SECP384R1, X25519, X25519MLKEM768};
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider
         .cipher_suites
         .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    provider.kx_groups = match pq {
+        PostQuantum::Prefer => vec![X25519MLKEM768, X25519, SECP256R1, SECP384R1],
+        PostQuantum::Require => vec![X25519MLKEM768],
+        PostQuantum::Off => vec![X25519, SECP256R1, SECP384R1],
+    };
     provider
+}
+
+/// [`provider_for`] the default: post-quantum preferred.
+pub fn provider() -> CryptoProvider {
+    provider_for(PostQuantum::Prefer)
 }
 
 /// Which extended key usage a chain is checked for.
@@ -211,7 +238,7 @@ fn chain_digest(
     intermediates: &[CertificateDer<'_>],
     usage: Usage,
 ) -> [u8; 32] {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     ctx.update(usage.name().as_bytes());
     for cert in std::iter::once(end_entity).chain(intermediates) {
         ctx.update(&(cert.len() as u64).to_be_bytes());
