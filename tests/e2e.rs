@@ -153,6 +153,18 @@ fn bulk_both_ways(client_extra: &str, accepted: &str) -> Vec<(u16, u16)> {
     );
     wait_for_log(&a_log, "server identity verified", Duration::from_secs(5));
     wait_for_log(&b_log, accepted, Duration::from_secs(5));
+    // Both sidecars negotiated the post-quantum hybrid key exchange (issue 18).
+    let pq = "group=\"X25519MLKEM768\"";
+    let key_exchanges = "l4mesh_tls_key_exchanges_total";
+    assert!(
+        metric_sum(&c, 0, key_exchanges, pq) >= 1.0,
+        "client: no X25519MLKEM768"
+    );
+    assert!(
+        metric_sum(&c, 1, key_exchanges, pq) >= 1.0,
+        "server: no X25519MLKEM768"
+    );
+    assert_eq!(metric_sum(&c, 1, key_exchanges, "X25519\""), 0.0);
     tcp_ports(&pcap)
 }
 

@@ -290,6 +290,8 @@ fn manifests_and_inject_outputs_pass_kubernetes_schema_validation() {
         if custom.contains(&kind.as_str()) {
             continue;
         }
+        // Without -k, kubernetes-validate uses the newest schema it has (1.37 today), the
+        // one with Pod Certificates (the cert-pod-certificate fixture).
         let out = Command::new("kubernetes-validate")
             .args(["--strict", "--quiet"])
             .arg(path)

@@ -46,32 +46,26 @@ fn explain_names_what_applies_what_is_skipped_and_what_l4_cannot_enforce() {
 
     // Another workload, from the command line alone: the broken document in its namespace
     // is the answer, named with its place in the file, and the exit code says bad input.
-    let (out, code, err) = l4mesh(&[
-        "check",
-        "--explain",
-        "--config",
-        config,
-        "--namespace",
-        "reporting",
-        "--label",
-        "app=reports",
-    ]);
+    let explain_for = |namespace: &str, label: &str| {
+        l4mesh(&[
+            "check",
+            "--explain",
+            "--config",
+            config,
+            "--namespace",
+            namespace,
+            "--label",
+            label,
+        ])
+    };
+    let (out, code, err) = explain_for("reporting", "app=reports");
     assert_eq!((code, out.as_str()), (64, ""), "{err}");
     assert!(
         err.contains("kubectl-export.yaml: document 1 (item 8: AuthorizationPolicy reporting/reports-typo): unknown field `principal`"),
         "{err}"
     );
     // A workload in a namespace with no policy of its own: mesh-wide STRICT, no ALLOW.
-    let (out, code, err) = l4mesh(&[
-        "check",
-        "--explain",
-        "--config",
-        config,
-        "--namespace",
-        "web",
-        "--label",
-        "app=web",
-    ]);
+    let (out, code, err) = explain_for("web", "app=web");
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("all ports: STRICT (PeerAuthentication istio-system/default, mesh-wide)"),

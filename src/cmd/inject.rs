@@ -508,18 +508,7 @@ impl SidecarContainer {
                 requests: Quantities::new(Some("10m"), "16Mi"),
                 limits: Quantities::new(None, "256Mi"),
             },
-            security_context: SecurityContext {
-                run_as_user: consts::PROXY_UID,
-                run_as_group: consts::PROXY_GID,
-                run_as_non_root: true,
-                privileged: None,
-                allow_privilege_escalation: false,
-                read_only_root_filesystem: true,
-                capabilities: Capabilities {
-                    drop: ["ALL"],
-                    add: None,
-                },
-            },
+            security_context: SecurityContext::proxy_user(),
             volume_mounts: [
                 mount("l4mesh-certs", consts::CERTS_DIR),
                 mount("l4mesh-policy", consts::POLICY_DIR),
@@ -565,18 +554,7 @@ impl SpiffeHelper {
                 limits: Quantities::new(None, "64Mi"),
             },
             // The same user as l4mesh: the files it writes are the sidecar's to read.
-            security_context: SecurityContext {
-                run_as_user: consts::PROXY_UID,
-                run_as_group: consts::PROXY_GID,
-                run_as_non_root: true,
-                privileged: None,
-                allow_privilege_escalation: false,
-                read_only_root_filesystem: true,
-                capabilities: Capabilities {
-                    drop: ["ALL"],
-                    add: None,
-                },
-            },
+            security_context: SecurityContext::proxy_user(),
             volume_mounts: [
                 VolumeMount {
                     name: "spire-agent-socket",
@@ -712,6 +690,24 @@ struct SecurityContext {
     allow_privilege_escalation: bool,
     read_only_root_filesystem: bool,
     capabilities: Capabilities,
+}
+
+impl SecurityContext {
+    /// UID/GID 1337 (which the capture rules exempt), no capabilities, read-only root.
+    fn proxy_user() -> Self {
+        SecurityContext {
+            run_as_user: consts::PROXY_UID,
+            run_as_group: consts::PROXY_GID,
+            run_as_non_root: true,
+            privileged: None,
+            allow_privilege_escalation: false,
+            read_only_root_filesystem: true,
+            capabilities: Capabilities {
+                drop: ["ALL"],
+                add: None,
+            },
+        }
+    }
 }
 
 #[derive(Serialize)]
