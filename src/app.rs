@@ -53,17 +53,23 @@ pub fn load_credentials(
     identity::load(&credential_paths(config), &expected).map_err(|e| e.with_origin(&config.origins))
 }
 
+/// Reads the policy file the config names: none, or an optional one not there yet, is no
+/// policies.
+pub fn load_policy_set(config: &Config) -> Result<PolicySet, PolicyError> {
+    match &config.policy.file {
+        Some(path) if config.policy.optional && !path.exists() => {
+            debug!(path = %path.display(), "no policy file (yet): no policies");
+            Ok(PolicySet::default())
+        }
+        Some(path) => PolicySet::load(path),
+        None => Ok(PolicySet::default()),
+    }
+}
+
 /// Loads the policy file (if any) and resolves it for this workload. The workload's namespace
 /// is the configured one, else the one in its SPIFFE ID.
 pub fn load_policy(config: &Config, id: &SpiffeId) -> Result<WorkloadPolicy, PolicyError> {
-    let set = match &config.policy.file {
-        Some(path) if config.policy.optional && !path.exists() => {
-            debug!(path = %path.display(), "no policy file (yet): no policies");
-            PolicySet::default()
-        }
-        Some(path) => PolicySet::load(path)?,
-        None => PolicySet::default(),
-    };
+    let set = load_policy_set(config)?;
     for s in &set.skipped {
         debug!(document = s.index, what = %s.what, why = %s.why, "skipping a resource that is not for a sidecar");
     }

@@ -46,18 +46,23 @@ pub fn check(config: &Config) -> Result<String, CheckError> {
     Ok(out)
 }
 
-fn describe_policy(policy: &WorkloadPolicy, out: &mut String) {
+/// Each port's mode and where it came from (`check` and `check --explain` print it alike).
+pub(crate) fn describe_modes(mtls: &crate::policy::EffectiveMtls, out: &mut String) {
     outln!(out, "inbound mTLS mode:");
-    for (port, (mode, source)) in &policy.mtls.ports {
+    for (port, (mode, source)) in &mtls.ports {
         outln!(out, "  port {port}: {mode} ({source})");
     }
-    let (mode, source) = &policy.mtls.default;
-    let label = if policy.mtls.ports.is_empty() {
+    let (mode, source) = &mtls.default;
+    let label = if mtls.ports.is_empty() {
         "all ports"
     } else {
         "other ports"
     };
     outln!(out, "  {label}: {mode} ({source})");
+}
+
+fn describe_policy(policy: &WorkloadPolicy, out: &mut String) {
+    describe_modes(&policy.mtls, out);
     let (allow, deny, audit) = policy.authz.counts();
     let open = if allow == 0 {
         " (no ALLOW policy: every peer not denied is allowed)"

@@ -54,11 +54,7 @@ fn resolve(config: &Config, subject: &Subject) -> Result<Resolved, ExplainError>
         labels,
         trust_domain: config.identity.trust_domain.as_str().to_string(),
     };
-    let set = match &config.policy.file {
-        Some(path) if config.policy.optional && !path.exists() => PolicySet::default(),
-        Some(path) => PolicySet::load(path)?,
-        None => PolicySet::default(),
-    };
+    let set = crate::app::load_policy_set(config)?;
     let policy = WorkloadPolicy::resolve(&set, &workload, &config.policy.root_namespace)?;
     Ok(Resolved {
         workload,
@@ -100,18 +96,9 @@ pub fn explain(config: &Config, subject: &Subject) -> Result<String, ExplainErro
         w.trust_domain
     );
 
-    outln!(out, "\ninbound mTLS mode:");
+    outln!(out, "");
     let mtls = &r.policy.mtls;
-    for (port, (mode, source)) in &mtls.ports {
-        outln!(out, "  port {port}: {mode} ({source})");
-    }
-    let (mode, source) = &mtls.default;
-    let rest = if mtls.ports.is_empty() {
-        "all ports"
-    } else {
-        "other ports"
-    };
-    outln!(out, "  {rest}: {mode} ({source})");
+    crate::cmd::check::describe_modes(mtls, &mut out);
 
     outln!(out, "\nPeerAuthentications:");
     if mtls.considered.is_empty() {
@@ -283,7 +270,7 @@ pub fn simulate(
         sim.reason = format!("refused: plaintext is not mesh mTLS (STRICT, from {source})");
         return Ok(sim);
     }
-    let principal = peer_id.map(|id| format!("{}{}", id.trust_domain(), id.path()));
+    let principal = peer_id.map(SpiffeId::principal);
     let (namespace, service_account) = peer_id
         .and_then(|id| id.namespace_and_service_account())
         .unzip();
@@ -318,10 +305,7 @@ pub fn simulate(
         Decision::Deny(Some(m)) => (Some(m.rule), format!("denied by {m}")),
         Decision::Deny(None) => (
             None,
-            format!(
-                "denied: no rule of the ALLOW policies in force matched ({})",
-                r.policy.authz.allow_policies()
-            ),
+            format!("denied: {}", r.policy.authz.no_allow_matched()),
         ),
     };
     if !sim.allowed {

@@ -60,6 +60,12 @@ impl SpiffeId {
         &self.path
     }
 
+    /// The ID as Istio's AuthorizationPolicies name it: without `spiffe://`
+    /// (`cluster.local/ns/shop/sa/web`).
+    pub fn principal(&self) -> String {
+        format!("{}{}", self.trust_domain(), self.path())
+    }
+
     /// `(namespace, service account)` when the path has the Istio `/ns/X/sa/Y` shape.
     pub fn namespace_and_service_account(&self) -> Option<(&str, &str)> {
         let mut parts = self.path.strip_prefix('/')?.split('/');

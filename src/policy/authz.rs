@@ -766,10 +766,13 @@ impl Authorizer {
         (self.allow.len(), self.deny.len(), self.audit.len())
     }
 
-    /// The ALLOW policies in force (`ns/a, ns/b`): what a connection matching none of their
-    /// rules was denied by.
-    pub fn allow_policies(&self) -> &str {
-        &self.allow_ids
+    /// Why a connection no ALLOW rule matched was denied, naming the ALLOW policies in force
+    /// (logs, errors, `/refused`, `simulate`).
+    pub fn no_allow_matched(&self) -> String {
+        format!(
+            "no rule of the ALLOW policies in force matched ({})",
+            self.allow_ids
+        )
     }
 }
 
@@ -1387,7 +1390,10 @@ mod tests {
             ("shop", "b", "rules:\n- from:\n  - source:\n      principals: [\"cluster.local/ns/shop/sa/payment\"]\n"),
         ]);
         assert_eq!(a.decide(&mtls(SLEEP, 1)).decision, Decision::Deny(None));
-        assert_eq!(a.allow_policies(), "shop/a, shop/b");
+        assert_eq!(
+            a.no_allow_matched(),
+            "no rule of the ALLOW policies in force matched (shop/a, shop/b)"
+        );
         assert_eq!(
             a.decide(&mtls(SLEEP, 8080)).decision,
             Decision::Allow(Some(m("shop/a", 1)))

@@ -277,8 +277,7 @@ pub(super) fn authorize(
     client_addr: SocketAddr,
     dst: SocketAddr,
 ) -> Result<(), InboundError> {
-    // Istio principals are SPIFFE IDs without the scheme.
-    let principal = peer.map(|id| format!("{}{}", id.trust_domain(), id.path()));
+    let principal = peer.map(SpiffeId::principal);
     let (namespace, service_account) = peer
         .and_then(|id| id.namespace_and_service_account())
         .unzip();
@@ -319,10 +318,7 @@ pub(super) fn authorize(
             port: dst.port(),
             policy: match by {
                 Some(m) => format!("matched {m}"),
-                None => format!(
-                    "no rule of the ALLOW policies in force matched ({})",
-                    policy.authz.allow_policies()
-                ),
+                None => policy.authz.no_allow_matched(),
             },
         }),
     }
