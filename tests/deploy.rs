@@ -93,3 +93,80 @@ fn kustomization_and_dockerfile_name_files_that_exist() {
     assert!(dockerfile.contains("CARGO_PROFILE_RELEASE_STRIP=symbols"));
     assert!(dockerfile.contains("CARGO_PROFILE_RELEASE_DEBUG=0"));
 }
+
+fn version(v: &str) -> (u32, u32) {
+    let mut parts = v.trim().split('.').map(|p| p.parse::<u32>().unwrap());
+    (parts.next().unwrap(), parts.next().unwrap())
+}
+
+/// The Dockerfile's build stage can build what Cargo.lock pins: Cargo.toml's rust-version is
+/// at least every locked package's own, and the builder image at least that. (The builder was
+/// once rust:1.86 while `time`, under x509-parser, needed 1.88: the image did not build.)
+#[test]
+fn dockerfile_toolchain_builds_every_locked_dependency() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo metadata");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (needs, by) = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| Some((version(p["rust_version"].as_str()?), p["name"].as_str()?)))
+        .max()
+        .unwrap();
+    let declared = version(env!("CARGO_PKG_RUST_VERSION"));
+    assert!(
+        declared >= needs,
+        "Cargo.toml rust-version {declared:?} < {needs:?}, which {by} needs"
+    );
+    let builder = read("deploy/Dockerfile")
+        .lines()
+        .find_map(|l| l.strip_prefix("FROM rust:")?.split('-').next().map(version))
+        .expect("FROM rust:<version>-... in deploy/Dockerfile");
+    assert!(
+        builder >= declared,
+        "builder {builder:?} < rust-version {declared:?}"
+    );
+}
+
+/// deploy/image.sh builds the image from the Dockerfile's own steps; it reads them correctly.
+#[test]
+fn image_script_reads_its_steps_from_the_dockerfile() {
+    let out = std::process::Command::new("bash")
+        .args(["deploy/image.sh", "--plan"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan = String::from_utf8(out.stdout).unwrap();
+    let dockerfile = read("deploy/Dockerfile");
+    let expect = [
+        "base: debian:bookworm-slim".to_string(),
+        "packages: iptables iproute2 ca-certificates".to_string(),
+        "binary: CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols cargo build --release --locked --bin l4mesh".to_string(),
+        "copy: /src/target/release/l4mesh -> /usr/local/bin/l4mesh".to_string(),
+        "copy: iptables/init.sh -> /usr/local/bin/l4mesh-iptables-init".to_string(),
+        "chmod: 0755 /usr/local/bin/l4mesh-iptables-init".to_string(),
+        "user: 1337:1337".to_string(),
+        "entrypoint: l4mesh".to_string(),
+        "cmd: run".to_string(),
+    ];
+    for line in expect {
+        assert!(plan.contains(&line), "plan lacks {line:?}:\n{plan}");
+        // What the plan says is what the Dockerfile says (not a copy kept in the script).
+        let word = line.rsplit([' ', ':']).next().unwrap();
+        assert!(dockerfile.contains(word), "{word} not in the Dockerfile");
+    }
+}

@@ -510,7 +510,7 @@ mod tests {
             x ^= x << 17;
             let len = (x % 300) as usize;
             let mut bytes: Vec<u8> = (0..len).map(|i| (x >> (i % 56)) as u8).collect();
-            if x % 2 == 0 && !bytes.is_empty() {
+            if x.is_multiple_of(2) && !bytes.is_empty() {
                 bytes[0] = 0x16; // make the TLS path the common one
             }
             let _ = classify(&bytes, MESH, LIMIT);
