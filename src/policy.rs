@@ -472,7 +472,7 @@ impl PolicySet {
             .enumerate()
         {
             let Some(value) = value else { continue }; // an empty document
-            set.read(path, i + 1, None, &value, doc);
+            set.read(path, text, i + 1, None, &value, doc);
         }
         Ok(set)
     }
@@ -482,6 +482,7 @@ impl PolicySet {
     fn read<'de, D>(
         &mut self,
         path: &Path,
+        text: &str,
         index: usize,
         item: Option<usize>,
         value: &serde_yaml::Value,
@@ -496,7 +497,7 @@ impl PolicySet {
                 Some(serde_yaml::Value::Sequence(items)) => {
                     for (j, it) in items.iter().enumerate() {
                         if !it.is_null() {
-                            self.read(path, index, Some(j + 1), it, it.clone());
+                            self.read(path, text, index, Some(j + 1), it, it.clone());
                         }
                     }
                 }
@@ -513,6 +514,11 @@ impl PolicySet {
         }
         let what = describe(value, item);
         if let Err(message) = self.add_document(index, &what, value, doc) {
+            // An item was read from a `Value`, which has no positions: read it again from
+            // the text to say where its error is.
+            let message = item
+                .and_then(|j| locate_item(text, index, j, value))
+                .unwrap_or(message);
             self.broken.push(Broken {
                 path: path.to_path_buf(),
                 index,
@@ -629,6 +635,100 @@ impl PolicySet {
         });
         Ok(())
     }
+}
+
+/// Item `item` (from 1) of the `kind: List` that is document `index` of `text`, deserialized
+/// again from the text into its kind's type: its error's message, with line and column (the
+/// item's first reading, from a `Value`, has none) and the field path from the item (the
+/// item is already named). `None` when it reads cleanly this way (the
+/// problem was not one of YAML shape) or its kind is not one l4mesh reads. Only run for an
+/// item that failed, so reading the List from its start each time costs nothing otherwise.
+fn locate_item(text: &str, index: usize, item: usize, value: &serde_yaml::Value) -> Option<String> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    #[derive(Clone, Copy)]
+    enum Kind {
+        Peer,
+        Authz,
+    }
+    #[derive(Clone, Copy)]
+    struct Probe {
+        item: usize,
+        kind: Kind,
+    }
+    struct Items(Probe);
+    struct Item(Kind);
+
+    impl<'de> DeserializeSeed<'de> for Probe {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Probe {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a List")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "items" {
+                    map.next_value_seed(Items(self))?;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(())
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Items {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Items {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list of items")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            for _ in 1..self.0.item {
+                if seq.next_element::<IgnoredAny>()?.is_none() {
+                    return Ok(());
+                }
+            }
+            seq.next_element_seed(Item(self.0.kind))?;
+            // The rest is read past, so that a clean item ends in `Ok`, not in a complaint
+            // about a list left half read.
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(())
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Item {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            match self.0 {
+                Kind::Peer => RawPeerAuthentication::deserialize(d).map(drop),
+                Kind::Authz => RawAuthorizationPolicy::deserialize(d).map(drop),
+            }
+        }
+    }
+
+    let kind = match value.get("kind").and_then(|k| k.as_str()) {
+        Some("PeerAuthentication") => Kind::Peer,
+        Some("AuthorizationPolicy") => Kind::Authz,
+        _ => return None,
+    };
+    let doc = serde_yaml::Deserializer::from_str(text).nth(index - 1)?;
+    let e = Probe { item, kind }.deserialize(doc).err()?;
+    let at = format!("items[{}]", item - 1);
+    let message = yaml_message(&e);
+    Some(if message.contains(&format!("{at}.")) {
+        message.replacen(&format!("{at}."), "", 1)
+    } else {
+        message.replacen(&format!("{at}: "), "", 1)
+    })
 }
 
 /// How errors and reports name a document: ` (item 2: PeerAuthentication shop/strict)`, read
@@ -907,6 +1007,35 @@ mod tests {
             err.contains("document 1 (item 1: PeerAuthentication shop/strict)"),
             "{err}"
         );
+        // ... and by its line and column in the file, as a document of its own is.
+        let line = bad.lines().position(|l| l.contains("STRICTLY")).unwrap() + 1;
+        let column = bad.lines().nth(line - 1).unwrap().find("STRICTLY").unwrap() + 1;
+        assert!(
+            err.contains(&format!(
+                "line {line} column {column}: spec.mtls.mode: unknown variant `STRICTLY`"
+            )),
+            "{err}"
+        );
+        // The second item, after a good first one; an unknown field in an AuthorizationPolicy.
+        let bad = text.replace(
+            "spec: {}",
+            "spec:
+    rules: []
+    actions: DENY",
+        );
+        let err = parse_err(&bad);
+        let line = bad.lines().position(|l| l.contains("actions:")).unwrap() + 1;
+        assert!(
+            err.contains("document 1 (item 2: AuthorizationPolicy shop/deny-all): ")
+                && err.contains(&format!(
+                    "line {line} column 5: spec: unknown field `actions`"
+                )),
+            "{err}"
+        );
+        // A problem that is not one of YAML shape keeps its message (no position to give).
+        let bad = text.replace("\n    namespace: shop\n  spec: {}", "\n  spec: {}");
+        let err = parse_err(&bad);
+        assert!(err.contains("metadata.namespace: missing"), "{err}");
     }
 
     /// A YAML document as an item of a `- ` list.
@@ -1261,7 +1390,7 @@ status:
             ),
             (
                 format!("apiVersion: v1\nkind: List\nitems:\n- {}", "kind: PeerAuthentication"),
-                "document 1 (item 1: PeerAuthentication (no namespace)/): apiVersion",
+                "document 1 (item 1: PeerAuthentication (no namespace)/): line 4 column 3: missing field `apiVersion`",
             ),
             (
                 "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: p\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: a\n  portLevelMtls:\n    8080:\n".to_string(),

@@ -61,7 +61,7 @@ fn explain_names_what_applies_what_is_skipped_and_what_l4_cannot_enforce() {
     let (out, code, err) = explain_for("reporting", "app=reports");
     assert_eq!((code, out.as_str()), (64, ""), "{err}");
     assert!(
-        err.contains("kubectl-export.yaml: document 1 (item 8: AuthorizationPolicy reporting/reports-typo): unknown field `principal`"),
+        err.contains("kubectl-export.yaml: document 1 (item 8: AuthorizationPolicy reporting/reports-typo): line 190 column 11: spec.rules[0].from[0].source: unknown field `principal`"),
         "{err}"
     );
     // A workload in a namespace with no policy of its own: mesh-wide STRICT, no ALLOW.
