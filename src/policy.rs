@@ -671,8 +671,9 @@ fn locate_item(text: &str, index: usize, item: usize, value: &serde_yaml::Value)
             f.write_str("a List")
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-            while let Some(key) = map.next_key::<String>()? {
-                if key == "items" {
+            // Keys of any type (a List's own keys are strings, but this runs on broken input).
+            while let Some(key) = map.next_key::<serde_yaml::Value>()? {
+                if key.as_str() == Some("items") {
                     map.next_value_seed(Items(self))?;
                 } else {
                     map.next_value::<IgnoredAny>()?;

@@ -42,6 +42,8 @@ const POLICY: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication
 const CONFIG: &str = "identity:\n  cert_chain: c.pem\n  private_key: k.pem\n  trust_bundle: r.pem\noutbound:\n  rules:\n    - cidrs: [10.0.0.0/8]\n      ports: [80, \"90-99\"]\n      action: mtls\n      server_identities: [\"spiffe://td/ns/a/*\"]\ndetection:\n  port_timeouts:\n    25: 100ms\n";
 
 /// A text with some characters replaced, removed or inserted.
+const LIST: &str = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: security.istio.io/v1\n  kind: PeerAuthentication\n  metadata:\n    name: p\n    namespace: shop\n  spec:\n    mtls:\n      mode: STRICT\n    portLevelMtls:\n      \"8080\":\n        mode: PERMISSIVE\n- apiVersion: security.istio.io/v1\n  kind: AuthorizationPolicy\n  metadata:\n    name: a\n    namespace: shop\n  spec:\n    action: DENY\n    rules:\n    - from:\n      - source:\n          principals: [\"cluster.local/ns/shop/sa/x\"]\n";
+
 fn mutated(text: &'static str) -> impl Strategy<Value = String> {
     let chars: Vec<char> = text.chars().collect();
     let n = chars.len();
@@ -103,6 +105,21 @@ proptest! {
     fn mutated_policy_files_parse_or_fail_cleanly(text in mutated(POLICY)) {
         if let Err(e) = PolicySet::parse(Path::new("p.yaml"), &text) {
             prop_assert!(e.to_string().starts_with("p.yaml: "), "{}", e);
+        }
+    }
+
+    /// The same documents as `kubectl get -o yaml` prints them: items of a List, where a
+    /// broken item is read a second time to say where its error is.
+    #[test]
+    fn mutated_policy_lists_parse_or_fail_cleanly(text in mutated(LIST)) {
+        match PolicySet::parse(Path::new("p.yaml"), &text) {
+            Err(e) => prop_assert!(e.to_string().starts_with("p.yaml: "), "{}", e),
+            Ok(set) => {
+                for b in &set.broken {
+                    let e = b.error().to_string();
+                    prop_assert!(e.starts_with("p.yaml: document 1"), "{}", e);
+                }
+            }
         }
     }
 
