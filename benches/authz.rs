@@ -50,7 +50,7 @@ fn bench(c: &mut Criterion) {
     let workload = Workload {
         namespace: "shop".to_string(),
         labels: BTreeMap::new(),
-        trust_domain: "cluster.local".to_string(),
+        trust_domains: "cluster.local".into(),
     };
     let authorizer = Authorizer::compile(&policies(), &workload, "istio-system");
     let dst: SocketAddr = "10.200.0.9:8080".parse().unwrap();

@@ -45,7 +45,7 @@ pub fn load_credentials(
     id: Option<&SpiffeId>,
 ) -> Result<Credentials, identity::IdentityError> {
     let expected = Expected {
-        trust_domain: config.identity.trust_domain.as_str().to_string(),
+        trust_domains: config.identity.trust_domains(),
         namespace: config.workload.namespace.clone(),
         service_account: config.workload.service_account.clone(),
         id: id.cloned(),
@@ -76,7 +76,7 @@ pub fn load_policy(config: &Config, id: &SpiffeId) -> Result<WorkloadPolicy, Pol
     let workload = policy::Workload {
         namespace: crate::proxy::workload_namespace(config, id),
         labels: config.workload.labels.clone(),
-        trust_domain: config.identity.trust_domain.as_str().to_string(),
+        trust_domains: config.identity.trust_domains(),
     };
     let resolved = WorkloadPolicy::resolve(&set, &workload, &config.policy.root_namespace)?;
     for w in resolved.warnings() {

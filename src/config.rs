@@ -218,6 +218,11 @@ pub struct IdentityConfig {
     /// The mesh's trust domain; peers outside it are refused.
     #[serde(default = "default_trust_domain")]
     pub trust_domain: TrustDomain,
+    /// Other names of the trust domain (Istio's `trustDomainAliases`), for a migration from
+    /// one to another: peers in them are accepted, and a policy principal naming any of them
+    /// (or `cluster.local`) names the workload in all of them.
+    #[serde(default)]
+    pub trust_domain_aliases: Vec<TrustDomain>,
     /// PEM: the workload certificate first, then any intermediates.
     pub cert_chain: PathBuf,
     /// PEM: the workload's private key (ECDSA P-256, Ed25519 or RSA; PKCS#8, SEC1 or PKCS#1).
@@ -239,6 +244,18 @@ pub struct IdentityConfig {
     /// Log a warning when the certificate has less than each of these left.
     #[serde(default = "default_expiry_warnings")]
     pub expiry_warnings: Vec<humantime_serde::Serde<Duration>>,
+}
+
+impl IdentityConfig {
+    /// The trust domain with its aliases, as peers and policies are judged against them.
+    pub fn trust_domains(&self) -> crate::identity::TrustDomains {
+        let aliases: Vec<String> = self
+            .trust_domain_aliases
+            .iter()
+            .map(|a| a.as_str().to_string())
+            .collect();
+        crate::identity::TrustDomains::new(self.trust_domain.as_str(), &aliases)
+    }
 }
 
 fn default_reload() -> Duration {
@@ -855,6 +872,23 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("invalid trust domain"), "{err}");
+        // An alias is checked the same way, and named by its place in the list.
+        let err = parse(&format!(
+            "{MINIMAL}  trust_domain_aliases: [old.example, Bad/Domain]\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.starts_with("sidecar.yaml:5:39: identity.trust_domain_aliases[1]"),
+            "{err}"
+        );
+        let c = parse(&format!(
+            "{MINIMAL}  trust_domain: new.example\n  trust_domain_aliases: [old.example, new.example]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.identity.trust_domains().to_string(),
+            "new.example (aliases old.example)"
+        );
     }
 
     #[test]

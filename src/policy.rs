@@ -822,8 +822,8 @@ impl WorkloadPolicy {
 pub struct Workload {
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
-    /// The mesh's trust domain: `cluster.local/...` principals stand for it.
-    pub trust_domain: String,
+    /// The mesh's trust domain and aliases: `cluster.local/...` principals stand for them.
+    pub trust_domains: crate::identity::TrustDomains,
 }
 
 /// The resolved mode of every inbound port of one workload.
@@ -1128,7 +1128,7 @@ status:
     fn resolve(docs: &str, ns: &str, labels: &[(&str, &str)]) -> EffectiveMtls {
         let set = PolicySet::parse(Path::new("p.yaml"), docs).unwrap();
         let w = Workload {
-            trust_domain: "cluster.local".into(),
+            trust_domains: "cluster.local".into(),
             namespace: ns.to_string(),
             labels: labels
                 .iter()
@@ -1429,7 +1429,7 @@ status:
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            trust_domain: "cluster.local".into(),
+            trust_domains: "cluster.local".into(),
         }
     }
 
@@ -1644,7 +1644,7 @@ status:
         let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/policy.yaml"));
         let set = PolicySet::parse(path, include_str!("../config/policy.yaml")).unwrap();
         let cart = Workload {
-            trust_domain: "cluster.local".into(),
+            trust_domains: "cluster.local".into(),
             namespace: "shop".into(),
             labels: [("app".to_string(), "cart".to_string())].into(),
         };

@@ -36,18 +36,44 @@ async fn sidecar_at(
     ip: std::net::IpAddr,
     extra: &str,
 ) -> Sidecar {
+    let td = TrustDomain {
+        certificate: "cluster.local",
+        config: "",
+    };
+    sidecar_in(dir, ca, sa, td, policy, dst, ip, extra).await
+}
+
+/// The trust domain of a sidecar's certificate, and its config's `identity` lines about trust
+/// domains (empty: the default, `cluster.local`).
+struct TrustDomain<'a> {
+    certificate: &'a str,
+    config: &'a str,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn sidecar_in(
+    dir: &Path,
+    ca: &Path,
+    sa: &str,
+    td: TrustDomain<'_>,
+    policy: &str,
+    dst: SocketAddr,
+    ip: std::net::IpAddr,
+    extra: &str,
+) -> Sidecar {
     let certs_dir = dir.join(format!("{sa}-certs"));
     certs::issue(
         ca,
-        &certs::IssueRequest::new("cluster.local", "shop", sa),
+        &certs::IssueRequest::new(td.certificate, "shop", sa),
         &certs_dir,
     )
     .unwrap();
     let policy_file = dir.join(format!("{sa}-policy.yaml"));
     std::fs::write(&policy_file, policy).unwrap();
     let yaml = format!(
-        "listeners:\n  outbound: {ip}:0\n  inbound: {ip}:0\n  tunnel: {ip}:15008\n  metrics: {ip}:0\n  admin: {ip}:0\nidentity:\n  cert_chain: {c}/cert-chain.pem\n  private_key: {c}/key.pem\n  trust_bundle: {c}/root-cert.pem\nworkload:\n  namespace: shop\n  service_account: {sa}\n  workload_name: {sa}-deploy\n  labels:\n    app: {sa}\n    version: v1\n  ports: [{port}]\npolicy:\n  file: {p}\n{extra}",
+        "listeners:\n  outbound: {ip}:0\n  inbound: {ip}:0\n  tunnel: {ip}:15008\n  metrics: {ip}:0\n  admin: {ip}:0\nidentity:\n{td}  cert_chain: {c}/cert-chain.pem\n  private_key: {c}/key.pem\n  trust_bundle: {c}/root-cert.pem\nworkload:\n  namespace: shop\n  service_account: {sa}\n  workload_name: {sa}-deploy\n  labels:\n    app: {sa}\n    version: v1\n  ports: [{port}]\npolicy:\n  file: {p}\n{extra}",
         c = certs_dir.display(),
+        td = td.config,
         p = policy_file.display(),
         port = dst.port(),
     );
@@ -493,4 +519,111 @@ async fn in_process_sidecars_negotiate_post_quantum_key_exchange() {
         metric(&server, groups, &["inbound", "group=\"X25519\""]),
         1.0
     );
+}
+
+/// A trust-domain migration (Istio's trustDomainAliases): the mesh moves from old.example to
+/// new.example; every sidecar's config names new.example with old.example as an alias, and
+/// certificates are reissued one workload at a time. Clients on either certificate reach the
+/// server through the tunnel, and a policy written before the move (naming old.example) still
+/// admits the client whichever certificate it holds. Without the alias the old certificate
+/// is refused in the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_trust_domain_migration_with_an_alias() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca(dir.path());
+    let migrating = "  trust_domain: new.example\n  trust_domain_aliases: [old.example]\n";
+    let td = |certificate, config| TrustDomain {
+        certificate,
+        config,
+    };
+    let written_before = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: clients\n  namespace: shop\nspec:\n  rules:\n  - from:\n    - source:\n        principals: [\"old.example/ns/shop/sa/client\", \"old.example/ns/shop/sa/reissued\"]\n";
+    let server_ip = pod_ip();
+    let app = echo_app_at(server_ip).await;
+    let server = sidecar_in(
+        dir.path(),
+        &ca,
+        "server",
+        td("new.example", migrating),
+        written_before,
+        app,
+        server_ip,
+        "",
+    )
+    .await;
+    let old = sidecar_in(
+        dir.path(),
+        &ca,
+        "client",
+        td("old.example", migrating),
+        NO_POLICIES,
+        app,
+        pod_ip(),
+        "",
+    )
+    .await;
+    let reissued = sidecar_in(
+        dir.path(),
+        &ca,
+        "reissued",
+        td("new.example", migrating),
+        NO_POLICIES,
+        app,
+        pod_ip(),
+        "",
+    )
+    .await;
+    assert_eq!(exchange(old.bound.outbound, b"old cert").await, b"old cert");
+    assert_eq!(
+        exchange(reissued.bound.outbound, b"new cert").await,
+        b"new cert"
+    );
+    // Each is counted under the identity it presented.
+    let opened = "istio_tcp_connections_opened_total";
+    for id in [
+        "spiffe://old.example/ns/shop/sa/client",
+        "spiffe://new.example/ns/shop/sa/reissued",
+    ] {
+        let who = format!("source_principal=\"{id}\"");
+        assert_eq!(metric(&server, opened, &[&who, "mutual_tls"]), 1.0, "{id}");
+    }
+    assert_eq!(
+        metric(
+            &server,
+            "l4mesh_authorization_decisions_total",
+            &["action=\"deny\""]
+        ),
+        0.0
+    );
+
+    // A server of new.example that has no alias: the old certificate is not of its mesh.
+    let strict_ip = pod_ip();
+    let strict_app = echo_app_at(strict_ip).await;
+    let no_alias = sidecar_in(
+        dir.path(),
+        &ca,
+        "no-alias",
+        td("new.example", "  trust_domain: new.example\n"),
+        NO_POLICIES,
+        strict_app,
+        strict_ip,
+        "",
+    )
+    .await;
+    let old_to_strict = sidecar_in(
+        dir.path(),
+        &ca,
+        "client-2",
+        td("old.example", migrating),
+        NO_POLICIES,
+        strict_app,
+        pod_ip(),
+        "",
+    )
+    .await;
+    assert!(exchange(old_to_strict.bound.outbound, b"refused")
+        .await
+        .is_empty());
+    let failures = "l4mesh_tls_handshake_failures_total";
+    let failed = metric(&no_alias, failures, &["reason=\"bad_identity\""]);
+    assert!(failed >= 1.0, "counted as a bad identity: {failed}");
 }

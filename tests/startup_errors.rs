@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use l4mesh::cmd::certs::{self, IssueRequest, KeyType};
-use l4mesh::identity::{self, CredentialPaths, Expected};
+use l4mesh::identity::{self, CredentialPaths, Expected, TrustDomains};
 
 const BIN: &str = env!("CARGO_BIN_EXE_l4mesh");
 
@@ -46,7 +46,7 @@ fn paths(dir: &Path) -> CredentialPaths {
 
 fn expected() -> Expected {
     Expected {
-        trust_domain: "cluster.local".into(),
+        trust_domains: "cluster.local".into(),
         namespace: Some("shop".into()),
         service_account: Some("cart".into()),
         id: None,
@@ -212,7 +212,19 @@ fn identity_of_another_trust_domain_or_workload() {
     assert_names(
         &load_err(&p, &expected()),
         &p.cert_chain,
-        "is not in trust domain \"cluster.local\"",
+        "is not in trust domain cluster.local",
+    );
+    // Unless that domain is an alias of this one (mid-migration, before the certificate is
+    // reissued in the new domain); the message names the aliases when there are some.
+    let mut aliased = expected();
+    aliased.trust_domains = TrustDomains::new("cluster.local", &["other.example".to_string()]);
+    let creds = identity::load(&p, &aliased).expect("a certificate of an alias loads");
+    assert_eq!(creds.id.trust_domain(), "other.example");
+    aliased.trust_domains = TrustDomains::new("cluster.local", &["third.example".to_string()]);
+    assert_names(
+        &load_err(&p, &aliased),
+        &p.cert_chain,
+        "is not in trust domain cluster.local (aliases third.example)",
     );
 
     let dir = pki.issue("sa", |r| r.service_account = "checkout".into());

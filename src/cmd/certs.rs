@@ -224,7 +224,7 @@ pub fn issue_and_load(
         crls: Vec::new(),
     };
     let expected = crate::identity::Expected {
-        trust_domain: req.trust_domain.clone(),
+        trust_domains: req.trust_domain.as_str().into(),
         ..Default::default()
     };
     Ok(crate::identity::load(&paths, &expected)?)

@@ -52,7 +52,7 @@ fn resolve(config: &Config, subject: &Subject) -> Result<Resolved, ExplainError>
     let workload = Workload {
         namespace,
         labels,
-        trust_domain: config.identity.trust_domain.as_str().to_string(),
+        trust_domains: config.identity.trust_domains(),
     };
     let set = crate::app::load_policy_set(config)?;
     let policy = WorkloadPolicy::resolve(&set, &workload, &config.policy.root_namespace)?;
@@ -93,7 +93,7 @@ pub fn explain(config: &Config, subject: &Subject) -> Result<String, ExplainErro
         out,
         "policy file: {file} (root namespace {}, trust domain {})",
         config.policy.root_namespace,
-        w.trust_domain
+        w.trust_domains
     );
 
     outln!(out, "");
@@ -255,11 +255,11 @@ pub fn simulate(
         }
     };
     if let Some(id) = peer_id {
-        if id.trust_domain() != r.workload.trust_domain {
+        if !r.workload.trust_domains.contains(id.trust_domain()) {
             sim.refused_by = Some("handshake");
             sim.reason = format!(
                 "refused in the handshake: {id} is not in trust domain {}",
-                r.workload.trust_domain
+                r.workload.trust_domains
             );
             return Ok(sim);
         }

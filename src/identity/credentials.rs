@@ -10,7 +10,9 @@ use thiserror::Error;
 
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::identity::spiffe::{serial_hex, spiffe_id_of, CertIdentityError, SpiffeId};
+use crate::identity::spiffe::{
+    serial_hex, spiffe_id_of, CertIdentityError, SpiffeId, TrustDomains,
+};
 
 /// Where the three PEM files live.
 #[derive(Clone, Debug)]
@@ -38,7 +40,8 @@ impl CredentialPaths {
 /// What the workload expects its own identity to be; empty fields are not checked.
 #[derive(Clone, Debug, Default)]
 pub struct Expected {
-    pub trust_domain: String,
+    /// The trust domain (and aliases) its certificate must be in; empty: not checked.
+    pub trust_domains: TrustDomains,
     pub namespace: Option<String>,
     pub service_account: Option<String>,
     /// The exact identity (on rotation: the one the workload already has).
@@ -109,11 +112,11 @@ pub enum IdentityError {
         not_before: String,
         now: String,
     },
-    #[error("{path}: SPIFFE ID {id} is not in trust domain {trust_domain:?}")]
+    #[error("{path}: SPIFFE ID {id} is not in trust domain {trust_domains}")]
     WrongTrustDomain {
         path: PathBuf,
         id: SpiffeId,
-        trust_domain: String,
+        trust_domains: TrustDomains,
     },
     #[error("{path}: SPIFFE ID {id} is not this workload's ({expected})")]
     WrongWorkload {
@@ -199,11 +202,13 @@ pub fn load(paths: &CredentialPaths, expected: &Expected) -> Result<Credentials,
         SystemTime::UNIX_EPOCH + Duration::from_secs(validity.not_after.timestamp().max(0) as u64);
 
     let id = spiffe_id_of(leaf).map_err(cert_err)?;
-    if !expected.trust_domain.is_empty() && id.trust_domain() != expected.trust_domain {
+    // A certificate of an alias is this workload's until it is reissued in the new domain.
+    let checked = !expected.trust_domains.local().is_empty();
+    if checked && !expected.trust_domains.contains(id.trust_domain()) {
         return Err(IdentityError::WrongTrustDomain {
             path: paths.cert_chain.clone(),
             id,
-            trust_domain: expected.trust_domain.clone(),
+            trust_domains: expected.trust_domains.clone(),
         });
     }
     if expected.namespace.is_some() || expected.service_account.is_some() {
@@ -232,8 +237,14 @@ pub fn load(paths: &CredentialPaths, expected: &Expected) -> Result<Credentials,
             });
         }
     }
+    // Peers are judged by the mesh's trust domains; unchecked, by this certificate's own.
+    let trust_domains = if checked {
+        expected.trust_domains.clone()
+    } else {
+        TrustDomains::from(id.trust_domain())
+    };
     let mut trust =
-        crate::tls::trust::TrustStore::new(&roots, id.trust_domain()).map_err(|(index, e)| {
+        crate::tls::trust::TrustStore::new(&roots, trust_domains).map_err(|(index, e)| {
             IdentityError::BadRoot {
                 path: paths.trust_bundle.clone(),
                 index,

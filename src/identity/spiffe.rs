@@ -337,6 +337,81 @@ fn pieces_match(pieces: &[String], v: &str) -> bool {
     true
 }
 
+/// The mesh's trust domain and its aliases (Istio's `meshConfig.trustDomainAliases`): during
+/// a trust-domain migration, workloads still holding certificates of an old domain are the
+/// same workloads. Peers in any of them are accepted; a policy principal naming any of them,
+/// or `cluster.local` (Istio's pointer to "the local trust domain"), names them all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrustDomains {
+    local: String,
+    aliases: Vec<String>,
+}
+
+impl TrustDomains {
+    /// `aliases` without repeats, and without `local` itself.
+    pub fn new(local: &str, aliases: &[String]) -> TrustDomains {
+        let mut kept: Vec<String> = Vec::new();
+        for a in aliases {
+            if a != local && !kept.contains(a) {
+                kept.push(a.clone());
+            }
+        }
+        TrustDomains {
+            local: local.to_string(),
+            aliases: kept,
+        }
+    }
+
+    pub fn local(&self) -> &str {
+        &self.local
+    }
+
+    pub fn aliases(&self) -> &[String] {
+        &self.aliases
+    }
+
+    /// Whether a peer of trust domain `td` belongs to this mesh.
+    pub fn contains(&self, td: &str) -> bool {
+        td == self.local || self.aliases.iter().any(|a| a == td)
+    }
+
+    /// The principals a policy's `principal` stands for. A full workload principal
+    /// (`td/ns/NS/sa/SA`) whose trust domain is this mesh's, an alias or `cluster.local`
+    /// becomes one per domain of the mesh, as istiod expands them; anything else (another
+    /// domain, a pattern such as `*/ns/a/sa/b` or `td/ns/a/*`) stays as written.
+    pub fn principals(&self, principal: &str) -> Vec<String> {
+        let mut parts = principal.splitn(2, '/');
+        let (Some(td), Some(rest)) = (parts.next(), parts.next()) else {
+            return vec![principal.to_string()];
+        };
+        let full = rest.split('/').count() == 4;
+        if !full || !(td == "cluster.local" || self.contains(td)) {
+            return vec![principal.to_string()];
+        }
+        std::iter::once(&self.local)
+            .chain(&self.aliases)
+            .map(|d| format!("{d}/{rest}"))
+            .collect()
+    }
+}
+
+impl fmt::Display for TrustDomains {
+    /// `example.org`, or `example.org (aliases old.org, older.org)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.local)?;
+        if !self.aliases.is_empty() {
+            write!(f, " (aliases {})", self.aliases.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+impl From<&str> for TrustDomains {
+    fn from(local: &str) -> TrustDomains {
+        TrustDomains::new(local, &[])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,5 +475,45 @@ mod tests {
     fn non_workload_paths_have_no_namespace() {
         let id: SpiffeId = "spiffe://td/gateway".parse().unwrap();
         assert_eq!(id.namespace_and_service_account(), None);
+    }
+
+    #[test]
+    fn trust_domain_aliases_accept_peers_and_expand_principals_as_istiod_does() {
+        let tds = TrustDomains::new(
+            "new.org",
+            &[
+                "old.org".to_string(),
+                "new.org".to_string(),
+                "old.org".to_string(),
+            ],
+        );
+        assert_eq!(tds.aliases(), ["old.org"]);
+        assert_eq!(tds.to_string(), "new.org (aliases old.org)");
+        assert!(tds.contains("new.org") && tds.contains("old.org"));
+        assert!(!tds.contains("other.org") && !tds.contains("cluster.local"));
+        let both = ["new.org/ns/a/sa/b", "old.org/ns/a/sa/b"];
+        for p in [
+            "new.org/ns/a/sa/b",
+            "old.org/ns/a/sa/b",
+            "cluster.local/ns/a/sa/b",
+        ] {
+            assert_eq!(tds.principals(p), both, "{p}");
+        }
+        for p in [
+            "other.org/ns/a/sa/b",
+            "old.org/ns/a/*",
+            "*/ns/a/sa/b",
+            "*",
+            "old.org",
+        ] {
+            assert_eq!(tds.principals(p), [p], "{p}");
+        }
+        // Without aliases: only `cluster.local` is rewritten, to the local domain.
+        let one = TrustDomains::from("example.org");
+        assert_eq!(
+            one.principals("cluster.local/ns/a/sa/b"),
+            ["example.org/ns/a/sa/b"]
+        );
+        assert_eq!(one.principals("cluster.local/ns/*"), ["cluster.local/ns/*"]);
     }
 }

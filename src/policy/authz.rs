@@ -17,7 +17,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::identity::spiffe::Glob;
+use crate::identity::spiffe::{Glob, TrustDomains};
 use crate::parse::PortRange;
 use crate::policy::Workload;
 
@@ -620,7 +620,7 @@ impl Authorizer {
                 applies: applies.clone(),
             });
             if applies.is_ok() {
-                out.add(p, &workload.trust_domain);
+                out.add(p, &workload.trust_domains);
             }
         }
         out.allow_ids = out
@@ -632,7 +632,7 @@ impl Authorizer {
         out
     }
 
-    fn add(&mut self, p: &AuthorizationPolicy, trust_domain: &str) {
+    fn add(&mut self, p: &AuthorizationPolicy, trust_domains: &TrustDomains) {
         let id: Arc<str> = format!("{}/{}", p.namespace, p.name).into();
         let action = p.spec.action;
         let dry = if p.dry_run { " (dry run)" } else { "" };
@@ -650,7 +650,7 @@ impl Authorizer {
         }
         let mut rules = Vec::new();
         for (i, rule) in p.spec.rules.iter().enumerate() {
-            let (compiled, unsupported) = compile_rule(i, rule, &p.namespace, trust_domain);
+            let (compiled, unsupported) = compile_rule(i, rule, &p.namespace, trust_domains);
             if !unsupported.is_empty() {
                 let fields = unsupported.join(", ");
                 self.warnings.push(match action {
@@ -666,7 +666,7 @@ impl Authorizer {
                 }
             }
             if action == Action::Allow && !p.dry_run {
-                if let Some(principals) = exact_principals_only(rule, trust_domain) {
+                if let Some(principals) = exact_principals_only(rule, trust_domains) {
                     for pr in principals {
                         self.allow_by_principal.entry(pr).or_insert_with(|| Match {
                             policy: id.clone(),
@@ -776,20 +776,8 @@ impl Authorizer {
     }
 }
 
-/// `cluster.local/...` principals stand for the local trust domain, as Istio's trust-domain
-/// aliasing treats them: a policy written for the default trust domain keeps working (its
-/// ALLOW still allows, its DENY still denies) in a mesh with another one.
-fn local_principal(principal: &str, trust_domain: &str) -> String {
-    let parts: Vec<&str> = principal.split('/').collect();
-    if parts.len() == 5 && parts[0] == "cluster.local" {
-        format!("{trust_domain}/{}", parts[1..].join("/"))
-    } else {
-        principal.to_string()
-    }
-}
-
 /// The principals of a rule that says nothing but "one of these exact principals".
-fn exact_principals_only(rule: &Rule, trust_domain: &str) -> Option<Vec<String>> {
+fn exact_principals_only(rule: &Rule, trust_domains: &TrustDomains) -> Option<Vec<String>> {
     let [from] = rule.from.as_slice() else {
         return None;
     };
@@ -807,7 +795,7 @@ fn exact_principals_only(rule: &Rule, trust_domain: &str) -> Option<Vec<String>>
         from.source
             .principals
             .iter()
-            .map(|p| local_principal(p, trust_domain))
+            .flat_map(|p| trust_domains.principals(p))
             .collect()
     })
 }
@@ -817,12 +805,13 @@ fn compile_rule(
     index: usize,
     rule: &Rule,
     policy_namespace: &str,
-    trust_domain: &str,
+    trust_domains: &TrustDomains,
 ) -> (CompiledRule, Vec<String>) {
     let mut unsupported = Vec::new();
     let principals = |v: &[String]| {
         v.iter()
-            .map(|s| Glob::new(&local_principal(s, trust_domain)))
+            .flat_map(|s| trust_domains.principals(s))
+            .map(|s| Glob::new(&s))
             .collect::<Vec<_>>()
     };
     let namespaces = |v: &[String]| v.iter().map(|s| Glob::namespace(s)).collect::<Vec<_>>();
@@ -961,7 +950,7 @@ mod tests {
         Workload {
             namespace: "shop".into(),
             labels: BTreeMap::from([("app".to_string(), "orders".to_string())]),
-            trust_domain: trust_domain.into(),
+            trust_domains: trust_domain.into(),
         }
     }
 
@@ -1361,15 +1350,38 @@ mod tests {
                 .decision,
             Decision::Deny(Some(m("shop/deny-when", 0)))
         );
-        // Other trust domains are left as written.
-        assert_eq!(
-            local_principal("other.org/ns/a/sa/b", "example.org"),
-            "other.org/ns/a/sa/b"
-        );
-        assert_eq!(
-            local_principal("cluster.local/ns/*", "example.org"),
-            "cluster.local/ns/*"
-        );
+        // Another trust domain is not this mesh's.
+        assert!(!allowed(&a, mtls("other.org/ns/shop/sa/payment", 1)));
+
+        // Mid-migration to new.org with old.org as an alias: the same policies (and ones
+        // naming the old domain) allow and deny the workload whichever certificate it holds.
+        let mut workload = orders("new.org");
+        workload.trust_domains = TrustDomains::new("new.org", &["old.org".to_string()]);
+        let mut policies = policies;
+        policies.push(AuthorizationPolicy {
+            name: "allow-old".into(),
+            namespace: "shop".into(),
+            spec: serde_yaml::from_str("rules:\n- from:\n  - source:\n      principals: [\"old.org/ns/shop/sa/web\"]\n  to:\n  - operation:\n      ports: [\"8080\"]\n").unwrap(),
+            dry_run: false,
+        });
+        let a = Authorizer::compile(&policies, &workload, ROOT);
+        for td in ["new.org", "old.org"] {
+            let p = |who: &str| -> &'static str { format!("{td}/ns/{who}").leak() };
+            assert!(allowed(&a, mtls(p("shop/sa/payment"), 1)), "{td}");
+            assert!(allowed(&a, mtls(p("shop/sa/web"), 8080)), "{td}");
+            assert!(!allowed(&a, mtls(p("shop/sa/web"), 9090)), "{td}");
+            assert_eq!(
+                a.decide(&mtls(p("shop/sa/intruder"), 1)).decision,
+                Decision::Deny(Some(m("shop/deny", 0))),
+                "{td}"
+            );
+            assert_eq!(
+                a.decide(&mtls(p("default/sa/sleep"), 1)).decision,
+                Decision::Deny(Some(m("shop/deny-when", 0))),
+                "{td}"
+            );
+        }
+        assert!(!allowed(&a, mtls("other.org/ns/shop/sa/payment", 1)));
     }
 
     #[test]

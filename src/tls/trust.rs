@@ -10,7 +10,7 @@ use rustls::pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use rustls::CertificateError;
 use thiserror::Error;
 
-use crate::identity::spiffe::{spiffe_id_of, CertIdentityError, SpiffeId};
+use crate::identity::spiffe::{spiffe_id_of, CertIdentityError, SpiffeId, TrustDomains};
 
 /// Post-quantum hybrid key exchange between sidecars: X25519MLKEM768 (ML-KEM-768 with
 /// X25519, as Linkerd prefers by default and ztunnel offers), so traffic recorded today cannot
@@ -71,7 +71,7 @@ impl Usage {
 #[derive(Debug)]
 pub struct TrustStore {
     anchors: Vec<TrustAnchor<'static>>,
-    trust_domain: String,
+    trust_domains: TrustDomains,
     pub(crate) algorithms: WebPkiSupportedAlgorithms,
     /// Revocation lists; a peer whose certificate (or an intermediate) is listed is refused.
     crls: Vec<webpki::CertRevocationList<'static>>,
@@ -97,8 +97,11 @@ const VERIFIED_CAPACITY: usize = 4096;
 pub enum PeerIdentityError {
     #[error("peer certificate {0}")]
     Certificate(#[from] CertIdentityError),
-    #[error("peer {id} is not in trust domain {trust_domain:?}")]
-    WrongTrustDomain { id: SpiffeId, trust_domain: String },
+    #[error("peer {id} is not in trust domain {trust_domains}")]
+    WrongTrustDomain {
+        id: SpiffeId,
+        trust_domains: TrustDomains,
+    },
     #[error("peer {id} is not one of the identities this destination may present: {allowed}")]
     NotPinned { id: SpiffeId, allowed: String },
 }
@@ -113,7 +116,7 @@ impl TrustStore {
     /// Builds the store; on a bad root returns its index in the bundle and the reason.
     pub fn new(
         roots: &[CertificateDer<'_>],
-        trust_domain: &str,
+        trust_domains: impl Into<TrustDomains>,
     ) -> Result<Self, (usize, webpki::Error)> {
         let anchors = roots
             .iter()
@@ -126,7 +129,7 @@ impl TrustStore {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(TrustStore {
             anchors,
-            trust_domain: trust_domain.to_string(),
+            trust_domains: trust_domains.into(),
             algorithms: provider().signature_verification_algorithms,
             crls: Vec::new(),
             verified: Mutex::new(HashMap::new()),
@@ -222,10 +225,10 @@ impl TrustStore {
         )
         .map_err(pki_error)?;
         let id = spiffe_id_of(end_entity).map_err(|e| other(PeerIdentityError::from(e)))?;
-        if id.trust_domain() != self.trust_domain {
+        if !self.trust_domains.contains(id.trust_domain()) {
             return Err(other(PeerIdentityError::WrongTrustDomain {
                 id,
-                trust_domain: self.trust_domain.clone(),
+                trust_domains: self.trust_domains.clone(),
             }));
         }
         Ok(id)
