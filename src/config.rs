@@ -342,6 +342,11 @@ pub struct Workload {
 pub const ENV_CERT_CHAIN: &str = "L4MESH_CERT_CHAIN";
 pub const ENV_PRIVATE_KEY: &str = "L4MESH_PRIVATE_KEY";
 pub const ENV_TRUST_BUNDLE: &str = "L4MESH_TRUST_BUNDLE";
+/// Environment over `identity.trust_domain` and `identity.trust_domain_aliases` (a
+/// comma-separated list): how `l4mesh inject --trust-domain` reaches a sidecar that runs on
+/// the Kubernetes defaults.
+pub const ENV_TRUST_DOMAIN: &str = "L4MESH_TRUST_DOMAIN";
+pub const ENV_TRUST_DOMAIN_ALIASES: &str = "L4MESH_TRUST_DOMAIN_ALIASES";
 
 /// Parses a downward-API labels file: one `key="value"` per line, values quoted Go-style.
 pub fn parse_labels_file(text: &str) -> Result<BTreeMap<String, String>, String> {
@@ -715,6 +720,23 @@ impl Config {
                 *path = PathBuf::from(p);
             }
         }
+        let trust_domain = |var: &'static str, value: &str| {
+            TrustDomain::try_from(value.trim().to_string()).map_err(|reason| ConfigError::Env {
+                var,
+                value: value.to_string(),
+                reason,
+            })
+        };
+        if let Some(td) = nonempty(ENV_TRUST_DOMAIN) {
+            self.identity.trust_domain = trust_domain(ENV_TRUST_DOMAIN, &td)?;
+        }
+        if let Some(list) = nonempty(ENV_TRUST_DOMAIN_ALIASES) {
+            self.identity.trust_domain_aliases = list
+                .split(',')
+                .filter(|a| !a.trim().is_empty())
+                .map(|a| trust_domain(ENV_TRUST_DOMAIN_ALIASES, a))
+                .collect::<Result<_, _>>()?;
+        }
         // The app containers' declared ports, as the injector lists them: "8080,9090".
         if let Some(ports) = nonempty("L4MESH_APP_PORTS") {
             for port in ports.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -902,9 +924,16 @@ mod tests {
             // What `l4mesh inject` sets for a Pod Certificate: key and chain in one file.
             "L4MESH_CERT_CHAIN" | "L4MESH_PRIVATE_KEY" => Some("/certs/bundle.pem".into()),
             "L4MESH_TRUST_BUNDLE" => Some("/certs/root-cert.pem".into()),
+            // What `l4mesh inject --trust-domain ... --trust-domain-alias ...` sets.
+            "L4MESH_TRUST_DOMAIN" => Some("new.example".into()),
+            "L4MESH_TRUST_DOMAIN_ALIASES" => Some("old.example, cluster.local".into()),
             _ => None,
         })
         .unwrap();
+        assert_eq!(
+            c.identity.trust_domains().to_string(),
+            "new.example (aliases old.example, cluster.local)"
+        );
         assert_eq!(c.identity.cert_chain, Path::new("/certs/bundle.pem"));
         assert_eq!(c.identity.private_key, Path::new("/certs/bundle.pem"));
         assert_eq!(c.identity.trust_bundle, Path::new("/certs/root-cert.pem"));
@@ -922,6 +951,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("L4MESH_APP_PORTS"), "{err}");
+        let err = c
+            .apply_env(|v| (v == "L4MESH_TRUST_DOMAIN_ALIASES").then(|| "ok.example,Bad/TD".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("L4MESH_TRUST_DOMAIN_ALIASES")
+                && err.contains("invalid trust domain \"Bad/TD\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -323,6 +323,17 @@ struct InjectArgs {
     /// The ConfigMap holding the mesh policy file.
     #[arg(long, default_value = "l4mesh-policy")]
     policy_configmap: String,
+    /// The mesh's trust domain (default cluster.local), e.g. SPIRE's.
+    #[arg(long, value_parser = trust_domain)]
+    trust_domain: Option<String>,
+    /// Another name of the trust domain while migrating to it (repeat for several).
+    #[arg(long = "trust-domain-alias", value_parser = trust_domain)]
+    trust_domain_aliases: Vec<String>,
+}
+
+/// A trust domain as the sidecar's config accepts one (refused here rather than by every pod).
+fn trust_domain(s: &str) -> Result<String, String> {
+    l4mesh::config::TrustDomain::try_from(s.to_string()).map(String::from)
 }
 
 impl InjectArgs {
@@ -331,6 +342,8 @@ impl InjectArgs {
             image: self.image,
             native_sidecar: !self.classic_sidecar,
             policy_configmap: self.policy_configmap,
+            trust_domain: self.trust_domain,
+            trust_domain_aliases: self.trust_domain_aliases,
         }
     }
 }

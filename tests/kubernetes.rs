@@ -382,3 +382,26 @@ fn the_init_container_command_sets_up_capture_as_the_manifest_gives_it() {
         rules.contains("REDIRECT --to-ports 15006") && rules.contains("REDIRECT --to-ports 15001")
     );
 }
+
+/// A bad `--trust-domain` is refused by the injector itself, not by every pod it injects.
+#[test]
+fn inject_refuses_a_bad_trust_domain() {
+    let out = Command::new(BIN)
+        .args(["inject", "--trust-domain", "Bad/Domain", "-f"])
+        .arg(fixture("pod.yaml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("--trust-domain") && err.contains("invalid trust domain \"Bad/Domain\""),
+        "{err}"
+    );
+    let out = Command::new(BIN)
+        .args(["inject", "--trust-domain", "example.org", "-f"])
+        .arg(fixture("pod.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("value: example.org"));
+}

@@ -149,7 +149,9 @@ const DEFAULT_SPIFFE_HELPER_IMAGE: &str = "ghcr.io/spiffe/spiffe-helper:0.10.1";
 const SPIFFE_HELPER_CONFIGMAP: &str = "l4mesh-spiffe-helper";
 /// The file the kubelet writes a Pod Certificate's key and chain to.
 const CREDENTIAL_BUNDLE: &str = "credential-bundle.pem";
-pub use crate::config::{ENV_CERT_CHAIN, ENV_PRIVATE_KEY, ENV_TRUST_BUNDLE};
+pub use crate::config::{
+    ENV_CERT_CHAIN, ENV_PRIVATE_KEY, ENV_TRUST_BUNDLE, ENV_TRUST_DOMAIN, ENV_TRUST_DOMAIN_ALIASES,
+};
 
 /// How to inject.
 #[derive(Clone, Debug)]
@@ -161,6 +163,10 @@ pub struct Options {
     pub native_sidecar: bool,
     /// The ConfigMap holding the mesh's policy file (optional in the pod).
     pub policy_configmap: String,
+    /// The mesh's trust domain, when not `cluster.local`, and its aliases (set in the
+    /// sidecar's environment).
+    pub trust_domain: Option<String>,
+    pub trust_domain_aliases: Vec<String>,
 }
 
 impl Default for Options {
@@ -169,6 +175,8 @@ impl Default for Options {
             image: "ghcr.io/l4mesh/l4mesh:0.1.0".to_string(),
             native_sidecar: true,
             policy_configmap: "l4mesh-policy".to_string(),
+            trust_domain: None,
+            trust_domain_aliases: Vec::new(),
         }
     }
 }
@@ -466,6 +474,15 @@ impl SidecarContainer {
             env.push(EnvVar::value("L4MESH_APP_PORTS", &app_ports.join(",")));
         }
         env.extend(cert_env);
+        if let Some(td) = &opts.trust_domain {
+            env.push(EnvVar::value(ENV_TRUST_DOMAIN, td));
+        }
+        if !opts.trust_domain_aliases.is_empty() {
+            env.push(EnvVar::value(
+                ENV_TRUST_DOMAIN_ALIASES,
+                &opts.trust_domain_aliases.join(","),
+            ));
+        }
         let ready = |period_seconds, failure_threshold| Probe {
             http_get: HttpGet {
                 path: "/healthz/ready",
@@ -1026,6 +1043,44 @@ mod tests {
         .to_string();
         assert!(err.contains("hostNetwork"), "{err}");
         assert!(inject_yaml("a: [", &Options::default()).is_err());
+    }
+
+    /// `--trust-domain` and `--trust-domain-alias` reach the sidecar as the environment its
+    /// Kubernetes defaults read (a SPIRE mesh is rarely `cluster.local`).
+    #[test]
+    fn trust_domain_options_reach_the_sidecar() {
+        let pod = "kind: Pod\nmetadata:\n  name: p\nspec: {containers: [{name: a, image: b}]}\n";
+        let opts = Options {
+            trust_domain: Some("example.org".into()),
+            trust_domain_aliases: vec!["old.example".into(), "older.example".into()],
+            ..Options::default()
+        };
+        let out: Value = serde_yaml::from_str(&inject_yaml(pod, &opts).unwrap()).unwrap();
+        let sidecar = out["spec"]["initContainers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "l4mesh")
+            .unwrap();
+        let env: std::collections::BTreeMap<String, String> = sidecar["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|e| Some((e["name"].as_str()?.into(), e["value"].as_str()?.into())))
+            .collect();
+        let mut config = crate::config::Config::parse(
+            std::path::Path::new("defaults"),
+            &crate::config::kubernetes_defaults(),
+        )
+        .unwrap();
+        config.apply_env(|var| env.get(var).cloned()).unwrap();
+        assert_eq!(
+            config.identity.trust_domains().to_string(),
+            "example.org (aliases old.example, older.example)"
+        );
+        // Without the options the sidecar keeps the default and no variable is set.
+        let plain = inject_yaml(pod, &Options::default()).unwrap();
+        assert!(!plain.contains(ENV_TRUST_DOMAIN), "{plain}");
     }
 
     #[test]
