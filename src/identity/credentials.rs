@@ -112,7 +112,7 @@ pub enum IdentityError {
         not_before: String,
         now: String,
     },
-    #[error("{path}: SPIFFE ID {id} is not in trust domain {trust_domains}")]
+    #[error("{path}: SPIFFE ID {id} is not in trust domain {trust_domains} (the config's identity.trust_domain and trust_domain_aliases; in Kubernetes, the injector's --trust-domain)")]
     WrongTrustDomain {
         path: PathBuf,
         id: SpiffeId,
