@@ -153,6 +153,45 @@ fn webhook_leaves_opted_out_and_other_objects_alone_and_answers_bad_requests_cle
         .unwrap()
         .contains("hostNetwork"));
 
+    // A pod whose l4mesh annotations cannot be read is refused, not admitted without its
+    // sidecar: a typo must not leave a workload outside the mesh (and its clients falling
+    // back to plaintext, as they do for an unmeshed server).
+    for (annotation, value, says) in [
+        (
+            "l4mesh.io/cert-source",
+            "spirre",
+            "\"spirre\" is not one of",
+        ),
+        (
+            "l4mesh.io/exclude-outbound-cidrs",
+            "10.0.0.0/33",
+            "l4mesh.io/exclude-outbound-cidrs",
+        ),
+        (
+            "l4mesh.io/inbound-ports",
+            "8080,http",
+            "l4mesh.io/inbound-ports",
+        ),
+        (
+            "l4mesh.io/exclude-inbound-ports",
+            "70000",
+            "l4mesh.io/exclude-inbound-ports",
+        ),
+    ] {
+        let mut typo = pod_json();
+        typo["metadata"]["annotations"][annotation] = json!(value);
+        let (status, answer) = l4mesh::cmd::injector::review(&review(&typo), &Options::default());
+        assert_eq!(status, 200);
+        let response = &answer["response"];
+        assert_eq!(response["allowed"], false, "{annotation}: {answer}");
+        assert!(response.get("patch").is_none(), "{answer}");
+        let message = response["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("l4mesh: not injected") && message.contains(says),
+            "{annotation}: {message}"
+        );
+    }
+
     for (body, what) in [
         (&b"{not json"[..], "not JSON"),
         (

@@ -181,6 +181,31 @@ impl Default for Options {
     }
 }
 
+/// Why a pod template was not injected.
+#[derive(Debug, Error)]
+pub enum NotInjected {
+    /// The pod cannot carry a sidecar (it shares the node's network): the webhook admits it
+    /// as it is, with a warning.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The pod asks for something l4mesh cannot read (an annotation's value, a malformed
+    /// spec): the webhook refuses it, so that a typo never leaves a workload outside the mesh.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<String> for NotInjected {
+    fn from(reason: String) -> Self {
+        NotInjected::Invalid(reason)
+    }
+}
+
+impl From<&str> for NotInjected {
+    fn from(reason: &str) -> Self {
+        NotInjected::Invalid(reason.to_string())
+    }
+}
+
 /// Why input could not be injected.
 #[derive(Debug, Error)]
 pub enum InjectError {
@@ -210,7 +235,7 @@ pub fn inject_yaml(input: &str, opts: &Options) -> Result<String, InjectError> {
         inject_object(&mut value, opts).map_err(|(kind, reason)| InjectError::Shape {
             index,
             kind,
-            reason,
+            reason: reason.to_string(),
         })?;
         out.push(
             serde_yaml::to_string(&value).map_err(|e| InjectError::Yaml {
@@ -224,14 +249,49 @@ pub fn inject_yaml(input: &str, opts: &Options) -> Result<String, InjectError> {
 
 use serde::{Deserialize, Serialize};
 
+/// A capture annotation's value, checked as `l4mesh iptables apply` will read it and written
+/// the way it reads it (`8080, 9090` becomes `8080,9090`): a value it would refuse must stop
+/// the injection here, not the pod's init container on every start.
+fn capture_value(annotation: &str, value: &Value) -> Result<String, String> {
+    let bad = |why: String| format!("{annotation}: {value:?}: {why}");
+    let Some(text) = value.as_str() else {
+        return Err(bad("not a string".into()));
+    };
+    let items = || text.split(',').map(str::trim).filter(|i| !i.is_empty());
+    let ports = || {
+        items()
+            .map(|p| {
+                p.parse::<u16>()
+                    .map_err(|e| bad(format!("port {p:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let joined = |v: Vec<String>| v.join(",");
+    match annotation {
+        "l4mesh.io/inbound-ports" if text.trim() == "*" => Ok("*".into()),
+        "l4mesh.io/inbound-ports" if items().next().is_none() => {
+            Err(bad("expected `*` or comma-separated ports".into()))
+        }
+        "l4mesh.io/exclude-outbound-cidrs" => items()
+            .map(|n| {
+                n.parse::<ipnet::IpNet>()
+                    .map(|n| n.to_string())
+                    .map_err(|e| bad(format!("{n:?}: {e} (write a network such as 10.0.0.0/8)")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(joined),
+        _ => Ok(joined(ports()?.iter().map(u16::to_string).collect())),
+    }
+}
+
 /// Injects one object (recursing into `List`s). Returns whether anything changed.
-pub fn inject_object(obj: &mut Value, opts: &Options) -> Result<bool, (String, String)> {
+pub fn inject_object(obj: &mut Value, opts: &Options) -> Result<bool, (String, NotInjected)> {
     let kind = obj
         .get("kind")
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    let fail = |reason: &str| (kind.clone(), reason.to_string());
+    let fail = |reason: &str| (kind.clone(), NotInjected::from(reason));
     if kind == "List" {
         let mut changed = false;
         let items = obj
@@ -261,7 +321,7 @@ pub fn inject_object(obj: &mut Value, opts: &Options) -> Result<bool, (String, S
     if opted_out(template) {
         return Ok(false);
     }
-    inject_pod(template, opts).map_err(|r| fail(&r))
+    inject_pod(template, opts).map_err(|r| (kind.clone(), r))
 }
 
 fn annotation<'a>(obj: &'a Value, key: &str) -> Option<&'a str> {
@@ -273,7 +333,7 @@ fn opted_out(obj: &Value) -> bool {
 }
 
 /// Adds l4mesh to a pod (or pod template: `metadata` + `spec`).
-fn inject_pod(pod: &mut Value, opts: &Options) -> Result<bool, String> {
+fn inject_pod(pod: &mut Value, opts: &Options) -> Result<bool, NotInjected> {
     let pod_map = pod
         .as_mapping_mut()
         .ok_or("the pod template is not a mapping")?;
@@ -300,9 +360,9 @@ fn inject_pod(pod: &mut Value, opts: &Options) -> Result<bool, String> {
     }
     let host_network = spec.get("hostNetwork").and_then(Value::as_bool) == Some(true);
     if host_network {
-        return Err(
+        return Err(NotInjected::Unsupported(
             "hostNetwork pods share the node's network namespace and cannot be injected".into(),
-        );
+        ));
     }
     let service_account = spec
         .get("serviceAccountName")
@@ -319,17 +379,16 @@ fn inject_pod(pod: &mut Value, opts: &Options) -> Result<bool, String> {
         .unwrap_or_default();
     let source = CertSource::from_annotations(&annotations_before, &service_account)?;
     if matches!(source, CertSource::Spire { .. }) && !opts.native_sidecar {
-        return Err(format!(
+        return Err(NotInjected::Invalid(format!(
             "{CERT_SOURCE}: spire needs native sidecars (Kubernetes 1.29+): spiffe-helper must have written the certificate before l4mesh starts"
-        ));
+        )));
     }
-    let mut capture_env: Vec<EnvVar> = CAPTURE_ANNOTATIONS
-        .iter()
-        .filter_map(|(ann, env)| {
-            let v = annotations_before.get(*ann)?.as_str()?;
-            Some(EnvVar::value(env, v))
-        })
-        .collect();
+    let mut capture_env = Vec::new();
+    for (ann, env) in CAPTURE_ANNOTATIONS {
+        if let Some(v) = annotations_before.get(ann) {
+            capture_env.push(EnvVar::value(env, &capture_value(ann, v)?));
+        }
+    }
     if matches!(source, CertSource::Spire { .. }) {
         // The kubelet probes spiffe-helper before the sidecar runs: not captured.
         let port = SPIFFE_HELPER_HEALTH_PORT.to_string();
@@ -1043,6 +1102,50 @@ mod tests {
         .to_string();
         assert!(err.contains("hostNetwork"), "{err}");
         assert!(inject_yaml("a: [", &Options::default()).is_err());
+    }
+
+    /// Capture annotations are read as `l4mesh iptables apply` reads them, here: spaces after
+    /// commas (which its parser would refuse) are dropped, a bad value names its annotation.
+    #[test]
+    fn capture_annotations_are_checked_and_written_as_the_init_container_reads_them() {
+        let pod = |annotations: &str| {
+            format!("kind: Pod\nmetadata:\n  name: p\n  annotations: {{{annotations}}}\nspec: {{containers: [{{name: a, image: b}}]}}\n")
+        };
+        let out = inject_yaml(
+            &pod("l4mesh.io/inbound-ports: '8080, 9090', l4mesh.io/exclude-outbound-ports: ' 5432 ,3306', l4mesh.io/exclude-outbound-cidrs: '10.0.0.0/8, fd00::/8'"),
+            &Options::default(),
+        )
+        .unwrap();
+        for want in [
+            "value: 8080,9090",
+            "value: 5432,3306",
+            "value: 10.0.0.0/8,fd00::/8",
+        ] {
+            assert!(out.contains(want), "{want}: {out}");
+        }
+        let out = inject_yaml(&pod("l4mesh.io/inbound-ports: '*'"), &Options::default()).unwrap();
+        assert!(out.contains("value: '*'"), "{out}");
+        for (annotations, want) in [
+            (
+                "l4mesh.io/inbound-ports: ''",
+                "l4mesh.io/inbound-ports: String(\"\"): expected",
+            ),
+            ("l4mesh.io/inbound-ports: '80,http'", "port \"http\""),
+            (
+                "l4mesh.io/exclude-inbound-ports: '65536'",
+                "l4mesh.io/exclude-inbound-ports",
+            ),
+            (
+                "l4mesh.io/exclude-outbound-cidrs: '10.0.0.1'",
+                "write a network such as 10.0.0.0/8",
+            ),
+            ("l4mesh.io/exclude-outbound-ports: 22", "not a string"),
+        ] {
+            let err = inject_yaml(&pod(annotations), &Options::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{annotations}: {err}");
+        }
     }
 
     /// `--trust-domain` and `--trust-domain-alias` reach the sidecar as the environment its

@@ -148,11 +148,22 @@ pub fn review(body: &[u8], opts: &Options) -> (StatusCode, Value) {
             }
             Err(e) => (StatusCode::OK, allowed(&uid, None, Some(&e.to_string()))),
         },
-        // A pod that cannot be injected is admitted unchanged, with a warning the user sees.
-        Err((_, reason)) => {
+        // A pod that cannot carry a sidecar is admitted unchanged, with a warning the user
+        // sees (as Istio skips hostNetwork pods).
+        Err((_, inject::NotInjected::Unsupported(reason))) => {
             warn!(uid, reason, "not injected");
             let warning = format!("l4mesh: not injected: {reason}");
             (StatusCode::OK, allowed(&uid, None, Some(&warning)))
+        }
+        // One that asks for something l4mesh cannot read is refused: admitted without its
+        // sidecar it would run outside the mesh, and its clients would fall back to plaintext
+        // as for any unmeshed server.
+        Err((_, inject::NotInjected::Invalid(reason))) => {
+            warn!(uid, reason, "refused: cannot be injected as it asks");
+            (
+                StatusCode::OK,
+                denied(&uid, &format!("l4mesh: not injected: {reason}")),
+            )
         }
     }
 }
@@ -179,6 +190,15 @@ fn allowed(uid: &str, patch: Option<Vec<Value>>, warning: Option<&str>) -> Value
         response["warnings"] = json!([w]);
     }
     envelope(response)
+}
+
+/// A pod refused (its creation fails with `message`).
+fn denied(uid: &str, message: &str) -> Value {
+    envelope(json!({
+        "uid": uid,
+        "allowed": false,
+        "status": {"code": 400, "message": message},
+    }))
 }
 
 fn review_error(uid: &str, message: &str) -> Value {
