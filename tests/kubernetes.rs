@@ -256,11 +256,36 @@ fn webhook_serves_admission_reviews_over_https() {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-sk", "--max-time", "5"])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // A pod with a mistyped annotation is refused, and the injector counts what it did.
+    let mut typo = pod_json();
+    typo["metadata"]["annotations"]["l4mesh.io/cert-source"] = json!("spirre");
+    std::fs::write(&body, review(&typo)).unwrap();
+    let data = format!("@{}", body.display());
+    let url = format!("https://127.0.0.1:{port}");
+    let refused = curl(&["--data-binary", &data, &format!("{url}/inject")]);
+    let metrics = curl(&[&format!("{url}/metrics")]);
     let _ = injector.kill();
     let _ = injector.wait();
     let answer: Value = serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"));
     assert_eq!(answer["response"]["allowed"], true);
     assert_eq!(answer["response"]["patchType"], "JSONPatch");
+    let refused: Value = serde_json::from_str(&refused).unwrap();
+    assert_eq!(refused["response"]["allowed"], false, "{refused}");
+    for line in [
+        "l4mesh_injector_reviews_total{result=\"injected\"} 1",
+        "l4mesh_injector_reviews_total{result=\"refused\"} 1",
+        "l4mesh_injector_reviews_total{result=\"skipped\"} 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
+    }
 }
 
 /// Every manifest in deploy/ and every inject output, against the Kubernetes OpenAPI schemas

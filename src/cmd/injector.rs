@@ -32,6 +32,75 @@ pub enum InjectorError {
     },
 }
 
+/// What the injector did with one request: the `result` of `l4mesh_injector_reviews_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reviewed {
+    /// Patched with the sidecar.
+    Injected,
+    /// Admitted as it was: opted out, already injected, or not a pod.
+    Unchanged,
+    /// Admitted as it was with a warning: it cannot carry a sidecar (hostNetwork).
+    Skipped,
+    /// Refused: it asks for something l4mesh cannot read.
+    Refused,
+    /// Not an AdmissionReview the injector can answer.
+    BadRequest,
+}
+
+impl Reviewed {
+    const ALL: [Reviewed; 5] = [
+        Reviewed::Injected,
+        Reviewed::Unchanged,
+        Reviewed::Skipped,
+        Reviewed::Refused,
+        Reviewed::BadRequest,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Reviewed::Injected => "injected",
+            Reviewed::Unchanged => "unchanged",
+            Reviewed::Skipped => "skipped",
+            Reviewed::Refused => "refused",
+            Reviewed::BadRequest => "bad_request",
+        }
+    }
+}
+
+/// The injector's own metrics, served at `GET /metrics` on its HTTPS port.
+struct InjectorMetrics {
+    registry: prometheus::Registry,
+    reviews: prometheus::IntCounterVec,
+}
+
+impl InjectorMetrics {
+    fn new() -> Self {
+        let registry = prometheus::Registry::new();
+        let reviews = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "l4mesh_injector_reviews_total",
+                "Admission reviews answered, by result (injected, unchanged, skipped, refused, bad_request)",
+            ),
+            &["result"],
+        )
+        .expect("a valid metric definition");
+        registry
+            .register(Box::new(reviews.clone()))
+            .expect("registered once");
+        // Every result from the start, so that a dashboard sees 0 rather than no series.
+        for r in Reviewed::ALL {
+            reviews.with_label_values(&[r.label()]);
+        }
+        InjectorMetrics { registry, reviews }
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
 /// AdmissionReview bodies are small; anything larger is refused unread.
 const MAX_BODY: usize = 4 * 1024 * 1024;
 
@@ -49,12 +118,13 @@ pub async fn serve(
         .map_err(|source| InjectorError::Bind { addr, source })?;
     info!(%addr, "l4mesh injector ready");
     let opts = Arc::new(opts);
+    let metrics = Arc::new(InjectorMetrics::new());
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
-        let (acceptor, opts) = (acceptor.clone(), opts.clone());
+        let (acceptor, opts, metrics) = (acceptor.clone(), opts.clone(), metrics.clone());
         tokio::spawn(async move {
             let handshake =
                 tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream));
@@ -64,8 +134,8 @@ pub async fn serve(
                 Err(_) => return debug!(%peer, "injector TLS handshake timed out"),
             };
             let service = hyper::service::service_fn(move |req| {
-                let opts = opts.clone();
-                async move { Ok::<_, Infallible>(handle(req, &opts).await) }
+                let (opts, metrics) = (opts.clone(), metrics.clone());
+                async move { Ok::<_, Infallible>(handle(req, &opts, &metrics).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), service)
@@ -91,52 +161,81 @@ fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, Inje
     Ok(Arc::new(config))
 }
 
-async fn handle(req: Request<hyper::body::Incoming>, opts: &Options) -> Response<Full<Bytes>> {
-    if req.method() != Method::POST || req.uri().path() != "/inject" {
-        return respond(StatusCode::NOT_FOUND, json!({"error": "POST /inject"}));
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    opts: &Options,
+    metrics: &InjectorMetrics,
+) -> Response<Full<Bytes>> {
+    if req.method() == Method::GET && req.uri().path() == "/metrics" {
+        let mut resp = Response::new(Full::new(Bytes::from(metrics.render())));
+        resp.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        return resp;
     }
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return respond(StatusCode::BAD_REQUEST, review_error("", &e.to_string())),
+    if req.method() != Method::POST || req.uri().path() != "/inject" {
+        return respond(
+            StatusCode::NOT_FOUND,
+            json!({"error": "POST /inject or GET /metrics"}),
+        );
+    }
+    let (status, answer, reviewed) = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(body) => answer(&body.to_bytes(), opts),
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            review_error("", &e.to_string()),
+            Reviewed::BadRequest,
+        ),
     };
-    let (status, answer) = review(&body, opts);
+    metrics.reviews.with_label_values(&[reviewed.label()]).inc();
     respond(status, answer)
 }
 
 /// Answers one AdmissionReview (as bytes); pure, so tests can call it directly.
 pub fn review(body: &[u8], opts: &Options) -> (StatusCode, Value) {
+    let (status, body, _) = answer(body, opts);
+    (status, body)
+}
+
+/// [`review`], and what was done (for the injector's metrics).
+pub fn answer(body: &[u8], opts: &Options) -> (StatusCode, Value, Reviewed) {
+    let bad = |uid: &str, message: &str| {
+        (
+            StatusCode::BAD_REQUEST,
+            review_error(uid, message),
+            Reviewed::BadRequest,
+        )
+    };
     let review: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                review_error("", &format!("not JSON: {e}")),
-            )
-        }
+        Err(e) => return bad("", &format!("not JSON: {e}")),
     };
     let uid = review["request"]["uid"].as_str().unwrap_or("").to_string();
     if review["kind"] != "AdmissionReview" || uid.is_empty() {
-        return (
-            StatusCode::BAD_REQUEST,
-            review_error(
-                &uid,
-                "expected an admission.k8s.io/v1 AdmissionReview with request.uid",
-            ),
-        );
+        let expected = "expected an admission.k8s.io/v1 AdmissionReview with request.uid";
+        return bad(&uid, expected);
     }
+    let ok = |body: Value, reviewed: Reviewed| (StatusCode::OK, body, reviewed);
     let pod = &review["request"]["object"];
     if pod["kind"] != "Pod" {
-        return (
-            StatusCode::OK,
-            allowed(&uid, None, Some("l4mesh injects pods only; not changed")),
-        );
+        let note = "l4mesh injects pods only; not changed";
+        return ok(allowed(&uid, None, Some(note)), Reviewed::Unchanged);
     }
     let mut injected: serde_yaml::Value = match serde_yaml::to_value(pod) {
         Ok(v) => v,
-        Err(e) => return (StatusCode::BAD_REQUEST, review_error(&uid, &e.to_string())),
+        Err(e) => return bad(&uid, &e.to_string()),
+    };
+    // A pod that asks for something l4mesh cannot read (or whose patch cannot be written)
+    // is refused: admitted without its sidecar it would run outside the mesh, and its
+    // clients would fall back to plaintext as for any unmeshed server.
+    let refuse = |reason: &str| {
+        warn!(uid, reason, "refused: cannot be injected as it asks");
+        let message = format!("l4mesh: not injected: {reason}");
+        ok(denied(&uid, &message), Reviewed::Refused)
     };
     match inject::inject_object(&mut injected, opts) {
-        Ok(false) => (StatusCode::OK, allowed(&uid, None, None)),
+        Ok(false) => ok(allowed(&uid, None, None), Reviewed::Unchanged),
         Ok(true) => match serde_json::to_value(&injected) {
             Ok(after) => {
                 let name = pod["metadata"]["name"]
@@ -144,27 +243,18 @@ pub fn review(body: &[u8], opts: &Options) -> (StatusCode, Value) {
                     .or(pod["metadata"]["generateName"].as_str())
                     .unwrap_or("");
                 info!(uid, pod = name, "injected");
-                (StatusCode::OK, allowed(&uid, Some(patch(&after)), None))
+                ok(allowed(&uid, Some(patch(&after)), None), Reviewed::Injected)
             }
-            Err(e) => (StatusCode::OK, allowed(&uid, None, Some(&e.to_string()))),
+            Err(e) => refuse(&e.to_string()),
         },
         // A pod that cannot carry a sidecar is admitted unchanged, with a warning the user
         // sees (as Istio skips hostNetwork pods).
         Err((_, inject::NotInjected::Unsupported(reason))) => {
             warn!(uid, reason, "not injected");
             let warning = format!("l4mesh: not injected: {reason}");
-            (StatusCode::OK, allowed(&uid, None, Some(&warning)))
+            ok(allowed(&uid, None, Some(&warning)), Reviewed::Skipped)
         }
-        // One that asks for something l4mesh cannot read is refused: admitted without its
-        // sidecar it would run outside the mesh, and its clients would fall back to plaintext
-        // as for any unmeshed server.
-        Err((_, inject::NotInjected::Invalid(reason))) => {
-            warn!(uid, reason, "refused: cannot be injected as it asks");
-            (
-                StatusCode::OK,
-                denied(&uid, &format!("l4mesh: not injected: {reason}")),
-            )
-        }
+        Err((_, inject::NotInjected::Invalid(reason))) => refuse(&reason),
     }
 }
 
