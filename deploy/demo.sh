@@ -53,7 +53,10 @@ BIN="${L4MESH_BIN:-}"
 if [ -z "$BIN" ]; then
     say "building l4mesh (release)"
     (cd "$ROOT" && cargo build --release --quiet) || die "cargo build failed"
-    BIN="$ROOT/target/release/l4mesh"
+    # Where cargo put it: target/, or CARGO_TARGET_DIR / build.target-dir when set.
+    target=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps \
+        | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+    BIN="${target:-$ROOT/target}/release/l4mesh"
 fi
 WORK="$(mktemp -d /tmp/l4mesh-demo.XXXXXX)"
 chmod 755 "$WORK"
