@@ -536,40 +536,32 @@ async fn in_process_trust_domain_migration_with_an_alias() {
         certificate,
         config,
     };
+    let start = |sa, td, policy, dst, ip| sidecar_in(dir.path(), &ca, sa, td, policy, dst, ip, "");
     let written_before = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: clients\n  namespace: shop\nspec:\n  rules:\n  - from:\n    - source:\n        principals: [\"old.example/ns/shop/sa/client\", \"old.example/ns/shop/sa/reissued\"]\n";
     let server_ip = pod_ip();
     let app = echo_app_at(server_ip).await;
-    let server = sidecar_in(
-        dir.path(),
-        &ca,
+    let server = start(
         "server",
         td("new.example", migrating),
         written_before,
         app,
         server_ip,
-        "",
     )
     .await;
-    let old = sidecar_in(
-        dir.path(),
-        &ca,
+    let old = start(
         "client",
         td("old.example", migrating),
         NO_POLICIES,
         app,
         pod_ip(),
-        "",
     )
     .await;
-    let reissued = sidecar_in(
-        dir.path(),
-        &ca,
+    let reissued = start(
         "reissued",
         td("new.example", migrating),
         NO_POLICIES,
         app,
         pod_ip(),
-        "",
     )
     .await;
     assert_eq!(exchange(old.bound.outbound, b"old cert").await, b"old cert");
@@ -598,26 +590,20 @@ async fn in_process_trust_domain_migration_with_an_alias() {
     // A server of new.example that has no alias: the old certificate is not of its mesh.
     let strict_ip = pod_ip();
     let strict_app = echo_app_at(strict_ip).await;
-    let no_alias = sidecar_in(
-        dir.path(),
-        &ca,
+    let no_alias = start(
         "no-alias",
         td("new.example", "  trust_domain: new.example\n"),
         NO_POLICIES,
         strict_app,
         strict_ip,
-        "",
     )
     .await;
-    let old_to_strict = sidecar_in(
-        dir.path(),
-        &ca,
+    let old_to_strict = start(
         "client-2",
         td("old.example", migrating),
         NO_POLICIES,
         strict_app,
         pod_ip(),
-        "",
     )
     .await;
     assert!(exchange(old_to_strict.bound.outbound, b"refused")
