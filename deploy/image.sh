@@ -20,8 +20,9 @@
 # `skopeo copy oci-archive:target/image/l4mesh-image.tar docker-daemon:l4mesh:dev`.
 # The smoke test runs, from the image's own root filesystem, `l4mesh --version` as UID 1337
 # and the init container's entry point in a network namespace made for it (removed after).
-# Needs debootstrap, umoci and skopeo (installed with apt-get when missing) and network access
-# to a Debian mirror (L4MESH_DEBIAN_MIRROR, default http://deb.debian.org/debian).
+# Needs debootstrap, umoci, skopeo, python3 and ip (installed with apt-get when missing), cargo,
+# and network access to a Debian mirror (L4MESH_DEBIAN_MIRROR, default
+# http://deb.debian.org/debian).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -71,7 +72,8 @@ plan
 
 # --- tools ---------------------------------------------------------------------------------
 missing=()
-for tool in debootstrap umoci skopeo; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+for tool in debootstrap umoci skopeo python3; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || missing+=(debian-archive-keyring)
 if [ ${#missing[@]} -gt 0 ]; then
     command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
