@@ -177,12 +177,15 @@ pub async fn start(
         metrics.clone(),
         capture,
     ));
+    // The aliases let `migration-report` say whether peers still use them.
+    let aliases = inputs.config.identity.trust_domains().aliases().join(",");
     metrics
         .workload_info
         .with_label_values(&[
             inputs.workload_name.as_str(),
             inputs.namespace.as_str(),
             inputs.identity.to_string().as_str(),
+            aliases.as_str(),
         ])
         .set(1);
     let listeners = &inputs.config.listeners;

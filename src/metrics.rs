@@ -15,6 +15,8 @@ use prometheus::{
 /// Names `migration-report` reads back from a scrape or from Prometheus: written once, here.
 pub const INBOUND_DETECTIONS: &str = "l4mesh_inbound_detections_total";
 pub const WORKLOAD_INFO: &str = "l4mesh_workload_info";
+/// Istio's count of opened connections: by peer principal, per reporter.
+pub const TCP_OPENED: &str = "istio_tcp_connections_opened_total";
 /// The detection `outcome` of a connection STRICT refused (the others are
 /// `sniff::Protocol` names).
 pub const REFUSED_STRICT: &str = "refused_strict";
@@ -501,7 +503,7 @@ impl Metrics {
                 g
             },
             tcp_opened: counter(
-                "istio_tcp_connections_opened_total",
+                TCP_OPENED,
                 "TCP connections opened (Istio standard metric)",
                 &TCP_LABELS,
             ),
@@ -525,7 +527,7 @@ impl Metrics {
             workload_info: {
                 let g = IntGaugeVec::new(
                     Opts::new(WORKLOAD_INFO, "Who this sidecar serves (value is always 1)"),
-                    &["workload", "namespace", "principal"],
+                    &["workload", "namespace", "principal", "trust_domain_aliases"],
                 )
                 .expect("static gauge");
                 registry

@@ -564,10 +564,29 @@ async fn in_process_trust_domain_migration_with_an_alias() {
         pod_ip(),
     )
     .await;
+    // migration-report watches the server while both clients connect: the one on an
+    // old-domain certificate is named, so the alias is not to be dropped yet.
+    let admin = format!("http://{}", server.bound.admin);
+    let watch = tokio::spawn(async move {
+        l4mesh::cmd::report::from_sidecars(&[admin], std::time::Duration::from_secs(4)).await
+    });
+    // The report's first reading is three local requests; a second is ample for them.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     assert_eq!(exchange(old.bound.outbound, b"old cert").await, b"old cert");
     assert_eq!(
         exchange(reissued.bound.outbound, b"new cert").await,
         b"new cert"
+    );
+    let report = watch.await.unwrap().unwrap();
+    assert_eq!(report[0].trust_domain_aliases, ["old.example"]);
+    let peers: Vec<(&str, &str, u64)> = report[0]
+        .alias_peers
+        .iter()
+        .map(|p| (p.principal.as_str(), p.direction, p.connections))
+        .collect();
+    assert_eq!(
+        peers,
+        [("spiffe://old.example/ns/shop/sa/client", "inbound", 1)]
     );
     // Each is counted under the identity it presented.
     let opened = "istio_tcp_connections_opened_total";

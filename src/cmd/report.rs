@@ -103,6 +103,15 @@ pub struct Source {
     pub last_seen: u64,
 }
 
+/// A peer on an alias trust domain, and how many connections it made during the window.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AliasPeer {
+    pub principal: String,
+    /// `inbound` (a client of this workload) or `outbound` (a server it reached).
+    pub direction: &'static str,
+    pub connections: u64,
+}
+
 /// Whether STRICT would refuse somebody.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -146,6 +155,13 @@ pub struct WorkloadReport {
     /// sidecar yet (`auto`): the other half of the migration. Admin port only.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unmeshed_destinations: Vec<Source>,
+    /// The trust domain aliases the sidecar accepts (`identity.trust_domain_aliases`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub trust_domain_aliases: Vec<String>,
+    /// Peers that presented a certificate of one of those aliases during the window: while
+    /// there are any, dropping the alias would refuse them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alias_peers: Vec<AliasPeer>,
     /// Something the reader should know about how complete this report is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -189,6 +205,15 @@ impl WorkloadReport {
         } else {
             Verdict::NoTraffic
         };
+        let trust_domain_aliases = info
+            .and_then(|i| i.get("trust_domain_aliases"))
+            .map(|a| {
+                a.split(',')
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
         WorkloadReport {
             workload: label("workload"),
             namespace: label("namespace"),
@@ -197,8 +222,47 @@ impl WorkloadReport {
             ports,
             verdict,
             unmeshed_destinations: Vec::new(),
+            trust_domain_aliases,
+            alias_peers: Vec::new(),
             note: None,
         }
+    }
+
+    /// Keeps, of the connections opened during the window (Istio's metric series with their
+    /// counts), those whose peer presented a certificate of one of this sidecar's aliases.
+    pub fn add_alias_peers<'a>(
+        &mut self,
+        opened: impl IntoIterator<Item = (&'a BTreeMap<String, String>, u64)>,
+    ) {
+        if self.trust_domain_aliases.is_empty() {
+            return;
+        }
+        let mut peers: BTreeMap<(&'static str, String), u64> = BTreeMap::new();
+        for (labels, n) in opened {
+            // The server counts its clients, the client the servers it reached.
+            let (direction, key) = match labels.get("reporter").map(String::as_str) {
+                Some("destination") => ("inbound", "source_principal"),
+                Some("source") => ("outbound", "destination_principal"),
+                _ => continue,
+            };
+            let Some(principal) = labels.get(key) else {
+                continue;
+            };
+            let domain = principal
+                .strip_prefix("spiffe://")
+                .and_then(|p| p.split('/').next());
+            if n > 0 && domain.is_some_and(|d| self.trust_domain_aliases.iter().any(|a| a == d)) {
+                *peers.entry((direction, principal.clone())).or_default() += n;
+            }
+        }
+        self.alias_peers = peers
+            .into_iter()
+            .map(|((direction, principal), connections)| AliasPeer {
+                principal,
+                direction,
+                connections,
+            })
+            .collect();
     }
 }
 
@@ -211,31 +275,43 @@ fn port_of(label: &str) -> Option<u16> {
     }
 }
 
-/// Detection counts by `(port, outcome)` in `after` minus `before` (a counter that went down
-/// was reset: its new value is what happened since).
-pub fn detection_deltas(before: &[Sample], after: &[Sample]) -> BTreeMap<(u16, String), u64> {
-    let counts = |samples: &[Sample]| {
-        samples
-            .iter()
-            .filter(|s| s.name == metrics::INBOUND_DETECTIONS)
-            .filter_map(|s| {
-                let port = port_of(s.labels.get("port")?)?;
-                Some(((port, s.labels.get("outcome")?.clone()), s.value))
-            })
-            .collect::<BTreeMap<_, _>>()
-    };
-    let (b, a) = (counts(before), counts(after));
-    a.into_iter()
-        .map(|(k, after)| {
-            let before = b.get(&k).copied().unwrap_or(0.0);
-            let delta = if after >= before {
-                after - before
+/// Each series of counter `name` in `after`, with its count minus the one in `before` (a
+/// counter that went down was reset: its new value is what happened since).
+pub fn series_deltas<'a>(
+    before: &[Sample],
+    after: &'a [Sample],
+    name: &str,
+) -> Vec<(&'a BTreeMap<String, String>, u64)> {
+    let earlier: BTreeMap<&BTreeMap<String, String>, f64> = before
+        .iter()
+        .filter(|s| s.name == name)
+        .map(|s| (&s.labels, s.value))
+        .collect();
+    after
+        .iter()
+        .filter(|s| s.name == name)
+        .map(|a| {
+            let was = earlier.get(&a.labels).copied().unwrap_or(0.0);
+            let delta = if a.value >= was {
+                a.value - was
             } else {
-                after
+                a.value
             };
-            (k, delta.round() as u64)
+            (&a.labels, delta.round() as u64)
         })
         .collect()
+}
+
+/// Detection counts by `(port, outcome)` during the window.
+pub fn detection_deltas(before: &[Sample], after: &[Sample]) -> BTreeMap<(u16, String), u64> {
+    let mut out = BTreeMap::new();
+    for (labels, n) in series_deltas(before, after, metrics::INBOUND_DETECTIONS) {
+        let port = labels.get("port").and_then(|p| port_of(p));
+        if let (Some(port), Some(outcome)) = (port, labels.get("outcome")) {
+            *out.entry((port, outcome.clone())).or_default() += n;
+        }
+    }
+    out
 }
 
 /// The labels of `l4mesh_workload_info` in a scrape.
@@ -321,6 +397,36 @@ pub fn render_text(reports: &[WorkloadReport], window: Duration) -> String {
             ),
             Verdict::NoTraffic => "  => no traffic in the window: widen it to decide\n".into(),
         });
+        if !r.trust_domain_aliases.is_empty() {
+            let aliases = r.trust_domain_aliases.join(", ");
+            if r.alias_peers.is_empty() {
+                out.push_str(&format!(
+                    "  trust domain aliases ({aliases}): no peer presented a certificate of one during the window\n"
+                ));
+            } else {
+                let peers: Vec<String> = r
+                    .alias_peers
+                    .iter()
+                    .map(|p| {
+                        let n = count(p.connections, &format!("{} connection", p.direction));
+                        format!("{} ({n})", p.principal)
+                    })
+                    .collect();
+                out.push_str(&format!(
+                    "  trust domain aliases ({aliases}): still in use by {}: dropping an alias would refuse them\n",
+                    peers.join(", ")
+                ));
+            }
+            let own = r
+                .principal
+                .strip_prefix("spiffe://")
+                .and_then(|p| p.split('/').next());
+            if let Some(own) = own.filter(|d| r.trust_domain_aliases.iter().any(|a| a == d)) {
+                out.push_str(&format!(
+                    "  this workload's own certificate is still in alias {own}: reissue it before dropping the alias\n"
+                ));
+            }
+        }
         if !r.unmeshed_destinations.is_empty() {
             let to: Vec<String> = r
                 .unmeshed_destinations
@@ -471,6 +577,7 @@ pub async fn from_sidecars(
         let after = parse_exposition(&http_get(&format!("{}/metrics", base(s))).await?);
         let mut report =
             WorkloadReport::new(s, workload_info(&after), &detection_deltas(&before, &after));
+        report.add_alias_peers(series_deltas(&before, &after, metrics::TCP_OPENED));
         // Source addresses are served on the admin port only (issue 13: the stats port is
         // open to every pod); from a stats URL the report has counts but no addresses.
         let sources_url = format!("{}/plaintext_sources", base(s));
@@ -539,6 +646,7 @@ pub async fn from_prometheus(
     ))
     .await?;
     let infos = query(metrics::WORKLOAD_INFO.to_string()).await?;
+    let opened = query(format!("increase({}[{secs}s])", metrics::TCP_OPENED)).await?;
     let labels_of = |r: &serde_json::Value| -> BTreeMap<String, String> {
         r["metric"]
             .as_object()
@@ -548,6 +656,13 @@ pub async fn from_prometheus(
                     .collect()
             })
             .unwrap_or_default()
+    };
+    let value_of = |r: &serde_json::Value| {
+        r["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            .round() as u64
     };
     let mut by_instance: BTreeMap<String, BTreeMap<(u16, String), u64>> = BTreeMap::new();
     for r in &counts {
@@ -560,11 +675,7 @@ pub async fn from_prometheus(
         let Some(port) = port_of(port) else {
             continue;
         };
-        let n = r["value"][1]
-            .as_str()
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            .round() as u64;
+        let n = value_of(r);
         *by_instance
             .entry(instance.clone())
             .or_default()
@@ -579,10 +690,18 @@ pub async fn from_prometheus(
     for instance in info.keys() {
         by_instance.entry(instance.clone()).or_default();
     }
+    let opened: Vec<(BTreeMap<String, String>, u64)> =
+        opened.iter().map(|r| (labels_of(r), value_of(r))).collect();
     Ok(by_instance
         .iter()
         .map(|(instance, counts)| {
             let mut r = WorkloadReport::new(instance, info.get(instance), counts);
+            r.add_alias_peers(
+                opened
+                    .iter()
+                    .filter(|(l, _)| l.get("instance") == Some(instance))
+                    .map(|(l, n)| (l, *n)),
+            );
             // increase() extrapolates to the window's edges: 30 connections can read as 34.
             r.note = Some(
                 "counts are Prometheus increase() estimates, not exact; ask the sidecar (--sidecar) for exact counts and source addresses".to_string(),
@@ -704,6 +823,49 @@ mod tests {
         let report = WorkloadReport::new("s", None, &deltas);
         let text = render_text(&[report], Duration::from_secs(1));
         assert!(text.contains("other ports: NOT SAFE"), "{text}");
+    }
+
+    /// Mid-migration to a new trust domain: which peers still present a certificate of the
+    /// alias, in either direction, during the window (not before it), and the workload's own.
+    #[test]
+    fn peers_still_on_an_alias_trust_domain_are_named() {
+        let scrape = |client: u32, server: u32, current: u32| {
+            parse_exposition(&format!(
+                "l4mesh_workload_info{{namespace=\"shop\",principal=\"spiffe://old.example/ns/shop/sa/orders\",trust_domain_aliases=\"old.example\",workload=\"orders\"}} 1\n\
+                 istio_tcp_connections_opened_total{{reporter=\"destination\",source_principal=\"spiffe://old.example/ns/shop/sa/web\",destination_principal=\"spiffe://old.example/ns/shop/sa/orders\"}} {client}\n\
+                 istio_tcp_connections_opened_total{{reporter=\"source\",source_principal=\"spiffe://old.example/ns/shop/sa/orders\",destination_principal=\"spiffe://old.example/ns/shop/sa/db\"}} {server}\n\
+                 istio_tcp_connections_opened_total{{reporter=\"destination\",source_principal=\"spiffe://new.example/ns/shop/sa/cart\",destination_principal=\"spiffe://old.example/ns/shop/sa/orders\"}} {current}\n"
+            ))
+        };
+        let report = |before: &[Sample], after: &[Sample]| {
+            let mut r = WorkloadReport::new("t", workload_info(after), &BTreeMap::new());
+            r.add_alias_peers(series_deltas(before, after, metrics::TCP_OPENED));
+            r
+        };
+        let (before, after) = (scrape(5, 2, 7), scrape(8, 3, 9));
+        let r = report(&before, &after);
+        assert_eq!(r.trust_domain_aliases, ["old.example"]);
+        let text = render_text(&[r], Duration::from_secs(30));
+        assert!(
+            text.contains("trust domain aliases (old.example): still in use by spiffe://old.example/ns/shop/sa/web (3 inbound connections), spiffe://old.example/ns/shop/sa/db (1 outbound connection): dropping an alias would refuse them"),
+            "{text}"
+        );
+        assert!(
+            text.contains("own certificate is still in alias old.example"),
+            "{text}"
+        );
+        // Old-domain traffic before the window only; the new domain's does not count.
+        let r = report(&after, &scrape(8, 3, 12));
+        assert!(r.alias_peers.is_empty());
+        let text = render_text(&[r], Duration::from_secs(30));
+        assert!(
+            text.contains("trust domain aliases (old.example): no peer presented a certificate of one during the window"),
+            "{text}"
+        );
+        // No aliases: nothing said.
+        let plain = parse_exposition(BEFORE);
+        let r = report(&plain, &plain);
+        assert!(!render_text(&[r], Duration::from_secs(30)).contains("alias"));
     }
 
     /// Issue 16: per source, what it sent during the window (the sidecar keeps lifetime
