@@ -347,6 +347,24 @@ pub const ENV_TRUST_BUNDLE: &str = "L4MESH_TRUST_BUNDLE";
 /// the Kubernetes defaults.
 pub const ENV_TRUST_DOMAIN: &str = "L4MESH_TRUST_DOMAIN";
 pub const ENV_TRUST_DOMAIN_ALIASES: &str = "L4MESH_TRUST_DOMAIN_ALIASES";
+/// Environment adding outbound rules (a YAML list, as `outbound.rules` takes it) before the
+/// config's own: how `l4mesh inject --outbound-rules` gives every injected sidecar, say, a
+/// rule for the cluster's Service CIDR.
+pub const ENV_OUTBOUND_RULES: &str = "L4MESH_OUTBOUND_RULES";
+
+/// Outbound rules as [`ENV_OUTBOUND_RULES`] and `inject --outbound-rules` take them: a YAML
+/// (or JSON) list of `outbound.rules` entries; the error names the entry and field.
+pub fn parse_outbound_rules(text: &str) -> Result<Vec<DestinationRule>, String> {
+    serde_yaml::from_str(text).map_err(|e| {
+        // serde_yaml names an entry `.[1].action`; say `rules[1].action`.
+        let message = crate::parse::yaml_message(&e);
+        let message = message.trim_start_matches('.');
+        match message.starts_with('[') {
+            true => format!("rules{message}"),
+            false => format!("rules: {message}"),
+        }
+    })
+}
 
 /// Parses a downward-API labels file: one `key="value"` per line, values quoted Go-style.
 pub fn parse_labels_file(text: &str) -> Result<BTreeMap<String, String>, String> {
@@ -737,6 +755,16 @@ impl Config {
                 .map(|a| trust_domain(ENV_TRUST_DOMAIN_ALIASES, a))
                 .collect::<Result<_, _>>()?;
         }
+        if let Some(rules) = nonempty(ENV_OUTBOUND_RULES) {
+            let mut added = parse_outbound_rules(&rules).map_err(|reason| ConfigError::Env {
+                var: ENV_OUTBOUND_RULES,
+                value: rules.clone(),
+                reason,
+            })?;
+            // Before the config's own rules: the first match decides.
+            added.append(&mut self.outbound.rules);
+            self.outbound.rules = added;
+        }
         // The app containers' declared ports, as the injector lists them: "8080,9090".
         if let Some(ports) = nonempty("L4MESH_APP_PORTS") {
             for port in ports.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -927,9 +955,16 @@ mod tests {
             // What `l4mesh inject --trust-domain ... --trust-domain-alias ...` sets.
             "L4MESH_TRUST_DOMAIN" => Some("new.example".into()),
             "L4MESH_TRUST_DOMAIN_ALIASES" => Some("old.example, cluster.local".into()),
+            "L4MESH_OUTBOUND_RULES" => {
+                Some("[{name: services, cidrs: [10.96.0.0/12], action: direct}]".into())
+            }
             _ => None,
         })
         .unwrap();
+        let rule = &c.outbound.rules[0];
+        assert_eq!(rule.name.as_deref(), Some("services"));
+        assert_eq!(rule.action, Action::Direct);
+        assert!(rule.matches("10.100.0.1:80".parse().unwrap()));
         assert_eq!(
             c.identity.trust_domains().to_string(),
             "new.example (aliases old.example, cluster.local)"
@@ -958,6 +993,18 @@ mod tests {
         assert!(
             err.contains("L4MESH_TRUST_DOMAIN_ALIASES")
                 && err.contains("invalid trust domain \"Bad/TD\""),
+            "{err}"
+        );
+        let err = c
+            .apply_env(|v| {
+                (v == "L4MESH_OUTBOUND_RULES")
+                    .then(|| "[{cidrs: [10.96.0.0/12], action: direct}, {action: tunnel}]".into())
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("L4MESH_OUTBOUND_RULES")
+                && err.contains("rules[1].action: unknown variant `tunnel`"),
             "{err}"
         );
     }

@@ -329,6 +329,16 @@ struct InjectArgs {
     /// Another name of the trust domain while migrating to it (repeat for several).
     #[arg(long = "trust-domain-alias", value_parser = trust_domain)]
     trust_domain_aliases: Vec<String>,
+    /// Outbound rules every sidecar applies before its own, as a YAML list of
+    /// `outbound.rules` entries, e.g. '[{cidrs: [10.96.0.0/12], action: direct}]' for the
+    /// Service CIDR.
+    #[arg(long, value_parser = outbound_rules)]
+    outbound_rules: Option<String>,
+}
+
+/// Outbound rules as the sidecar will read them (refused here rather than by every pod).
+fn outbound_rules(s: &str) -> Result<String, String> {
+    l4mesh::config::parse_outbound_rules(s).map(|_| s.to_string())
 }
 
 /// A trust domain as the sidecar's config accepts one (refused here rather than by every pod).
@@ -344,6 +354,7 @@ impl InjectArgs {
             policy_configmap: self.policy_configmap,
             trust_domain: self.trust_domain,
             trust_domain_aliases: self.trust_domain_aliases,
+            outbound_rules: self.outbound_rules,
         }
     }
 }

@@ -447,9 +447,10 @@ fn the_init_container_command_sets_up_capture_as_the_manifest_gives_it() {
     );
 }
 
-/// A bad `--trust-domain` is refused by the injector itself, not by every pod it injects.
+/// A bad `--trust-domain` or `--outbound-rules` is refused by the injector itself, not by
+/// every pod it injects.
 #[test]
-fn inject_refuses_a_bad_trust_domain() {
+fn inject_refuses_bad_mesh_wide_options() {
     let out = Command::new(BIN)
         .args(["inject", "--trust-domain", "Bad/Domain", "-f"])
         .arg(fixture("pod.yaml"))
@@ -468,4 +469,21 @@ fn inject_refuses_a_bad_trust_domain() {
         .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("value: example.org"));
+    // Outbound rules likewise: the flag is read as the sidecar will read it.
+    let out = Command::new(BIN)
+        .args([
+            "inject",
+            "--outbound-rules",
+            "[{cidrs: [10.96.0.0/33], action: direct}]",
+            "-f",
+        ])
+        .arg(fixture("pod.yaml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("--outbound-rules") && err.contains("rules[0].cidrs"),
+        "{err}"
+    );
 }

@@ -150,7 +150,8 @@ const SPIFFE_HELPER_CONFIGMAP: &str = "l4mesh-spiffe-helper";
 /// The file the kubelet writes a Pod Certificate's key and chain to.
 const CREDENTIAL_BUNDLE: &str = "credential-bundle.pem";
 pub use crate::config::{
-    ENV_CERT_CHAIN, ENV_PRIVATE_KEY, ENV_TRUST_BUNDLE, ENV_TRUST_DOMAIN, ENV_TRUST_DOMAIN_ALIASES,
+    ENV_CERT_CHAIN, ENV_OUTBOUND_RULES, ENV_PRIVATE_KEY, ENV_TRUST_BUNDLE, ENV_TRUST_DOMAIN,
+    ENV_TRUST_DOMAIN_ALIASES,
 };
 
 /// How to inject.
@@ -167,6 +168,8 @@ pub struct Options {
     /// sidecar's environment).
     pub trust_domain: Option<String>,
     pub trust_domain_aliases: Vec<String>,
+    /// Outbound rules (a YAML list) for every sidecar, before its own.
+    pub outbound_rules: Option<String>,
 }
 
 impl Default for Options {
@@ -177,6 +180,7 @@ impl Default for Options {
             policy_configmap: "l4mesh-policy".to_string(),
             trust_domain: None,
             trust_domain_aliases: Vec::new(),
+            outbound_rules: None,
         }
     }
 }
@@ -541,6 +545,9 @@ impl SidecarContainer {
                 ENV_TRUST_DOMAIN_ALIASES,
                 &opts.trust_domain_aliases.join(","),
             ));
+        }
+        if let Some(rules) = &opts.outbound_rules {
+            env.push(EnvVar::value(ENV_OUTBOUND_RULES, rules));
         }
         let ready = |period_seconds, failure_threshold| Probe {
             http_get: HttpGet {
@@ -1148,14 +1155,18 @@ mod tests {
         }
     }
 
-    /// `--trust-domain` and `--trust-domain-alias` reach the sidecar as the environment its
-    /// Kubernetes defaults read (a SPIRE mesh is rarely `cluster.local`).
+    /// `--trust-domain`, `--trust-domain-alias` and `--outbound-rules` reach the sidecar as
+    /// the environment its Kubernetes defaults read (a SPIRE mesh is rarely `cluster.local`;
+    /// Service ClusterIPs need a rule).
     #[test]
-    fn trust_domain_options_reach_the_sidecar() {
+    fn mesh_wide_options_reach_the_sidecar() {
         let pod = "kind: Pod\nmetadata:\n  name: p\nspec: {containers: [{name: a, image: b}]}\n";
         let opts = Options {
             trust_domain: Some("example.org".into()),
             trust_domain_aliases: vec!["old.example".into(), "older.example".into()],
+            outbound_rules: Some(
+                "[{name: services, cidrs: [10.96.0.0/12], action: direct}]".into(),
+            ),
             ..Options::default()
         };
         let out: Value = serde_yaml::from_str(&inject_yaml(pod, &opts).unwrap()).unwrap();
@@ -1181,6 +1192,7 @@ mod tests {
             config.identity.trust_domains().to_string(),
             "example.org (aliases old.example, older.example)"
         );
+        assert_eq!(config.outbound.rules[0].name.as_deref(), Some("services"));
         // Without the options the sidecar keeps the default and no variable is set.
         let plain = inject_yaml(pod, &Options::default()).unwrap();
         assert!(!plain.contains(ENV_TRUST_DOMAIN), "{plain}");
