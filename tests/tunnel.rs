@@ -373,3 +373,60 @@ fn draining_lets_open_streams_finish() {
     );
     wait_for_log(&log, "l4mesh stopped", Duration::from_secs(10));
 }
+
+/// A Service ClusterIP, made as kube-proxy makes it (DNAT on the node). With no control plane
+/// a sidecar sees only the ClusterIP: `auto` asks `<ClusterIP>:15008`, which no Service has,
+/// hears "unreachable" and goes on in plaintext (counted as un-meshed), as README says. With
+/// the rule README gives for the Service CIDR (`direct`, what `inject --outbound-rules` sets),
+/// the same connection is mesh TLS to the backend's sidecar, through the DNAT.
+#[test]
+fn a_service_clusterip_is_meshed_with_a_direct_rule_for_the_service_cidr() {
+    if !privileged("service_clusterip_direct_rule") {
+        return;
+    }
+    const PLAIN_CLIENT: usize = 2;
+    let mut c = Cluster::new("svc", 3);
+    let ca = c.make_ca();
+    let backend = c.pod(SERVER).addr(8080);
+    echo_server(c.pod(SERVER), backend, None);
+    c.service("10.96.0.10", 80, backend);
+    c.mesh_sidecar(&ca, SERVER, "server", "");
+    let service_cidr = "outbound:\n  rules:\n  - cidrs: [10.96.0.0/12]\n    action: direct\n";
+    c.mesh_sidecar(&ca, CLIENT, "client", service_cidr);
+    c.mesh_sidecar(&ca, PLAIN_CLIENT, "other", "");
+    let service: SocketAddr = "10.96.0.10:80".parse().unwrap();
+
+    assert_eq!(exchange(&c, CLIENT, service, 4096), 4096);
+    let mtls = [
+        "reporter=\"destination\"",
+        "source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    assert_eq!(
+        metric(&c, SERVER, "istio_tcp_connections_opened_total", &mtls),
+        1.0
+    );
+    assert_eq!(
+        metric(&c, CLIENT, "l4mesh_outbound_plaintext_total", &[]),
+        0.0
+    );
+
+    assert_eq!(exchange(&c, PLAIN_CLIENT, service, 4096), 4096);
+    assert_eq!(
+        metric(
+            &c,
+            PLAIN_CLIENT,
+            "l4mesh_outbound_plaintext_total",
+            &["reason=\"unmeshed\""]
+        ),
+        1.0
+    );
+    let plain = [
+        "reporter=\"destination\"",
+        "connection_security_policy=\"none\"",
+    ];
+    assert_eq!(
+        metric(&c, SERVER, "istio_tcp_connections_opened_total", &plain),
+        1.0
+    );
+}

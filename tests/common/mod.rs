@@ -219,6 +219,88 @@ impl Cluster {
         &self.pods[i]
     }
 
+    /// Makes `cluster_ip:port` a Service with one backend, `backend`, as kube-proxy does on
+    /// a node: the node routes 10.96.0.0/12 for the pods, DNATs the Service port to the
+    /// backend and masquerades it (so that replies come back through the node). Any other
+    /// port of the ClusterIP leads nowhere: the node answers "network unreachable".
+    pub fn service(&self, cluster_ip: &str, port: u16, backend: SocketAddr) {
+        let node = &self.node;
+        if !sh(&["ip", "-n", node, "addr", "show", "br0"]).contains("198.18.0.254") {
+            sh(&[
+                "ip",
+                "-n",
+                node,
+                "addr",
+                "add",
+                "198.18.0.254/24",
+                "dev",
+                "br0",
+            ]);
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                node,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ]);
+            for pod in &self.pods {
+                pod.exec(&["ip", "route", "add", "10.96.0.0/12", "via", "198.18.0.254"]);
+            }
+        }
+        let (to, dport, bport) = (
+            backend.to_string(),
+            port.to_string(),
+            backend.port().to_string(),
+        );
+        let backend_ip = backend.ip().to_string();
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            node,
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            cluster_ip,
+            "-p",
+            "tcp",
+            "--dport",
+            &dport,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &to,
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            node,
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-d",
+            &backend_ip,
+            "-p",
+            "tcp",
+            "--dport",
+            &bport,
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "DNAT",
+            "-j",
+            "MASQUERADE",
+        ]);
+    }
+
     /// Makes a CA in `<dir>/ca`.
     pub fn make_ca(&self) -> PathBuf {
         let ca = self.dir.path().join("ca");
