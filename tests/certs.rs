@@ -544,8 +544,12 @@ fn key_and_chain_in_one_file_work_and_rotate_by_rewriting_the_file() {
     );
     bundle(&dir_a, &a1);
     bundle(&dir_b, &b1);
-    wait_for_log(&log_a, "credentials rotated", Duration::from_secs(10));
-    wait_for_log(&log_b, "credentials rotated", Duration::from_secs(10));
+    // The new serial, not just any rotation: the root copied beside the bundle is a change
+    // of its own, read (with the old bundle still in place) before the bundle's rename.
+    for (log, certs) in [(&log_a, &a1), (&log_b, &b1)] {
+        let rotated = format!("serial={}", serial(certs));
+        wait_for_log(log, &rotated, Duration::from_secs(10));
+    }
     assert_eq!(c.pod(A).run(move || exchange_here(addr, 1000)), 1000);
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(
