@@ -451,37 +451,36 @@ fn the_init_container_command_sets_up_capture_as_the_manifest_gives_it() {
 /// every pod it injects.
 #[test]
 fn inject_refuses_bad_mesh_wide_options() {
-    let out = Command::new(BIN)
-        .args(["inject", "--trust-domain", "Bad/Domain", "-f"])
-        .arg(fixture("pod.yaml"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{err}");
+    let inject = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("inject")
+            .args(args)
+            .arg("-f")
+            .arg(fixture("pod.yaml"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            err,
+        )
+    };
+    let (code, _, err) = inject(&["--trust-domain", "Bad/Domain"]);
+    assert_eq!(code, Some(64), "{err}");
     assert!(
         err.contains("--trust-domain") && err.contains("invalid trust domain \"Bad/Domain\""),
         "{err}"
     );
-    let out = Command::new(BIN)
-        .args(["inject", "--trust-domain", "example.org", "-f"])
-        .arg(fixture("pod.yaml"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("value: example.org"));
+    let (code, out, err) = inject(&["--trust-domain", "example.org"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("value: example.org"), "{out}");
     // Outbound rules likewise: the flag is read as the sidecar will read it.
-    let out = Command::new(BIN)
-        .args([
-            "inject",
-            "--outbound-rules",
-            "[{cidrs: [10.96.0.0/33], action: direct}]",
-            "-f",
-        ])
-        .arg(fixture("pod.yaml"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{err}");
+    let (code, _, err) = inject(&[
+        "--outbound-rules",
+        "[{cidrs: [10.96.0.0/33], action: direct}]",
+    ]);
+    assert_eq!(code, Some(64), "{err}");
     assert!(
         err.contains("--outbound-rules") && err.contains("rules[0].cidrs"),
         "{err}"

@@ -249,56 +249,18 @@ impl Cluster {
                 pod.exec(&["ip", "route", "add", "10.96.0.0/12", "via", "198.18.0.254"]);
             }
         }
-        let (to, dport, bport) = (
-            backend.to_string(),
-            port.to_string(),
-            backend.port().to_string(),
-        );
-        let backend_ip = backend.ip().to_string();
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            node,
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-d",
-            cluster_ip,
-            "-p",
-            "tcp",
-            "--dport",
-            &dport,
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &to,
-        ]);
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            node,
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-d",
-            &backend_ip,
-            "-p",
-            "tcp",
-            "--dport",
-            &bport,
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "DNAT",
-            "-j",
-            "MASQUERADE",
-        ]);
+        let nat = |rule: String| {
+            let mut args = vec!["ip", "netns", "exec", node, "iptables", "-t", "nat", "-A"];
+            args.extend(rule.split_whitespace());
+            sh(&args);
+        };
+        let (ip, bport) = (backend.ip(), backend.port());
+        nat(format!(
+            "PREROUTING -d {cluster_ip} -p tcp --dport {port} -j DNAT --to-destination {backend}"
+        ));
+        nat(format!(
+            "POSTROUTING -d {ip} -p tcp --dport {bport} -m conntrack --ctstate DNAT -j MASQUERADE"
+        ));
     }
 
     /// Makes a CA in `<dir>/ca`.
