@@ -384,6 +384,10 @@ fn rotate(
     tls_tx: watch::Sender<Arc<TlsState>>,
     ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
 ) -> impl FnMut(Change) {
+    // What the credentials in force were read from (at start, as the watch begins: a change
+    // before then is one the watch would not report either): files touched but not changed
+    // (a root copied over itself) are not a rotation.
+    let mut in_force = contents_digest(&credential_paths(&config).all());
     move |change| {
         if let Change::Missing(paths) = change {
             let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
@@ -391,6 +395,15 @@ fn rotate(
             metrics
                 .certificate_reloads
                 .with_label_values(&["missing"])
+                .inc();
+            return;
+        }
+        let read = contents_digest(&credential_paths(&config).all());
+        if read.is_some() && read == in_force {
+            debug!("credential files touched, contents unchanged: nothing to rotate");
+            metrics
+                .certificate_reloads
+                .with_label_values(&["unchanged"])
                 .inc();
             return;
         }
@@ -415,6 +428,8 @@ fn rotate(
                     .with_label_values(&["success"])
                     .inc();
                 tls_tx.send_replace(Arc::new(state));
+                // Read before the load: a file rewritten in between only costs one more reload.
+                in_force = read;
             }
             Err(e) => {
                 error!(error = %e, "certificate reload failed; keeping the current credentials");
@@ -425,6 +440,18 @@ fn rotate(
             }
         }
     }
+}
+
+/// SHA-256 over the length-prefixed contents of `paths`; `None` if one cannot be read (the
+/// load then says why).
+fn contents_digest(paths: &[std::path::PathBuf]) -> Option<[u8; 32]> {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for path in paths {
+        let bytes = std::fs::read(path).ok()?;
+        ctx.update(&(bytes.len() as u64).to_be_bytes());
+        ctx.update(&bytes);
+    }
+    ctx.finish().as_ref().try_into().ok()
 }
 
 /// Warns as the certificate in force nears expiry (once per threshold and certificate), and

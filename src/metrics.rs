@@ -434,7 +434,7 @@ impl Metrics {
             ),
             certificate_reloads: counter(
                 "l4mesh_certificate_reloads_total",
-                "Certificate rotations by result (success, failure, missing); unless success, the credentials in force stay",
+                "Certificate rotations by result (success, failure, missing, unchanged: files touched, contents the same); unless success, the credentials in force stay",
                 &["result"],
             ),
             authorization_decisions: counter(

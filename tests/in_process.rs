@@ -632,3 +632,37 @@ async fn in_process_trust_domain_migration_with_an_alias() {
     let failed = metric(&no_alias, failures, &["reason=\"bad_identity\""]);
     assert!(failed >= 1.0, "counted as a bad identity: {failed}");
 }
+
+/// Credential files touched without a change (a root copied over itself, a tool writing the
+/// same bytes again) are not a rotation: counted `unchanged`, nothing reinstalled. A real
+/// change after that still rotates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_credential_files_touched_but_unchanged_are_not_a_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca(dir.path());
+    let app = echo_app().await;
+    let server = sidecar(dir.path(), &ca, "server", NO_POLICIES, app).await;
+    let certs_dir = dir.path().join("server-certs");
+    let reloads = "l4mesh_certificate_reloads_total";
+    let serial = || server.inputs.tls.borrow().creds.serial.clone();
+    let before = serial();
+    // The watch takes its first look after the start, at its interval (500 ms).
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    // The same bytes, written anew (a new inode and mtime, as `cp` or a sync tool leaves).
+    let root = certs_dir.join("root-cert.pem");
+    let bytes = std::fs::read(&root).unwrap();
+    std::fs::write(root.with_extension("tmp"), &bytes).unwrap();
+    std::fs::rename(root.with_extension("tmp"), &root).unwrap();
+    counted(&server, reloads, &["result=\"unchanged\""], 1.0).await;
+    assert_eq!(metric(&server, reloads, &["result=\"success\""]), 0.0);
+    assert_eq!(serial(), before);
+    // A new certificate for the same identity: rotated.
+    certs::issue(
+        &ca,
+        &certs::IssueRequest::new("cluster.local", "shop", "server"),
+        &certs_dir,
+    )
+    .unwrap();
+    counted(&server, reloads, &["result=\"success\""], 1.0).await;
+    assert_ne!(serial(), before);
+}
