@@ -228,6 +228,15 @@ impl WorkloadReport {
         }
     }
 
+    /// The alias trust domain a `spiffe://` ID is in, if it is in one of this sidecar's.
+    fn alias_of(&self, principal: &str) -> Option<&str> {
+        let domain = principal.strip_prefix("spiffe://")?.split('/').next()?;
+        self.trust_domain_aliases
+            .iter()
+            .find(|a| *a == domain)
+            .map(String::as_str)
+    }
+
     /// Keeps, of the connections opened during the window (Istio's metric series with their
     /// counts), those whose peer presented a certificate of one of this sidecar's aliases.
     pub fn add_alias_peers<'a>(
@@ -248,10 +257,7 @@ impl WorkloadReport {
             let Some(principal) = labels.get(key) else {
                 continue;
             };
-            let domain = principal
-                .strip_prefix("spiffe://")
-                .and_then(|p| p.split('/').next());
-            if n > 0 && domain.is_some_and(|d| self.trust_domain_aliases.iter().any(|a| a == d)) {
+            if n > 0 && self.alias_of(principal).is_some() {
                 *peers.entry((direction, principal.clone())).or_default() += n;
             }
         }
@@ -417,11 +423,7 @@ pub fn render_text(reports: &[WorkloadReport], window: Duration) -> String {
                     peers.join(", ")
                 ));
             }
-            let own = r
-                .principal
-                .strip_prefix("spiffe://")
-                .and_then(|p| p.split('/').next());
-            if let Some(own) = own.filter(|d| r.trust_domain_aliases.iter().any(|a| a == d)) {
+            if let Some(own) = r.alias_of(&r.principal) {
                 out.push_str(&format!(
                     "  this workload's own certificate is still in alias {own}: reissue it before dropping the alias\n"
                 ));
