@@ -170,25 +170,7 @@ pub async fn start(
             reload_policy(config.clone(), id.clone(), metrics.clone(), policy_tx),
         ));
     }
-    let inputs = Arc::new(ProxyInputs::new(
-        config,
-        tls_rx,
-        policy_rx,
-        metrics.clone(),
-        capture,
-    ));
-    // The aliases let `migration-report` say whether peers still use them.
-    let aliases = inputs.config.identity.trust_domains().aliases().join(",");
-    metrics
-        .workload_info
-        .with_label_values(&[
-            inputs.workload_name.as_str(),
-            inputs.namespace.as_str(),
-            inputs.identity.to_string().as_str(),
-            aliases.as_str(),
-        ])
-        .set(1);
-    let listeners = &inputs.config.listeners;
+    let listeners = &config.listeners;
     let bind = |addr, what: &str| {
         crate::proxy::socket::listen(addr)
             .with_context(|| format!("binding the {what} listener {addr}"))
@@ -206,6 +188,35 @@ pub async fn start(
         metrics: local(&stats)?,
         admin: local(&admin)?,
     };
+    let own_ports = [
+        bound.outbound,
+        bound.inbound,
+        bound.tunnel,
+        bound.metrics,
+        bound.admin,
+    ]
+    .iter()
+    .map(std::net::SocketAddr::port)
+    .collect();
+    let inputs = Arc::new(ProxyInputs::new(
+        config,
+        tls_rx,
+        policy_rx,
+        metrics.clone(),
+        capture,
+        own_ports,
+    ));
+    // The aliases let `migration-report` say whether peers still use them.
+    let aliases = inputs.config.identity.trust_domains().aliases().join(",");
+    metrics
+        .workload_info
+        .with_label_values(&[
+            inputs.workload_name.as_str(),
+            inputs.namespace.as_str(),
+            inputs.identity.to_string().as_str(),
+            aliases.as_str(),
+        ])
+        .set(1);
 
     let drain = Drain::new();
     let state = Arc::new(AdminState {

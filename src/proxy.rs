@@ -108,6 +108,9 @@ pub struct ProxyInputs {
     pub capture: Capture,
     /// The pod's own addresses: the only destinations inbound serves.
     pub local_addrs: crate::proxy::socket::LocalAddrs,
+    /// The ports this sidecar listens on (as bound): never a destination it dials for a
+    /// peer, or a peer could make it connect to itself and nest tunnels in tunnels (issue 29).
+    pub own_ports: std::collections::BTreeSet<u16>,
     /// This workload as Istio's metrics name it.
     pub workload_name: String,
     pub namespace: String,
@@ -168,6 +171,7 @@ impl ProxyInputs {
         policy: watch::Receiver<Arc<WorkloadPolicy>>,
         metrics: Arc<Metrics>,
         capture: Capture,
+        own_ports: std::collections::BTreeSet<u16>,
     ) -> ProxyInputs {
         let identity = tls.borrow().creds.id.clone();
         let namespace = workload_namespace(&config, &identity);
@@ -199,6 +203,7 @@ impl ProxyInputs {
             local_addrs: crate::proxy::socket::LocalAddrs::new(),
             capture,
             known_ports,
+            own_ports,
         };
         inputs.baggage = baggage::Baggage::of(&inputs).header();
         inputs
@@ -225,6 +230,13 @@ impl ProxyInputs {
             Capture::Kernel => self.local_addrs.is_pod_address(ip),
             Capture::Fixed { dst } => ip == dst.ip(),
         }
+    }
+
+    /// Whether inbound (a captured connection or a tunnel stream) may connect a peer to `dst`:
+    /// one of the pod's own addresses, on a port that is not one of the sidecar's own. Checked
+    /// before anything is dialled.
+    pub fn inbound_target(&self, dst: std::net::SocketAddr) -> Result<(), inbound::InboundError> {
+        inbound::check_target(dst, self.is_pod_address(dst.ip()), &self.own_ports)
     }
 
     pub fn port_label(&self, port: u16, policy: &WorkloadPolicy) -> std::borrow::Cow<'static, str> {
@@ -269,6 +281,7 @@ mod tests {
             InboundError::NotRedirected,
             InboundError::Loop,
             InboundError::NotPodAddress { dst },
+            InboundError::OwnPort { dst },
             InboundError::Detect(io()),
             InboundError::Strict {
                 protocol: "plaintext",

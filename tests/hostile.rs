@@ -551,9 +551,12 @@ fn proxy_ports_and_localhost_only_apps_cannot_be_reached_from_another_pod() {
         "dialled the inbound port directly",
         Duration::from_secs(5),
     );
+    // :15001 is captured and lands on :15006 like an app port; the sidecar refuses its own
+    // port there before dialling anything (issue 29; it used to dial :15001, which then
+    // closed the connection as not redirected).
     wait_for_log(
         &log,
-        "dialled the outbound port directly",
+        "is one of this sidecar's own ports",
         Duration::from_secs(5),
     );
     // The admin port is not even listening on the pod IP.
@@ -604,4 +607,117 @@ fn drain_keeps_accepting_for_the_accept_period_then_stops() {
     // After it: refused.
     assert_eq!(c.pod(A).run(move || exchange_here(addr, 100)), 0);
     wait_for_log(&log, "l4mesh stopped", Duration::from_secs(15));
+}
+
+/// An attacker holding a valid mesh certificate (a compromised meshed pod) speaks HTTP/2 to a
+/// server's :15008 and asks for the sidecar's own ports (issue 29): before, :15006 and :15001
+/// answered 200 (the sidecar dialled itself) and :15008 nested a tunnel inside itself. Each
+/// gets a 400 now, nothing is dialled (the sidecar's descriptor count does not move while the
+/// streams are open), and each is counted; the same client still reaches the app.
+#[test]
+fn the_tunnel_refuses_connects_to_the_sidecars_own_ports() {
+    if !privileged("tunnel_own_ports") {
+        return;
+    }
+    let mut c = Cluster::new("ownport", 2);
+    let ca = c.make_ca();
+    c.mesh_sidecar(&ca, B, "server", "");
+    let pid = *c.sidecar_pids().last().unwrap();
+    let app = c.pod(B).addr(8080);
+    echo_server(c.pod(B), app, None);
+    let attacker = c.issue(&ca, "attacker", "shop", "attacker");
+    let ip = c.pod(B).ip4;
+    let fds = move || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let (control, own, before, after) = c.pod(A).run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let paths = l4mesh::identity::CredentialPaths {
+                cert_chain: attacker.join("cert-chain.pem"),
+                private_key: attacker.join("key.pem"),
+                trust_bundle: attacker.join("root-cert.pem"),
+                crls: Vec::new(),
+            };
+            let creds = l4mesh::identity::load(&paths, &Default::default()).unwrap();
+            let config = l4mesh::tls::client_config(
+                &creds,
+                creds.trust.clone(),
+                Vec::new(),
+                false,
+                Default::default(),
+                l4mesh::tls::TUNNEL_ALPN,
+            )
+            .unwrap();
+            let tcp = tokio::net::TcpStream::connect((ip, 15008)).await.unwrap();
+            let name = rustls::pki_types::ServerName::IpAddress(ip.into());
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            let (h2, conn) = h2::client::handshake(tls).await.unwrap();
+            tokio::spawn(conn);
+            let connect = |target: SocketAddr| {
+                let h2 = h2.clone();
+                async move {
+                    let request = http::Request::builder()
+                        .method(http::Method::CONNECT)
+                        .uri(target.to_string())
+                        .body(())
+                        .unwrap();
+                    let (response, send) = h2
+                        .ready()
+                        .await
+                        .unwrap()
+                        .send_request(request, false)
+                        .unwrap();
+                    let response = response.await.unwrap();
+                    let status = response.status().as_u16();
+                    (status, send, response.into_body())
+                }
+            };
+            // The client works: the app echoes through it.
+            let (control, mut send, mut body) = connect(app).await;
+            send.send_data(bytes::Bytes::from_static(b"ping"), true)
+                .unwrap();
+            let mut echoed = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap();
+                let _ = body.flow_control().release_capacity(chunk.len());
+                echoed.extend_from_slice(&chunk);
+            }
+            assert_eq!(echoed, b"ping");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let before = fds();
+            // Streams kept open while the descriptors are counted: a dialled connection would
+            // still be there.
+            let mut own = Vec::new();
+            let mut held = Vec::new();
+            for port in [15006, 15001, 15008, 15020, 15000] {
+                let (status, send, body) = connect(SocketAddr::new(ip, port)).await;
+                own.push((port, status));
+                held.push((send, body));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let after = fds();
+            drop(held);
+            (control, own, before, after)
+        })
+    });
+    eprintln!("CONNECT to own ports: {own:?}; the sidecar's descriptors {before} -> {after}");
+    assert_eq!(control, 200);
+    for (port, status) in own {
+        assert_eq!(status, 400, "CONNECT to the sidecar's own port {port}");
+    }
+    assert_eq!(
+        after, before,
+        "the sidecar opened descriptors for its own ports"
+    );
+    let refused = metric_sum(&c, B, "l4mesh_connections_total", "outcome=\"own_port\"");
+    assert_eq!(refused, 5.0);
 }

@@ -33,6 +33,8 @@ pub enum InboundError {
     Loop,
     #[error("refused: original destination {dst} is not this pod's address (localhost or forged)")]
     NotPodAddress { dst: SocketAddr },
+    #[error("refused: {dst} is one of this sidecar's own ports, not an application's")]
+    OwnPort { dst: SocketAddr },
     #[error("client failed during detection: {0}")]
     Detect(io::Error),
     #[error("refused: {protocol} is not mesh mTLS (STRICT, from {decided_by})")]
@@ -75,6 +77,7 @@ impl Ending for InboundError {
             InboundError::NotRedirected => "not_redirected",
             InboundError::Loop => "loop",
             InboundError::NotPodAddress { .. } => "not_pod_address",
+            InboundError::OwnPort { .. } => "own_port",
             InboundError::Detect(_) => "detect",
             InboundError::Strict { .. } => "strict",
             InboundError::Handshake(_) => "handshake",
@@ -103,9 +106,9 @@ impl Ending for InboundError {
                 c.port = Some(*port);
                 c.policy = Some(decided_by.to_string());
             }
-            InboundError::NotPodAddress { dst } | InboundError::ConnectApp { dst, .. } => {
-                c.port = Some(dst.port())
-            }
+            InboundError::NotPodAddress { dst }
+            | InboundError::OwnPort { dst }
+            | InboundError::ConnectApp { dst, .. } => c.port = Some(dst.port()),
             _ => {}
         }
         c
@@ -154,10 +157,10 @@ impl InboundConnection {
         }
         // Only the pod's own addresses are served (issue 13): a frame sent to the pod's MAC
         // with destination 127.0.0.1 that got past the capture rules would otherwise reach an
-        // app bound only to localhost, in any mode.
-        if !inputs.is_pod_address(dst.ip()) {
-            return Err(InboundError::NotPodAddress { dst });
-        }
+        // app bound only to localhost, in any mode. Nor the sidecar's own ports (issue 29):
+        // the capture rules redirect :15001 here too, and a mesh client must not make the
+        // sidecar dial itself.
+        inputs.inbound_target(dst)?;
 
         // The policy in force when the connection arrived decides it, start to finish.
         let policy = inputs.policy.borrow().clone();
@@ -324,6 +327,22 @@ pub(super) fn authorize(
     }
 }
 
+/// Whether a peer may be connected to `dst` (see `ProxyInputs::inbound_target`): an address
+/// of the pod's own (`pod_address`), on a port the sidecar does not listen on itself.
+pub(crate) fn check_target(
+    dst: SocketAddr,
+    pod_address: bool,
+    own_ports: &std::collections::BTreeSet<u16>,
+) -> Result<(), InboundError> {
+    if !pod_address {
+        return Err(InboundError::NotPodAddress { dst });
+    }
+    if own_ports.contains(&dst.port()) {
+        return Err(InboundError::OwnPort { dst });
+    }
+    Ok(())
+}
+
 /// Connects to the application and relays, recording the connection in Istio's TCP metrics.
 async fn forward<S>(
     inputs: &ProxyInputs,
@@ -415,4 +434,41 @@ where
         "inbound connection closed"
     );
     result.map_or(Ok(()), |e| Err(e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What inbound and the tunnel refuse before dialling (issues 13 and 29): another address
+    /// than the pod's, and any port the sidecar itself listens on, whatever the config binds.
+    #[test]
+    fn a_target_is_an_app_port_of_the_pods_own_address() {
+        let own: std::collections::BTreeSet<u16> = [15001, 15006, 15008, 15020, 15000, 25000]
+            .into_iter()
+            .collect();
+        let outcome = |dst: &str, pod_address: bool| {
+            let dst: SocketAddr = dst.parse().unwrap();
+            check_target(dst, pod_address, &own).map_err(|e| e.outcome())
+        };
+        let table = [
+            ("10.0.0.5:8080", true, Ok(())),
+            ("[fd00::5]:8080", true, Ok(())),
+            ("10.0.0.5:15006", true, Err("own_port")),
+            ("10.0.0.5:15001", true, Err("own_port")),
+            ("10.0.0.5:15008", true, Err("own_port")),
+            ("10.0.0.5:15020", true, Err("own_port")),
+            ("10.0.0.5:15000", true, Err("own_port")),
+            ("[fd00::5]:15008", true, Err("own_port")),
+            // A port the config moved a listener to, not only Istio's numbers.
+            ("10.0.0.5:25000", true, Err("own_port")),
+            // Istio's other well-known ports are apps' here when the sidecar does not bind them.
+            ("10.0.0.5:15090", true, Ok(())),
+            ("127.0.0.1:8080", false, Err("not_pod_address")),
+            ("10.0.0.9:15008", false, Err("not_pod_address")),
+        ];
+        for (dst, pod_address, want) in table {
+            assert_eq!(outcome(dst, pod_address), want, "{dst}");
+        }
+    }
 }

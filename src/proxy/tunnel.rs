@@ -250,8 +250,10 @@ impl StreamRequest {
             let what = format!("{} {}", request.method(), request.uri());
             return refuse(StatusCode::BAD_REQUEST, InboundError::BadConnect(what));
         };
-        if !inputs.is_pod_address(dst.ip()) {
-            return refuse(StatusCode::BAD_REQUEST, InboundError::NotPodAddress { dst });
+        // Another pod (a pivot), localhost, or the sidecar's own ports (a tunnel nested in
+        // itself, as deep as the peer likes): refused before anything is dialled.
+        if let Err(e) = inputs.inbound_target(dst) {
+            return refuse(StatusCode::BAD_REQUEST, e);
         }
         // The peer as of now, against the trust bundle and CRLs in force now (cached per
         // chain, so this costs a hash on most streams).
