@@ -151,23 +151,32 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, endpoints: End
         let slot = Slot(open.clone(), id);
         let task = tokio::spawn(async move {
             let _slot = slot;
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, endpoints, req)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(MAX_CONNECTION_AGE, conn).await {
-                Ok(Err(e)) => debug!(error = %e, "admin connection ended with an error"),
-                Err(_) => debug!("admin connection closed at its maximum age"),
-                Ok(Ok(())) => {}
-            }
+            serve_stream(state, endpoints, stream).await
         });
         // Registered before the lock is released: the task's `Slot` cannot remove the entry
         // before it exists.
         guard.tasks.insert(id, task.abort_handle());
+    }
+}
+
+/// Serves HTTP/1.1 on one connection (or a tunnel stream addressed to the stats port, see
+/// `ProxyInputs::stats_port`), bounded by the header read timeout and the maximum age.
+pub async fn serve_stream<S>(state: Arc<AdminState>, endpoints: Endpoints, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(&state, endpoints, req)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(MAX_CONNECTION_AGE, conn).await {
+        Ok(Err(e)) => debug!(error = %e, "admin connection ended with an error"),
+        Err(_) => debug!("admin connection closed at its maximum age"),
+        Ok(Ok(())) => {}
     }
 }
 
@@ -277,14 +286,14 @@ fn config_dump(state: &AdminState) -> String {
     let policy = inputs.policy.borrow().clone();
     let tls_state = inputs.tls.borrow().clone();
     let creds = tls_state.creds.clone();
-    let pools: Vec<serde_json::Value> = tls_state
+    let pools: Vec<serde_json::Value> = inputs
         .pool
-        .view()
+        .view(tls_state.generation)
         .into_iter()
         .map(|p| {
             serde_json::json!({
                 "destination": p.tunnel.to_string(),
-                "rule": tls_state.routes.name_of(p.rule),
+                "rule": inputs.routes.name_of(p.rule),
                 "server_identity": p.identity,
                 "connections": p.connections,
                 "streams_open": p.streams_open,

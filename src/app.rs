@@ -1,89 +1,28 @@
-//! Wiring: turns a loaded `Config` into running listeners. Builds the shared inputs once
-//! (`ProxyInputs`: TLS snapshot, policy, metrics), binds the capture, stats and admin
-//! listeners, watches the credential and policy files, and runs until a drain ends it. The
-//! only place that spawns the world.
+//! Wiring: turns a loaded `Config` into running listeners. Starts the sources of live state
+//! (`state`: credentials, policy), builds the shared inputs once (`ProxyInputs`), binds the
+//! capture, tunnel, stats and admin listeners, and runs until a drain ends it. The only place
+//! that spawns the world; what each source does to stay fresh lives in its own room.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tracing::{debug, error, info, warn};
-
-use tokio::sync::watch;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::admin::{self, AdminState, Endpoints, LogControl};
 use crate::config::Config;
 use crate::drain::Drain;
-use crate::identity::{self, unix_seconds, CredentialPaths, Credentials, Expected, SpiffeId};
+use crate::identity::Credentials;
 use crate::metrics::Metrics;
-use crate::policy::{self, PolicyError, PolicySet, WorkloadPolicy};
+use crate::policy::WorkloadPolicy;
 use crate::proxy::inbound::InboundConnection;
 use crate::proxy::outbound::OutboundConnection;
 use crate::proxy::tunnel::TunnelConnection;
-use crate::proxy::{Capture, ProxyInputs, TlsState};
-use crate::tls;
-use crate::watch::Change;
-
-/// Where the config says the credentials are.
-pub fn credential_paths(config: &Config) -> CredentialPaths {
-    CredentialPaths {
-        cert_chain: config.identity.cert_chain.clone(),
-        private_key: config.identity.private_key.clone(),
-        trust_bundle: config.identity.trust_bundle.clone(),
-        crls: config.identity.crls.clone(),
-    }
-}
-
-/// Loads and checks the credentials the config names; `id`, when given, is the identity they
-/// must carry (a rotation must not change who the workload is).
-pub fn load_credentials(
-    config: &Config,
-    id: Option<&SpiffeId>,
-) -> Result<Credentials, identity::IdentityError> {
-    let expected = Expected {
-        trust_domains: config.identity.trust_domains(),
-        namespace: config.workload.namespace.clone(),
-        service_account: config.workload.service_account.clone(),
-        id: id.cloned(),
-    };
-    identity::load(&credential_paths(config), &expected).map_err(|e| e.with_origin(&config.origins))
-}
-
-/// Reads the policy file the config names: none, or an optional one not there yet, is no
-/// policies.
-pub fn load_policy_set(config: &Config) -> Result<PolicySet, PolicyError> {
-    match &config.policy.file {
-        Some(path) if config.policy.optional && !path.exists() => {
-            debug!(path = %path.display(), "no policy file (yet): no policies");
-            Ok(PolicySet::default())
-        }
-        Some(path) => PolicySet::load(path),
-        None => Ok(PolicySet::default()),
-    }
-}
-
-/// Loads the policy file (if any) and resolves it for this workload. The workload's namespace
-/// is the configured one, else the one in its SPIFFE ID.
-pub fn load_policy(config: &Config, id: &SpiffeId) -> Result<WorkloadPolicy, PolicyError> {
-    let set = load_policy_set(config)?;
-    for s in &set.skipped {
-        debug!(document = s.index, what = %s.what, why = %s.why, "skipping a resource that is not for a sidecar");
-    }
-    let workload = policy::Workload {
-        namespace: crate::proxy::workload_namespace(config, id),
-        labels: config.workload.labels.clone(),
-        trust_domains: config.identity.trust_domains(),
-    };
-    let resolved = WorkloadPolicy::resolve(&set, &workload, &config.policy.root_namespace)?;
-    for w in resolved.warnings() {
-        warn!("{w}");
-    }
-    Ok(resolved)
-}
+use crate::proxy::{Capture, Connection, ProxyInputs};
+use crate::state;
 
 /// Runs the sidecar until it is told to stop: SIGTERM, SIGINT or `POST /drain` start a drain
 /// (readiness false at once, listeners accepting for `timeouts.drain_accept`, then closed,
@@ -130,46 +69,9 @@ pub async fn start(
     capture: Capture,
 ) -> anyhow::Result<Sidecar> {
     let metrics = Arc::new(Metrics::new());
-    metrics
-        .certificate_expiry
-        .set(unix_seconds(creds.not_after));
     let id = creds.id.clone();
-    let ticketer = match config.tls.session_resumption {
-        true => Some(tls::ticketer()?),
-        false => None,
-    };
-    let (tls_tx, tls_rx) =
-        watch::channel(Arc::new(TlsState::new(&config, creds, ticketer.clone())?));
-    tokio::spawn(crate::watch::poll(
-        credential_paths(&config).all(),
-        config.identity.reload_interval,
-        config.identity.settle,
-        rotate(
-            config.clone(),
-            id.clone(),
-            metrics.clone(),
-            tls_tx,
-            ticketer,
-        ),
-    ));
-    tokio::spawn(watch_expiry(
-        tls_rx.clone(),
-        config
-            .identity
-            .expiry_warnings
-            .iter()
-            .map(|d| **d)
-            .collect(),
-    ));
-    let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
-    if let Some(path) = config.policy.file.clone() {
-        tokio::spawn(crate::watch::poll(
-            vec![path],
-            config.policy.reload_interval,
-            config.policy.settle,
-            reload_policy(config.clone(), id.clone(), metrics.clone(), policy_tx),
-        ));
-    }
+    let tls_rx = state::credentials::start(&config, creds, &metrics)?;
+    let policy_rx = state::policy::start(&config, &id, policy, &metrics);
     let listeners = &config.listeners;
     let bind = |addr, what: &str| {
         crate::proxy::socket::listen(addr)
@@ -205,6 +107,7 @@ pub async fn start(
         metrics.clone(),
         capture,
         own_ports,
+        bound.metrics.port(),
     ));
     // The aliases let `migration-report` say whether peers still use them.
     let aliases = inputs.config.identity.trust_domains().aliases().join(",");
@@ -226,51 +129,34 @@ pub async fn start(
         log,
     });
     tokio::spawn(admin::serve(stats, state.clone(), Endpoints::Stats));
+    // A meshed Prometheus reaches the stats port through the tunnel; served here, without a
+    // connection of the sidecar's to itself. Weak: the inputs must not keep their own admin
+    // state alive.
+    let weak = Arc::downgrade(&state);
+    let _ = inputs.stats.set(Box::new(move |stream| {
+        let state = weak.upgrade();
+        Box::pin(async move {
+            if let Some(state) = state {
+                admin::serve_stream(state, Endpoints::Stats, stream).await;
+            }
+        })
+    }));
     tokio::spawn(admin::serve(admin, state.clone(), Endpoints::Admin));
 
-    let out_inputs = inputs.clone();
-    tokio::spawn(accept_loop(
+    tokio::spawn(accept_loop::<OutboundConnection>(
         outbound,
-        "outbound",
+        inputs.clone(),
         drain.clone(),
-        move |client, client_addr| {
-            OutboundConnection {
-                inputs: out_inputs.clone(),
-                client,
-                client_addr,
-            }
-            .run()
-        },
     ));
-    let in_inputs = inputs.clone();
-    tokio::spawn(accept_loop(
+    tokio::spawn(accept_loop::<InboundConnection>(
         inbound,
-        "inbound",
+        inputs.clone(),
         drain.clone(),
-        move |client, client_addr| {
-            InboundConnection {
-                inputs: in_inputs.clone(),
-                client,
-                client_addr,
-            }
-            .run()
-        },
     ));
-    let tunnel_inputs = inputs.clone();
-    let tunnel_drain = drain.clone();
-    tokio::spawn(accept_loop(
+    tokio::spawn(accept_loop::<TunnelConnection>(
         tunnel,
-        "tunnel",
+        inputs.clone(),
         drain.clone(),
-        move |client, client_addr| {
-            TunnelConnection {
-                inputs: tunnel_inputs.clone(),
-                client,
-                client_addr,
-                drain: tunnel_drain.clone(),
-            }
-            .run()
-        },
     ));
     let sweep_metrics = metrics.clone();
     let idle = inputs.config.telemetry.series_idle;
@@ -348,166 +234,10 @@ fn second_signal(drain: &Drain) -> ! {
     std::process::exit(0);
 }
 
-/// What to do when the policy file changes: load and resolve it; if good, publish it for new
-/// connections; if not (unreadable, empty, cut off, a kind misspelled), keep the policy in
-/// force, say why at warn and count it: failing to read a policy must never loosen one.
-fn reload_policy(
-    config: Config,
-    id: SpiffeId,
-    metrics: Arc<Metrics>,
-    policy_tx: watch::Sender<Arc<WorkloadPolicy>>,
-) -> impl FnMut(Change) {
-    move |change| {
-        if let Change::Missing(paths) = change {
-            warn!(path = ?paths, "policy file is gone; keeping the policy in force");
-            metrics.policy_reloads.with_label_values(&["missing"]).inc();
-            return;
-        }
-        match load_policy(&config, &id) {
-            Ok(policy) => {
-                let (allow, deny, audit) = policy.authz.counts();
-                info!(
-                    default = %policy.mtls.default.0,
-                    ports = policy.mtls.ports.len(),
-                    allow,
-                    deny,
-                    audit,
-                    "policy reloaded"
-                );
-                metrics.policy_reloads.with_label_values(&["success"]).inc();
-                policy_tx.send_replace(Arc::new(policy));
-            }
-            Err(e) => {
-                warn!(error = %e, "policy reload failed; keeping the previous policy");
-                metrics.policy_reloads.with_label_values(&["failure"]).inc();
-            }
-        }
-    }
-}
-
-/// What to do when a credential file changes: load and check the new set; if good, publish a
-/// new TLS snapshot for new handshakes; if not (half-written, mismatched, another identity),
-/// keep the current one, say exactly why, and count it. The next change is tried again.
-fn rotate(
-    config: Config,
-    id: SpiffeId,
-    metrics: Arc<Metrics>,
-    tls_tx: watch::Sender<Arc<TlsState>>,
-    ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
-) -> impl FnMut(Change) {
-    // What the credentials in force were read from (at start, as the watch begins: a change
-    // before then is one the watch would not report either): files touched but not changed
-    // (a root copied over itself) are not a rotation.
-    let mut in_force = contents_digest(&credential_paths(&config).all());
-    move |change| {
-        if let Change::Missing(paths) = change {
-            let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-            warn!(paths = %paths.join(", "), "credential files are gone; keeping the credentials in force");
-            metrics
-                .certificate_reloads
-                .with_label_values(&["missing"])
-                .inc();
-            return;
-        }
-        let read = contents_digest(&credential_paths(&config).all());
-        if read.is_some() && read == in_force {
-            debug!("credential files touched, contents unchanged: nothing to rotate");
-            metrics
-                .certificate_reloads
-                .with_label_values(&["unchanged"])
-                .inc();
-            return;
-        }
-        let loaded = load_credentials(&config, Some(&id))
-            .map_err(|e| e.to_string())
-            .and_then(|creds| {
-                TlsState::new(&config, creds, ticketer.clone()).map_err(|e| e.to_string())
-            });
-        match loaded {
-            Ok(state) => {
-                let creds = &state.creds;
-                info!(
-                    serial = %creds.serial,
-                    not_after = %humantime::format_rfc3339_seconds(creds.not_after),
-                    "credentials rotated; new handshakes use them"
-                );
-                metrics
-                    .certificate_expiry
-                    .set(unix_seconds(creds.not_after));
-                metrics
-                    .certificate_reloads
-                    .with_label_values(&["success"])
-                    .inc();
-                tls_tx.send_replace(Arc::new(state));
-                // Read before the load: a file rewritten in between only costs one more reload.
-                in_force = read;
-            }
-            Err(e) => {
-                error!(error = %e, "certificate reload failed; keeping the current credentials");
-                metrics
-                    .certificate_reloads
-                    .with_label_values(&["failure"])
-                    .inc();
-            }
-        }
-    }
-}
-
-/// SHA-256 over the length-prefixed contents of `paths`; `None` if one cannot be read (the
-/// load then says why).
-fn contents_digest(paths: &[std::path::PathBuf]) -> Option<[u8; 32]> {
-    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    for path in paths {
-        let bytes = std::fs::read(path).ok()?;
-        ctx.update(&(bytes.len() as u64).to_be_bytes());
-        ctx.update(&bytes);
-    }
-    ctx.finish().as_ref().try_into().ok()
-}
-
-/// Warns as the certificate in force nears expiry (once per threshold and certificate), and
-/// says so loudly when it has expired: from then on the sidecar is not ready (see `admin`) and
-/// peers refuse its handshakes, until a valid certificate is rotated in.
-async fn watch_expiry(tls: watch::Receiver<Arc<TlsState>>, mut thresholds: Vec<Duration>) {
-    thresholds.sort_unstable_by(|a, b| b.cmp(a));
-    let mut warned: (String, usize) = (String::new(), 0);
-    loop {
-        let creds = tls.borrow().creds.clone();
-        if warned.0 != creds.serial {
-            warned = (creds.serial.clone(), 0);
-        }
-        let now = std::time::SystemTime::now();
-        let at = humantime::format_rfc3339_seconds(creds.not_after).to_string();
-        match creds.valid_until().duration_since(now) {
-            Err(_) => {
-                if warned.1 <= thresholds.len() {
-                    error!(serial = %creds.serial, expired_at = %at, "certificate expired: not ready; rotate the certificate");
-                    warned.1 = thresholds.len() + 1;
-                }
-            }
-            Ok(left) => {
-                // One warning per threshold crossed, however many are crossed at once.
-                let crossed = thresholds.iter().filter(|t| left <= **t).count();
-                if crossed > warned.1 {
-                    let rounded = Duration::from_secs(left.as_secs());
-                    warn!(serial = %creds.serial, expires_at = %at, left = %humantime::format_duration(rounded), "certificate expires soon");
-                    warned.1 = crossed;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-/// Accepts until the drain's accept period ends, one task per connection, each holding a drain
-/// watcher.
-/// Accept errors (such as running out of file descriptors) back off briefly instead of
-/// spinning.
-async fn accept_loop<F, Fut>(listener: TcpListener, name: &'static str, drain: Drain, handle: F)
-where
-    F: Fn(TcpStream, std::net::SocketAddr) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
+/// Accepts connections of kind `C` until the drain's accept period ends, one task per
+/// connection, each holding a drain watcher. Accept errors (such as running out of file
+/// descriptors) back off briefly instead of spinning.
+async fn accept_loop<C: Connection>(listener: TcpListener, inputs: Arc<ProxyInputs>, drain: Drain) {
     let mut errors = crate::proxy::socket::AcceptErrors::default();
     loop {
         let accepted = tokio::select! {
@@ -518,14 +248,14 @@ where
             Ok((stream, addr)) => {
                 let _ = stream.set_nodelay(true);
                 let watcher = drain.watcher();
-                let conn = handle(stream, addr);
+                let conn = crate::proxy::serve::<C>(inputs.clone(), stream, addr, drain.clone());
                 tokio::spawn(async move {
                     conn.await;
                     drop(watcher);
                 });
             }
             Err(e) => {
-                errors.record(name, &e);
+                errors.record(C::DIRECTION, &e);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

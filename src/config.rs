@@ -618,6 +618,15 @@ fn credential_lines(path: &Path, text: &str) -> BTreeMap<&'static str, String> {
 }
 
 impl Config {
+    /// The workload's namespace: configured, else the one in its SPIFFE ID.
+    pub fn workload_namespace(&self, id: &SpiffeId) -> String {
+        self.workload.namespace.clone().unwrap_or_else(|| {
+            id.namespace_and_service_account()
+                .map(|(ns, _)| ns.to_string())
+                .unwrap_or_default()
+        })
+    }
+
     /// The Kubernetes defaults (see [`kubernetes_defaults`]) with the environment applied.
     pub fn kubernetes() -> Result<Config, ConfigError> {
         let mut config = Config::parse(

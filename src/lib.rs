@@ -8,8 +8,9 @@
 //!    outbound to :15001, inbound to :15006.
 //! 2. [`app`] accepts it and hands it, with the shared [`proxy::ProxyInputs`], to
 //! 3. [`proxy::outbound`] (this pod's app calling out): original destination
-//!    ([`proxy::socket`]) → destination rule → mTLS ([`tls`], reads batched by
-//!    [`proxy::tls_io`]) or passthrough, or
+//!    ([`proxy::socket`]) → a plan (destination rule, transport, fallback) → a tunnel stream
+//!    ([`proxy::pool`]) or mesh TLS ([`tls`], reads batched by [`proxy::tls_io`]) or
+//!    plaintext, or
 //! 4. [`proxy::inbound`] (a peer calling in): original destination → the pod's own address
 //!    only → the port's mode ([`policy`]) → first bytes ([`proxy::sniff`]) → mesh mTLS
 //!    terminated and the peer identified ([`tls`], [`identity`]) or plaintext forwarded /
@@ -19,7 +20,9 @@
 //!
 //! # Around the path
 //!
-//! [`config`] (the YAML file), [`consts`] (ports, UID, mount paths), [`watch`] (file reloads: credentials and policy), [`admin`]
+//! [`config`] (the YAML file), [`consts`] (ports, UID, mount paths), [`state`] (live state,
+//! one room per source: credentials, policy, what `auto` learned; each keeps itself fresh and
+//! publishes snapshots the data path reads), [`admin`]
 //! (the stats and admin listeners), [`drain`] (graceful shutdown), and in [`cmd`] the
 //! subcommands that are not the sidecar (dev PKI, injection, migration report).
 
@@ -36,5 +39,5 @@ pub mod metrics;
 pub mod parse;
 pub mod policy;
 pub mod proxy;
+pub mod state;
 pub mod tls;
-pub mod watch;

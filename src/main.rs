@@ -430,8 +430,8 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
     match cmd {
         Cmd::Run { config } => {
             let config = load_config(config.as_deref()).map_err(bad)?;
-            let creds = app::load_credentials(&config, None).map_err(bad)?;
-            let policy = app::load_policy(&config, &creds.id).map_err(bad)?;
+            let creds = l4mesh::state::credentials::load(&config, None).map_err(bad)?;
+            let policy = l4mesh::state::policy::load(&config, &creds.id).map_err(bad)?;
             match l4mesh::proxy::socket::raise_fd_limit() {
                 Ok(limit) => tracing::debug!(limit, "file descriptor limit"),
                 Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),

@@ -7,13 +7,12 @@
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
-use crate::identity::{Credentials, SpiffeId};
+use crate::identity::SpiffeId;
 use crate::metrics::Metrics;
 use crate::policy::WorkloadPolicy;
-use crate::tls;
+use crate::state::{TlsSnapshot, Unmeshed};
 
 pub mod baggage;
 pub mod h2_io;
@@ -54,6 +53,35 @@ pub trait Ending: std::fmt::Display {
     }
 }
 
+/// A connection accepted on one of the data path's listeners (outbound, inbound, tunnel):
+/// built from what every accept has, served, and counted by its ending, all in [`serve`].
+pub trait Connection: Sized + Send + 'static {
+    type Error: Ending + Send;
+    /// The `direction` label its ending is counted under.
+    const DIRECTION: &'static str;
+    /// `client_addr` is canonical (a v4-mapped address is IPv4).
+    fn new(
+        inputs: Arc<ProxyInputs>,
+        client: tokio::net::TcpStream,
+        client_addr: std::net::SocketAddr,
+        drain: &crate::drain::Drain,
+    ) -> Self;
+    fn serve(self) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// Serves one accepted connection of kind `C` to its end and records how it ended.
+pub async fn serve<C: Connection>(
+    inputs: Arc<ProxyInputs>,
+    client: tokio::net::TcpStream,
+    client_addr: std::net::SocketAddr,
+    drain: crate::drain::Drain,
+) {
+    let client_addr = socket::canonical(client_addr);
+    let metrics = inputs.metrics.clone();
+    let result = C::new(inputs, client, client_addr, &drain).serve().await;
+    record_end(&metrics, C::DIRECTION, client_addr, &result);
+}
+
 /// Records how a connection ended, in one place for both directions: the counter series of
 /// its outcome, and for an error a log line at the error's level.
 pub fn record_end<E: Ending>(
@@ -92,13 +120,20 @@ fn record(
     }
 }
 
+/// Serves one tunnel stream as the stats endpoints would serve a connection.
+pub type StatsService = Box<
+    dyn Fn(h2_io::H2Stream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// Everything a connection needs, built once at start-up and shared.
 pub struct ProxyInputs {
     pub config: Config,
     /// The workload's identity (rotation keeps it: a new certificate must carry the same).
     pub identity: SpiffeId,
     /// The credentials and TLS configurations in force; replaced whole on rotation.
-    pub tls: watch::Receiver<Arc<TlsState>>,
+    pub tls: watch::Receiver<Arc<TlsSnapshot>>,
     /// The mTLS mode of each inbound port; replaced whole when the policy file changes.
     pub policy: watch::Receiver<Arc<WorkloadPolicy>>,
     pub metrics: Arc<Metrics>,
@@ -111,6 +146,12 @@ pub struct ProxyInputs {
     /// The ports this sidecar listens on (as bound): never a destination it dials for a
     /// peer, or a peer could make it connect to itself and nest tunnels in tunnels (issue 29).
     pub own_ports: std::collections::BTreeSet<u16>,
+    /// The stats port (as bound), one of `own_ports`: a meshed Prometheus scrapes it through
+    /// the tunnel, and such a stream is served in process by `stats` instead of dialled.
+    pub stats_port: u16,
+    /// Serves a tunnel stream addressed to the stats port (set by `app` once the stats
+    /// endpoints exist; until then such a stream is refused like any own port).
+    pub stats: std::sync::OnceLock<StatsService>,
     /// This workload as Istio's metrics name it.
     pub workload_name: String,
     pub namespace: String,
@@ -118,63 +159,25 @@ pub struct ProxyInputs {
     /// server's metrics).
     pub baggage: String,
     /// Destinations `auto` found without a sidecar, remembered for a while.
-    pub unmeshed: outbound::Unmeshed,
-}
-
-/// The credentials in force and the TLS configurations built from them: an immutable
-/// snapshot, replaced whole on rotation. A connection keeps the snapshot it started with, so
-/// rotation never touches an established connection.
-pub struct TlsState {
-    pub creds: Arc<Credentials>,
-    /// Application ports: mesh TLS with ALPN `l4mesh/1` (the direct transport).
-    pub acceptor: TlsAcceptor,
-    /// The tunnel port: ALPN `h2`.
-    pub tunnel_acceptor: TlsAcceptor,
+    pub unmeshed: Unmeshed,
+    /// The destination rules, from the config.
     pub routes: Routes,
-    /// Tunnel connections made with these credentials (see [`pool`]).
+    /// Tunnel connections to other sidecars, shared by every outbound connection.
     pub pool: pool::Pool,
-}
-
-impl TlsState {
-    /// `ticketer` is `Some` when session resumption is on; it is made once per process (see
-    /// `tls::server_config`).
-    pub fn new(
-        config: &Config,
-        creds: Credentials,
-        ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
-    ) -> Result<TlsState, tls::ConfigError> {
-        let acceptor = |alpn| {
-            tls::server_config(
-                &creds,
-                creds.trust.clone(),
-                ticketer.clone(),
-                config.tls.post_quantum,
-                alpn,
-            )
-            .map(TlsAcceptor::from)
-        };
-        let routes = Routes::new(&config.outbound, &creds, &creds.trust, &config.tls)?;
-        Ok(TlsState {
-            acceptor: acceptor(tls::MESH_ALPN)?,
-            tunnel_acceptor: acceptor(tls::TUNNEL_ALPN)?,
-            creds: Arc::new(creds),
-            routes,
-            pool: pool::Pool::new(config.outbound.pool.clone()),
-        })
-    }
 }
 
 impl ProxyInputs {
     pub fn new(
         config: Config,
-        tls: watch::Receiver<Arc<TlsState>>,
+        tls: watch::Receiver<Arc<TlsSnapshot>>,
         policy: watch::Receiver<Arc<WorkloadPolicy>>,
         metrics: Arc<Metrics>,
         capture: Capture,
         own_ports: std::collections::BTreeSet<u16>,
+        stats_port: u16,
     ) -> ProxyInputs {
         let identity = tls.borrow().creds.id.clone();
-        let namespace = workload_namespace(&config, &identity);
+        let namespace = config.workload_namespace(&identity);
         let workload_name = config
             .workload
             .workload_name
@@ -191,7 +194,9 @@ impl ProxyInputs {
             .copied()
             .collect();
         let mut inputs = ProxyInputs {
-            unmeshed: outbound::Unmeshed::new(config.outbound.unmeshed_ttl),
+            unmeshed: Unmeshed::new(config.outbound.unmeshed_ttl),
+            routes: Routes::new(&config.outbound),
+            pool: pool::Pool::new(config.outbound.pool.clone()),
             baggage: String::new(),
             workload_name,
             namespace,
@@ -204,6 +209,8 @@ impl ProxyInputs {
             capture,
             known_ports,
             own_ports,
+            stats_port,
+            stats: std::sync::OnceLock::new(),
         };
         inputs.baggage = baggage::Baggage::of(&inputs).header();
         inputs
@@ -235,8 +242,12 @@ impl ProxyInputs {
     /// Whether inbound (a captured connection or a tunnel stream) may connect a peer to `dst`:
     /// one of the pod's own addresses, on a port that is not one of the sidecar's own. Checked
     /// before anything is dialled.
-    pub fn inbound_target(&self, dst: std::net::SocketAddr) -> Result<(), inbound::InboundError> {
-        inbound::check_target(dst, self.is_pod_address(dst.ip()), &self.own_ports)
+    pub fn inbound_target(
+        &self,
+        dst: std::net::SocketAddr,
+    ) -> Result<inbound::Target, inbound::InboundError> {
+        let pod_address = self.is_pod_address(dst.ip());
+        inbound::check_target(dst, pod_address, &self.own_ports, self.stats_port)
     }
 
     pub fn port_label(&self, port: u16, policy: &WorkloadPolicy) -> std::borrow::Cow<'static, str> {
@@ -248,21 +259,13 @@ impl ProxyInputs {
     }
 }
 
-/// The workload's namespace: configured, else the one in its SPIFFE ID.
-pub fn workload_namespace(config: &Config, id: &SpiffeId) -> String {
-    config.workload.namespace.clone().unwrap_or_else(|| {
-        id.namespace_and_service_account()
-            .map(|(ns, _)| ns.to_string())
-            .unwrap_or_default()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::inbound::InboundError;
     use super::outbound::OutboundError;
     use super::relay::RelayError;
     use super::*;
+    use crate::tls;
 
     fn io() -> std::io::Error {
         std::io::ErrorKind::ConnectionReset.into()

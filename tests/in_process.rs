@@ -78,8 +78,8 @@ async fn sidecar_in(
         port = dst.port(),
     );
     let config = Config::parse(&dir.join(format!("{sa}.yaml")), &yaml).unwrap();
-    let creds = app::load_credentials(&config, None).unwrap();
-    let policy = app::load_policy(&config, &creds.id).unwrap();
+    let creds = l4mesh::state::credentials::load(&config, None).unwrap();
+    let policy = l4mesh::state::policy::load(&config, &creds.id).unwrap();
     let log = Arc::new(LogControl::fixed("info"));
     app::start(config, creds, policy, log, Capture::Fixed { dst })
         .await
@@ -313,7 +313,10 @@ async fn in_process_tunnel_carries_bytes_and_says_who_the_client_is() {
         metric(&client, "l4mesh_tls_handshakes_total", &["outbound"]),
         1.0
     );
-    let pools = client.inputs.tls.borrow().pool.view();
+    let pools = client
+        .inputs
+        .pool
+        .view(client.inputs.tls.borrow().generation);
     assert_eq!(pools.len(), 1, "one pool");
     assert_eq!(pools[0].connections, 1);
     let done = ["direction=\"inbound\"", "outcome=\"completed\""];

@@ -136,3 +136,30 @@ fn the_path_finder_sees_grouped_and_nested_imports() {
         ]
     );
 }
+
+/// Live state does not know the data path, and the data path does not know the Kubernetes
+/// API: `state/` publishes snapshots that `proxy/` reads, and what the API says reaches the
+/// data path only through `state/` (issue 27). Either import would bring a cycle back.
+#[test]
+fn live_state_and_the_data_path_keep_their_distance() {
+    let modules = modules();
+    assert!(modules.contains_key("crate::state::credentials"));
+    let forbidden = [
+        ("crate::state", "crate::proxy"),
+        ("crate::proxy", "crate::kube"),
+    ];
+    for (module, code) in &modules {
+        for (from, to) in forbidden {
+            let inside = module == from || module.starts_with(&format!("{from}::"));
+            if !inside {
+                continue;
+            }
+            for path in paths(code) {
+                assert!(
+                    path != to && !path.starts_with(&format!("{to}::")),
+                    "{module} uses {path}: {from} must not import {to}"
+                );
+            }
+        }
+    }
+}

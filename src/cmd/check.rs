@@ -4,9 +4,9 @@
 
 use thiserror::Error;
 
-use crate::app;
 use crate::config::Config;
 use crate::policy::WorkloadPolicy;
+use crate::state;
 
 /// Why the sidecar would not start.
 #[derive(Debug, Error)]
@@ -21,8 +21,8 @@ pub enum CheckError {
 
 /// Loads and builds what `run` would, and says what it would enforce.
 pub fn check(config: &Config) -> Result<String, CheckError> {
-    let creds = app::load_credentials(config, None)?;
-    let policy = app::load_policy(config, &creds.id)?;
+    let creds = state::credentials::load(config, None)?;
+    let policy = state::policy::load(config, &creds.id)?;
     let mut out = String::new();
     outln!(
         out,
@@ -42,7 +42,7 @@ pub fn check(config: &Config) -> Result<String, CheckError> {
     describe_policy(&policy, &mut out);
     // Building the TLS configurations is the last thing `run` does before binding.
     let ticketer = crate::tls::ticketer()?;
-    crate::proxy::TlsState::new(config, creds, Some(ticketer))?;
+    crate::state::TlsSnapshot::new(config, creds, Some(ticketer), 1)?;
     Ok(out)
 }
 

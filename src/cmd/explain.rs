@@ -54,7 +54,7 @@ fn resolve(config: &Config, subject: &Subject) -> Result<Resolved, ExplainError>
         labels,
         trust_domains: config.identity.trust_domains(),
     };
-    let set = crate::app::load_policy_set(config)?;
+    let set = crate::state::policy::load_set(config)?;
     let policy = WorkloadPolicy::resolve(&set, &workload, &config.policy.root_namespace)?;
     Ok(Resolved {
         workload,

@@ -293,21 +293,32 @@ pub fn load(paths: &CredentialPaths, expected: &Expected) -> Result<Credentials,
 fn read_crls(
     path: &Path,
 ) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, IdentityError> {
-    let bytes = read(path)?;
-    let crls = rustls_pemfile::crls(&mut bytes.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| IdentityError::Pem {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-    if crls.is_empty() {
-        return Err(IdentityError::BadCrl {
-            path: path.to_path_buf(),
+    read_pem(
+        path,
+        |pem| rustls_pemfile::crls(&mut &pem[..]).collect(),
+        |path| IdentityError::BadCrl {
+            path,
             index: 0,
             reason: "no X509 CRL PEM block found".to_string(),
-        });
+        },
+    )
+}
+
+/// Every PEM block of one kind in a file (`parse` picks them), in order; `none` is the error
+/// for a file that has none.
+fn read_pem<T>(
+    path: &Path,
+    parse: impl FnOnce(&[u8]) -> std::io::Result<Vec<T>>,
+    none: impl FnOnce(std::path::PathBuf) -> IdentityError,
+) -> Result<Vec<T>, IdentityError> {
+    let blocks = parse(&read(path)?).map_err(|e| IdentityError::Pem {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if blocks.is_empty() {
+        return Err(none(path.to_path_buf()));
     }
-    Ok(crls)
+    Ok(blocks)
 }
 
 /// Seconds since the Unix epoch (negative before it).
@@ -363,19 +374,11 @@ impl IdentityError {
 
 /// All `CERTIFICATE` blocks of a PEM file, in order.
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
-    let bytes = read(path)?;
-    let certs = rustls_pemfile::certs(&mut bytes.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| IdentityError::Pem {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(IdentityError::NoCertificate {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(certs)
+    read_pem(
+        path,
+        |pem| rustls_pemfile::certs(&mut &pem[..]).collect(),
+        |path| IdentityError::NoCertificate { path },
+    )
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, IdentityError> {

@@ -124,21 +124,29 @@ impl Ending for InboundError {
     }
 }
 
-impl InboundConnection {
-    pub async fn run(self) {
-        let client_addr = socket::canonical(self.client_addr);
-        let metrics = self.inputs.metrics.clone();
-        let result = self.proxy().await;
-        crate::proxy::record_end(&metrics, "inbound", client_addr, &result);
+impl crate::proxy::Connection for InboundConnection {
+    type Error = InboundError;
+    const DIRECTION: &'static str = "inbound";
+
+    fn new(
+        inputs: Arc<ProxyInputs>,
+        client: TcpStream,
+        client_addr: SocketAddr,
+        _: &crate::drain::Drain,
+    ) -> Self {
+        InboundConnection {
+            inputs,
+            client,
+            client_addr,
+        }
     }
 
-    async fn proxy(self) -> Result<(), InboundError> {
+    async fn serve(self) -> Result<(), InboundError> {
         let InboundConnection {
             inputs,
             client,
             client_addr,
         } = self;
-        let client_addr = socket::canonical(client_addr);
         // A mesh client has this long from accept to a finished handshake, detection
         // included: a client that trickles its ClientHello cannot hold the connection for
         // the detect timeout and then the handshake timeout again (issue 13).
@@ -160,7 +168,9 @@ impl InboundConnection {
         // app bound only to localhost, in any mode. Nor the sidecar's own ports (issue 29):
         // the capture rules redirect :15001 here too, and a mesh client must not make the
         // sidecar dial itself.
-        inputs.inbound_target(dst)?;
+        if inputs.inbound_target(dst)? == Target::Stats {
+            return Err(InboundError::OwnPort { dst });
+        }
 
         // The policy in force when the connection arrived decides it, start to finish.
         let policy = inputs.policy.borrow().clone();
@@ -327,20 +337,35 @@ pub(super) fn authorize(
     }
 }
 
+/// What a peer may be connected to on this pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// An application port: dialled from 127.0.0.6.
+    App,
+    /// The sidecar's own stats port (`/metrics`, readiness): never dialled; a tunnel serves
+    /// it in process (a meshed Prometheus scraping), a captured connection is refused.
+    Stats,
+}
+
 /// Whether a peer may be connected to `dst` (see `ProxyInputs::inbound_target`): an address
-/// of the pod's own (`pod_address`), on a port the sidecar does not listen on itself.
+/// of the pod's own (`pod_address`), on a port the sidecar does not listen on itself, but for
+/// its stats port, which is told apart.
 pub(crate) fn check_target(
     dst: SocketAddr,
     pod_address: bool,
     own_ports: &std::collections::BTreeSet<u16>,
-) -> Result<(), InboundError> {
+    stats_port: u16,
+) -> Result<Target, InboundError> {
     if !pod_address {
         return Err(InboundError::NotPodAddress { dst });
+    }
+    if dst.port() == stats_port {
+        return Ok(Target::Stats);
     }
     if own_ports.contains(&dst.port()) {
         return Err(InboundError::OwnPort { dst });
     }
-    Ok(())
+    Ok(Target::App)
 }
 
 /// Connects to the application and relays, recording the connection in Istio's TCP metrics.
@@ -449,23 +474,25 @@ mod tests {
             .collect();
         let outcome = |dst: &str, pod_address: bool| {
             let dst: SocketAddr = dst.parse().unwrap();
-            check_target(dst, pod_address, &own).map_err(|e| e.outcome())
+            check_target(dst, pod_address, &own, 15020).map_err(|e| e.outcome())
         };
         let table = [
-            ("10.0.0.5:8080", true, Ok(())),
-            ("[fd00::5]:8080", true, Ok(())),
+            ("10.0.0.5:8080", true, Ok(Target::App)),
+            ("[fd00::5]:8080", true, Ok(Target::App)),
             ("10.0.0.5:15006", true, Err("own_port")),
             ("10.0.0.5:15001", true, Err("own_port")),
             ("10.0.0.5:15008", true, Err("own_port")),
-            ("10.0.0.5:15020", true, Err("own_port")),
             ("10.0.0.5:15000", true, Err("own_port")),
             ("[fd00::5]:15008", true, Err("own_port")),
+            // Never dialled either: told apart so that a tunnel can serve it in process.
+            ("10.0.0.5:15020", true, Ok(Target::Stats)),
             // A port the config moved a listener to, not only Istio's numbers.
             ("10.0.0.5:25000", true, Err("own_port")),
             // Istio's other well-known ports are apps' here when the sidecar does not bind them.
-            ("10.0.0.5:15090", true, Ok(())),
+            ("10.0.0.5:15090", true, Ok(Target::App)),
             ("127.0.0.1:8080", false, Err("not_pod_address")),
             ("10.0.0.9:15008", false, Err("not_pod_address")),
+            ("10.0.0.9:15020", false, Err("not_pod_address")),
         ];
         for (dst, pod_address, want) in table {
             assert_eq!(outcome(dst, pod_address), want, "{dst}");

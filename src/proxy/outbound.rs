@@ -15,109 +15,95 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
 use crate::config::{Action, Outbound};
-use crate::identity::Credentials;
 use crate::metrics::ConnectionLabels;
 use crate::proxy::pool::{self, PoolError};
 use crate::proxy::relay::{self, RelayError};
 use crate::proxy::{baggage, socket};
 use crate::proxy::{Ending, ProxyInputs};
-use crate::tls::{self, TrustStore};
+use crate::state::{TlsSnapshot, Unmeshed};
+use crate::tls;
 
-/// The compiled destination rules: first match wins, else the default.
+/// The destination rules: first match wins, else the default. Which rule takes a destination
+/// is decided here; the TLS client configuration each rule uses is in the credentials'
+/// snapshot (`state::TlsSnapshot::connector`, by the rule's index).
 pub struct Routes {
     rules: Vec<(crate::config::DestinationRule, Route)>,
     default: Route,
 }
 
 /// How one destination is reached.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Route {
     pub name: String,
-    /// The rule's position (the default is `rules.len()`): tunnel pools are kept per rule,
-    /// since each rule's verifier holds its own identity pins.
+    /// The rule's position (the default is `rules.len()`): TLS connectors and tunnel pools
+    /// are kept per rule, since each rule's verifier holds its own identity pins.
     pub index: usize,
     pub kind: RouteKind,
 }
 
+#[derive(Debug, PartialEq, Eq)]
 pub enum RouteKind {
     /// A stream in a pooled tunnel to the destination's sidecar (:15008). With `fallback`
     /// (`auto`), a destination whose tunnel port refuses is reached in plaintext.
     Tunnel {
-        connector: TlsConnector,
         pins: Vec<crate::identity::IdentityPattern>,
         fallback: bool,
     },
-    /// Mesh TLS straight to the destination port, with this connector (its verifier holds
-    /// the rule's identity pins; a resumed session is checked against `pins` again after
-    /// the handshake).
+    /// Mesh TLS straight to the destination port (the rule's verifier holds its identity
+    /// pins; a resumed session is checked against `pins` again after the handshake).
     Direct {
-        connector: TlsConnector,
         pins: Vec<crate::identity::IdentityPattern>,
     },
     /// Forward the bytes as they are.
     Passthrough,
 }
 
+impl RouteKind {
+    /// The server identities the route pins (none: any in the trust domain).
+    pub fn pins(&self) -> &[crate::identity::IdentityPattern] {
+        match self {
+            RouteKind::Tunnel { pins, .. } | RouteKind::Direct { pins } => pins,
+            RouteKind::Passthrough => &[],
+        }
+    }
+}
+
 impl Routes {
-    /// Builds one TLS client configuration per rule, so identity pins cost nothing per
-    /// connection.
-    pub fn new(
-        config: &Outbound,
-        creds: &Credentials,
-        trust: &Arc<TrustStore>,
-        settings: &crate::config::TlsSettings,
-    ) -> Result<Self, tls::ConfigError> {
-        let route = |name: String,
-                     index: usize,
-                     action: Action,
-                     pins: Vec<crate::identity::IdentityPattern>| {
-            let connector = |alpn| {
-                Ok::<_, tls::ConfigError>(TlsConnector::from(tls::client_config(
-                    creds,
-                    trust.clone(),
-                    pins.clone(),
-                    settings.session_resumption,
-                    settings.post_quantum,
-                    alpn,
-                )?))
-            };
+    pub fn new(config: &Outbound) -> Routes {
+        let route = |name: String, index: usize, action: Action, pins: &[_]| {
+            let pins: Vec<crate::identity::IdentityPattern> = pins.to_vec();
             let kind = match action {
                 Action::Passthrough => RouteKind::Passthrough,
-                Action::Direct => RouteKind::Direct {
-                    connector: connector(tls::MESH_ALPN)?,
-                    pins: pins.clone(),
-                },
+                Action::Direct => RouteKind::Direct { pins },
                 Action::Auto | Action::Mtls => RouteKind::Tunnel {
-                    connector: connector(tls::TUNNEL_ALPN)?,
-                    pins: pins.clone(),
+                    pins,
                     fallback: action == Action::Auto,
                 },
             };
-            Ok::<_, tls::ConfigError>(Route { name, index, kind })
+            Route { name, index, kind }
         };
-        let rules = config
+        let rules: Vec<_> = config
             .rules
             .iter()
             .enumerate()
             .map(|(i, rule)| {
                 let name = rule.name.clone().unwrap_or_else(|| format!("rules[{i}]"));
-                let r = route(name, i, rule.action, rule.server_identities.clone())?;
-                Ok((rule.clone(), r))
+                let r = route(name, i, rule.action, &rule.server_identities);
+                (rule.clone(), r)
             })
-            .collect::<Result<Vec<_>, tls::ConfigError>>()?;
-        let default = route(
-            "default".to_string(),
-            rules.len(),
-            config.default,
-            Vec::new(),
-        )?;
-        Ok(Routes { rules, default })
+            .collect();
+        let default = route("default".to_string(), rules.len(), config.default, &[]);
+        Routes { rules, default }
     }
 
     /// The name of the rule at `index` (`default` past the last).
     pub fn name_of(&self, index: usize) -> &str {
-        self.rules
-            .get(index)
-            .map_or(&self.default.name, |(_, r)| &r.name)
+        &self.at(index).name
+    }
+
+    /// The rule at `index` (the default past the last).
+    pub fn at(&self, index: usize) -> &Route {
+        self.rules.get(index).map_or(&self.default, |(_, r)| r)
     }
 
     pub fn route(&self, dst: SocketAddr) -> &Route {
@@ -129,54 +115,49 @@ impl Routes {
     }
 }
 
-/// Destinations whose tunnel port refused (no sidecar there), remembered for
-/// `outbound.unmeshed_ttl` so `auto` does not probe them on every connection. Bounded: past
-/// `UNMESHED_MAX` entries, expired ones are dropped, and if none has expired the new one is
-/// not remembered (it is probed again next time, which costs a round trip, not safety).
-pub struct Unmeshed {
-    ttl: std::time::Duration,
-    until: std::sync::Mutex<std::collections::HashMap<IpAddr, std::time::Instant>>,
+/// How one connection leaves the pod, decided before any socket is opened: which rule,
+/// where to dial, and what to do if that refuses. Discovery (what is behind an address)
+/// plugs in here, not into dialling.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// The destination rule that decided it (`Routes::at`).
+    pub rule: usize,
+    /// The address the connection is for (the original destination).
+    pub dst: SocketAddr,
+    pub transport: Transport,
 }
 
-const UNMESHED_MAX: usize = 16 * 1024;
+#[derive(Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// A CONNECT stream for `dst` in a tunnel to the sidecar at `tunnel`; with `fallback`,
+    /// a refused tunnel port means no sidecar there: plaintext to `dst`.
+    Tunnel { tunnel: SocketAddr, fallback: bool },
+    /// Mesh TLS straight to `dst`.
+    Direct,
+    /// The bytes as they are to `dst`, counted with this reason (`rule`: a passthrough rule;
+    /// `unmeshed`: `auto` knows the destination has no sidecar).
+    Plaintext(&'static str),
+}
 
-impl Unmeshed {
-    pub fn new(ttl: std::time::Duration) -> Unmeshed {
-        Unmeshed {
-            ttl,
-            until: Default::default(),
+/// Plans a connection to `dst`: the first matching rule (else the default), a tunnel to the
+/// destination's `tunnel_port`, unless `auto` already learned it has no sidecar.
+pub fn plan(routes: &Routes, unmeshed: &Unmeshed, tunnel_port: u16, dst: SocketAddr) -> Plan {
+    let route = routes.route(dst);
+    let transport = match &route.kind {
+        RouteKind::Passthrough => Transport::Plaintext("rule"),
+        RouteKind::Direct { .. } => Transport::Direct,
+        RouteKind::Tunnel { fallback: true, .. } if unmeshed.contains(dst.ip()) => {
+            Transport::Plaintext("unmeshed")
         }
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let until = self.until.lock().unwrap_or_else(|e| e.into_inner());
-        until
-            .get(&ip)
-            .is_some_and(|t| *t > std::time::Instant::now())
-    }
-
-    pub fn insert(&self, ip: IpAddr) {
-        let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        if until.len() >= UNMESHED_MAX {
-            until.retain(|_, t| *t > now);
-        }
-        if until.len() < UNMESHED_MAX {
-            until.insert(ip, now + self.ttl);
-        }
-    }
-
-    /// The destinations remembered now, with how long each has left.
-    pub fn list(&self) -> Vec<(IpAddr, std::time::Duration)> {
-        let until = self.until.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        let mut v: Vec<_> = until
-            .iter()
-            .filter(|(_, t)| **t > now)
-            .map(|(ip, t)| (*ip, *t - now))
-            .collect();
-        v.sort();
-        v
+        RouteKind::Tunnel { fallback, .. } => Transport::Tunnel {
+            tunnel: SocketAddr::new(dst.ip(), tunnel_port),
+            fallback: *fallback,
+        },
+    };
+    Plan {
+        rule: route.index,
+        dst,
+        transport,
     }
 }
 
@@ -241,30 +222,44 @@ impl Ending for OutboundError {
     }
 }
 
-impl OutboundConnection {
-    pub async fn run(self) {
-        let client_addr = socket::canonical(self.client_addr);
-        let metrics = self.inputs.metrics.clone();
-        let result = self.proxy().await;
-        crate::proxy::record_end(&metrics, "outbound", client_addr, &result);
+impl crate::proxy::Connection for OutboundConnection {
+    type Error = OutboundError;
+    const DIRECTION: &'static str = "outbound";
+
+    fn new(
+        inputs: Arc<ProxyInputs>,
+        client: TcpStream,
+        client_addr: SocketAddr,
+        _: &crate::drain::Drain,
+    ) -> Self {
+        OutboundConnection {
+            inputs,
+            client,
+            client_addr,
+        }
     }
 
-    async fn proxy(self) -> Result<(), OutboundError> {
+    async fn serve(self) -> Result<(), OutboundError> {
         let OutboundConnection {
             inputs,
             client,
             client_addr,
         } = self;
-        let client_addr = socket::canonical(client_addr);
         let dst = inputs
             .original_dst(&client)
             .map_err(OutboundError::OriginalDst)?;
         if socket::is_self(dst, &client) {
             return Err(OutboundError::NotRedirected);
         }
+        let plan = plan(
+            &inputs.routes,
+            &inputs.unmeshed,
+            inputs.config.listeners.tunnel.port(),
+            dst,
+        );
+        let route = inputs.routes.at(plan.rule);
         // The credentials in force now; a rotation during this connection does not touch it.
         let tls_state = inputs.tls.borrow().clone();
-        let route = tls_state.routes.route(dst);
         let to = Destination {
             inputs: &inputs,
             tls_state: &tls_state,
@@ -272,17 +267,20 @@ impl OutboundConnection {
             client_addr,
             dst,
         };
-        let (sent, result) = match &route.kind {
-            RouteKind::Passthrough => {
-                debug!(src = %client_addr, %dst, rule = %route.name, "outbound passthrough");
-                plaintext(&inputs, client, dst, "rule").await?
+        let (sent, result) = match plan.transport {
+            Transport::Plaintext(reason) => {
+                match reason {
+                    "unmeshed" => {
+                        debug!(src = %client_addr, %dst, "destination known un-meshed: plaintext")
+                    }
+                    _ => {
+                        debug!(src = %client_addr, %dst, rule = %route.name, "outbound passthrough")
+                    }
+                }
+                plaintext(&inputs, client, dst, reason).await?
             }
-            RouteKind::Tunnel {
-                connector,
-                pins,
-                fallback,
-            } => to.tunnel(connector, pins, *fallback, client).await?,
-            RouteKind::Direct { connector, pins } => to.direct(connector, pins, client).await?,
+            Transport::Tunnel { tunnel, fallback } => to.tunnel(tunnel, fallback, client).await?,
+            Transport::Direct => to.direct(client).await?,
         };
         debug!(
             src = %client_addr,
@@ -299,7 +297,7 @@ impl OutboundConnection {
 #[derive(Clone, Copy)]
 struct Destination<'a> {
     inputs: &'a ProxyInputs,
-    tls_state: &'a crate::proxy::TlsState,
+    tls_state: &'a TlsSnapshot,
     route: &'a Route,
     client_addr: SocketAddr,
     dst: SocketAddr,
@@ -308,15 +306,18 @@ struct Destination<'a> {
 type Relayed = Result<(relay::Transferred, Option<RelayError>), OutboundError>;
 
 impl Destination<'_> {
+    /// The route's TLS client configuration in the snapshot in force.
+    fn connector(&self) -> &TlsConnector {
+        // Both are built from `config.outbound`, rule for rule: a tunnel or direct route
+        // always has a connector.
+        self.tls_state
+            .connector(self.route.index)
+            .expect("a TLS connector for every mesh rule")
+    }
+
     /// A stream in a pooled tunnel to the destination's sidecar, or with `fallback`
     /// (`auto`) plaintext when the destination has none.
-    async fn tunnel(
-        &self,
-        connector: &TlsConnector,
-        pins: &[crate::identity::IdentityPattern],
-        fallback: bool,
-        client: TcpStream,
-    ) -> Relayed {
+    async fn tunnel(&self, tunnel: SocketAddr, fallback: bool, client: TcpStream) -> Relayed {
         let Destination {
             inputs,
             tls_state,
@@ -324,16 +325,12 @@ impl Destination<'_> {
             client_addr,
             dst,
         } = *self;
-        if fallback && inputs.unmeshed.contains(dst.ip()) {
-            debug!(src = %client_addr, %dst, "destination known un-meshed: plaintext");
-            return plaintext(inputs, client, dst, "unmeshed").await;
-        }
-        let tunnel = SocketAddr::new(dst.ip(), inputs.config.listeners.tunnel.port());
         let dial = pool::Dial {
-            connector,
+            connector: self.connector(),
             trust: &tls_state.creds.trust,
-            pins,
+            pins: route.kind.pins(),
             rule: route.index,
+            generation: tls_state.generation,
         };
         // The baggage value is built once at start-up and borrowed, not copied per stream.
         let (forwarded, traceparent) = (forwarded(client_addr), traceparent());
@@ -343,7 +340,7 @@ impl Destination<'_> {
             ("traceparent", traceparent.as_str()),
         ];
         let timeouts = &inputs.config.timeouts;
-        let opened = tls_state
+        let opened = inputs
             .pool
             .open(tunnel, dst, dial, &headers, timeouts, &inputs.metrics)
             .await;
@@ -374,12 +371,7 @@ impl Destination<'_> {
     }
 
     /// Mesh TLS straight to the destination port (ALPN `l4mesh/1`): the direct transport.
-    async fn direct(
-        &self,
-        connector: &TlsConnector,
-        pins: &[crate::identity::IdentityPattern],
-        client: TcpStream,
-    ) -> Relayed {
+    async fn direct(&self, client: TcpStream) -> Relayed {
         let Destination {
             inputs,
             tls_state,
@@ -387,6 +379,7 @@ impl Destination<'_> {
             client_addr,
             dst,
         } = *self;
+        let (connector, pins) = (self.connector(), route.kind.pins());
         let upstream = socket::connect(dst, None, inputs.config.timeouts.connect)
             .await
             .map_err(|source| OutboundError::Connect { dst, source })?;
@@ -510,5 +503,69 @@ fn outbound_labels(
             "none"
         },
         ..unknown.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The outbound decision, without a socket: which rule takes a destination, where the
+    /// connection is dialled, and what a refusal there would mean.
+    #[test]
+    fn each_destination_gets_its_plan_before_any_socket_opens() {
+        let rules = crate::config::parse_outbound_rules(
+            "- name: db\n  cidrs: [10.1.0.0/16]\n  ports: [5432]\n  action: passthrough\n\
+             - name: legacy\n  cidrs: [10.2.0.0/16]\n  action: direct\n\
+             - name: pinned\n  cidrs: [10.3.0.0/16, 'fd00:3::/64']\n  action: mtls\n  server_identities: [spiffe://cluster.local/ns/pay/sa/api]\n\
+             - name: services\n  cidrs: [10.96.0.0/12]\n  action: auto\n",
+        )
+        .unwrap();
+        let routes = Routes::new(&Outbound {
+            rules,
+            ..Outbound::default()
+        });
+        let unmeshed = Unmeshed::new(std::time::Duration::from_secs(60));
+        unmeshed.insert("10.9.0.9".parse().unwrap());
+        unmeshed.insert("10.3.0.9".parse().unwrap());
+        let tunnel = |ip: &str, fallback| Transport::Tunnel {
+            tunnel: SocketAddr::new(ip.parse().unwrap(), 15008),
+            fallback,
+        };
+        let table = [
+            // First match wins; a port outside the rule's falls through to the default.
+            ("10.1.0.5:5432", 0, Transport::Plaintext("rule")),
+            ("10.1.0.5:80", 4, tunnel("10.1.0.5", true)),
+            ("10.2.0.5:443", 1, Transport::Direct),
+            // `mtls` never falls back, even to an address `auto` found without a sidecar.
+            ("10.3.0.9:80", 2, tunnel("10.3.0.9", false)),
+            ("[fd00:3::7]:8080", 2, tunnel("fd00:3::7", false)),
+            ("10.96.0.10:53", 3, tunnel("10.96.0.10", true)),
+            // The default is `auto`: a tunnel with fallback, or plaintext once known un-meshed.
+            ("198.18.0.2:8080", 4, tunnel("198.18.0.2", true)),
+            ("10.9.0.9:8080", 4, Transport::Plaintext("unmeshed")),
+        ];
+        for (dst, rule, transport) in table {
+            let dst: SocketAddr = dst.parse().unwrap();
+            let want = Plan {
+                rule,
+                dst,
+                transport,
+            };
+            assert_eq!(plan(&routes, &unmeshed, 15008, dst), want, "{dst}");
+        }
+        assert_eq!(routes.name_of(2), "pinned");
+        assert_eq!(routes.name_of(4), "default");
+        assert_eq!(routes.at(2).kind.pins().len(), 1);
+        // The tunnel port is the configured one.
+        let moved = plan(&routes, &unmeshed, 25008, "198.18.0.2:80".parse().unwrap());
+        assert_eq!(moved.transport, tunnel_at("198.18.0.2:25008", true));
+    }
+
+    fn tunnel_at(addr: &str, fallback: bool) -> Transport {
+        Transport::Tunnel {
+            tunnel: addr.parse().unwrap(),
+            fallback,
+        }
     }
 }

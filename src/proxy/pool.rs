@@ -2,10 +2,9 @@
 //! rule pins), a few HTTP/2 mTLS connections to its :15008, each carrying up to
 //! `outbound.pool.max_streams` CONNECT streams, one per application connection. A connection
 //! idle for `outbound.pool.idle` is closed; one that fails is dropped and the next stream opens
-//! a new one. The pool belongs to one set of credentials (it lives in [`TlsState`]): after a
-//! rotation new streams go to a new pool, and streams already open finish on the old one.
-//!
-//! [`TlsState`]: super::TlsState
+//! a new one. One pool per process; its connections are kept per credentials snapshot
+//! (`state::TlsSnapshot::generation`): after a rotation new streams use new connections, and
+//! streams already open finish on the old ones, which then close when idle.
 
 use std::collections::HashMap;
 use std::io;
@@ -60,12 +59,13 @@ impl PoolError {
     }
 }
 
-/// A destination's tunnel connections, keyed by the tunnel address and the destination rule
-/// (whose verifier holds its identity pins).
+/// A destination's tunnel connections, keyed by the tunnel address, the destination rule
+/// (whose verifier holds its identity pins) and the credentials they were made with.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct Key {
     tunnel: SocketAddr,
     rule: usize,
+    generation: u64,
 }
 
 #[derive(Default)]
@@ -113,6 +113,8 @@ pub struct Dial<'a> {
     pub trust: &'a tls::TrustStore,
     pub pins: &'a [IdentityPattern],
     pub rule: usize,
+    /// The credentials snapshot the connector belongs to.
+    pub generation: u64,
 }
 
 /// A stream opened, and who is at the other end.
@@ -165,6 +167,7 @@ impl Pool {
         let key = Key {
             tunnel,
             rule: dial.rule,
+            generation: dial.generation,
         };
         let entry = self.entry(&key);
         let mut tries = 0;
@@ -297,11 +300,13 @@ impl Pool {
         Ok(Conn { send, shared })
     }
 
-    /// The pools as `/config_dump` shows them.
-    pub fn view(&self) -> Vec<PoolView> {
+    /// The connections made with the credentials snapshot `generation` (the one in force),
+    /// as `/config_dump` shows them.
+    pub fn view(&self, generation: u64) -> Vec<PoolView> {
         let entries = lock(&self.entries);
         let mut view: Vec<PoolView> = entries
             .iter()
+            .filter(|(key, _)| key.generation == generation)
             .filter_map(|(key, entry)| {
                 let live: Vec<Arc<ConnState>> = lock(&entry.conns)
                     .iter()

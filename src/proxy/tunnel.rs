@@ -77,12 +77,22 @@ pub struct TunnelConnection {
     pub drain: Drain,
 }
 
-impl TunnelConnection {
-    pub async fn run(self) {
-        let client_addr = socket::canonical(self.client_addr);
-        let metrics = self.inputs.metrics.clone();
-        let result = self.serve().await;
-        crate::proxy::record_end(&metrics, "tunnel", client_addr, &result);
+impl crate::proxy::Connection for TunnelConnection {
+    type Error = TunnelError;
+    const DIRECTION: &'static str = "tunnel";
+
+    fn new(
+        inputs: Arc<ProxyInputs>,
+        client: TcpStream,
+        client_addr: SocketAddr,
+        drain: &Drain,
+    ) -> Self {
+        TunnelConnection {
+            inputs,
+            client,
+            client_addr,
+            drain: drain.clone(),
+        }
     }
 
     async fn serve(self) -> Result<(), TunnelError> {
@@ -92,7 +102,6 @@ impl TunnelConnection {
             client_addr,
             drain,
         } = self;
-        let client_addr = socket::canonical(client_addr);
         let tls_state = inputs.tls.borrow().clone();
         let deadline = tokio::time::Instant::now() + inputs.config.timeouts.handshake;
         let handshake = tls_state
@@ -251,10 +260,21 @@ impl StreamRequest {
             return refuse(StatusCode::BAD_REQUEST, InboundError::BadConnect(what));
         };
         // Another pod (a pivot), localhost, or the sidecar's own ports (a tunnel nested in
-        // itself, as deep as the peer likes): refused before anything is dialled.
-        if let Err(e) = inputs.inbound_target(dst) {
-            return refuse(StatusCode::BAD_REQUEST, e);
-        }
+        // itself, as deep as the peer likes): refused before anything is dialled. The stats
+        // port is served in process (below), also without dialling.
+        let target = match inputs.inbound_target(dst) {
+            Ok(target) => target,
+            Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
+        };
+        let stats = match target {
+            inbound::Target::App => None,
+            inbound::Target::Stats => match inputs.stats.get() {
+                Some(stats) => Some(stats),
+                None => {
+                    return refuse(StatusCode::BAD_REQUEST, InboundError::OwnPort { dst });
+                }
+            },
+        };
         // The peer as of now, against the trust bundle and CRLs in force now (cached per
         // chain, so this costs a hash on most streams).
         let trust = inputs.tls.borrow().creds.trust.clone();
@@ -277,14 +297,23 @@ impl StreamRequest {
         if let Err(e) = inbound::authorize(&inputs, &policy, Some(&peer), tunnel_src, dst) {
             return refuse(StatusCode::FORBIDDEN, e);
         }
+        let accept = |respond: &mut SendResponse<Bytes>| {
+            respond
+                .send_response(response(StatusCode::OK), false)
+                .map_err(|e| InboundError::Relay(crate::proxy::relay::RelayError::Client(h2_io(e))))
+        };
+        if let Some(stats) = stats {
+            let send = accept(&mut respond)?;
+            debug!(peer = %peer, src = %tunnel_src, %dst, "tunnel stream to the stats port: served in process");
+            stats(H2Stream::new(send, request.into_body())).await;
+            return Ok(());
+        }
         let app = match inbound::connect_app(&inputs, dst).await {
             Ok(app) => app,
             Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, e),
         };
         let baggage = Baggage::parse(request.headers());
-        let send = respond
-            .send_response(response(StatusCode::OK), false)
-            .map_err(|e| InboundError::Relay(crate::proxy::relay::RelayError::Client(h2_io(e))))?;
+        let send = accept(&mut respond)?;
         info!(peer = %peer, src = %tunnel_src, %dst, "tunnel stream accepted");
         let client = H2Stream::new(send, request.into_body());
         inbound::relay_to_app(
