@@ -401,6 +401,11 @@ pub struct Outbound {
     /// un-meshed (reached in plaintext without asking again).
     #[serde(default = "default_unmeshed_ttl", with = "humantime_serde")]
     pub unmeshed_ttl: Duration,
+    /// With `auto`, how long a destination whose tunnel port answered is known to have a
+    /// sidecar: a refusal within it (the sidecar restarting) fails the connection instead of
+    /// sending it in plaintext. Renewed by every stream opened to it.
+    #[serde(default = "default_sidecar_memory", with = "humantime_serde")]
+    pub sidecar_memory: Duration,
     /// The tunnel connections kept to each destination.
     #[serde(default)]
     pub pool: Pool,
@@ -412,9 +417,14 @@ impl Default for Outbound {
             default: Action::default(),
             rules: Vec::new(),
             unmeshed_ttl: default_unmeshed_ttl(),
+            sidecar_memory: default_sidecar_memory(),
             pool: Pool::default(),
         }
     }
+}
+
+fn default_sidecar_memory() -> Duration {
+    Duration::from_secs(600)
 }
 
 fn default_unmeshed_ttl() -> Duration {
@@ -874,6 +884,7 @@ mod tests {
         assert_eq!(c.listeners.tunnel.port(), 15008);
         assert_eq!(c.outbound.default, Action::Auto);
         assert_eq!(c.outbound.unmeshed_ttl, Duration::from_secs(30));
+        assert_eq!(c.outbound.sidecar_memory, Duration::from_secs(600));
         assert_eq!(c.timeouts.handshake, Duration::from_secs(10));
     }
 

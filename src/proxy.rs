@@ -194,7 +194,7 @@ impl ProxyInputs {
             .copied()
             .collect();
         let mut inputs = ProxyInputs {
-            unmeshed: Unmeshed::new(config.outbound.unmeshed_ttl),
+            unmeshed: Unmeshed::new(config.outbound.unmeshed_ttl, config.outbound.sidecar_memory),
             routes: Routes::new(&config.outbound),
             pool: pool::Pool::new(config.outbound.pool.clone()),
             baggage: String::new(),

@@ -430,3 +430,56 @@ fn a_service_clusterip_is_meshed_with_a_direct_rule_for_the_service_cidr() {
         1.0
     );
 }
+
+/// A restart is not a downgrade (issue 24): the server's sidecar is killed (-9) and started
+/// again. While it is down its :15008 refuses; before, the client then remembered the server
+/// as un-meshed for `unmeshed_ttl`, and after the restart sent the next connection in
+/// plaintext (PERMISSIVE: accepted as such) or failed every connection for 30 s (STRICT). Now a
+/// destination that answered as a sidecar is not downgraded by a refusal: the connection made
+/// while it is down fails, and the first one after the restart is in the tunnel, in both modes.
+#[test]
+fn a_restarted_server_sidecar_is_not_downgraded_to_plaintext() {
+    if !privileged("restart_not_downgrade") {
+        return;
+    }
+    for mode in ["PERMISSIVE", "STRICT"] {
+        let mut c = Cluster::new("restart", 2);
+        let ca = c.make_ca();
+        c.mesh_sidecar(&ca, CLIENT, "client", "");
+        let addr = c.pod(SERVER).addr(8080);
+        echo_server(c.pod(SERVER), addr, None);
+        let (_, policy) = c.policy("policy.yaml", &peer_authentication(mode));
+        c.mesh_sidecar(&ca, SERVER, "server", &policy);
+        assert_eq!(exchange(&c, CLIENT, addr, 100), 100, "{mode}: before");
+        let pid = *c.sidecar_pids().last().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // Down: nothing listens on :15008 or :15006, this connection cannot be served.
+        assert_eq!(exchange(&c, CLIENT, addr, 100), 0, "{mode}: while down");
+        c.mesh_sidecar(&ca, SERVER, "server", &policy);
+        let mtls = [
+            "reporter=\"destination\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ];
+        for i in 0..3 {
+            assert_eq!(exchange(&c, CLIENT, addr, 100), 100, "{mode}: after, {i}");
+        }
+        let unmeshed = ["reason=\"unmeshed\""];
+        let plaintext = metric(&c, CLIENT, "l4mesh_outbound_plaintext_total", &unmeshed);
+        let tunnelled = metric(&c, SERVER, "istio_tcp_connections_opened_total", &mtls);
+        eprintln!(
+            "{mode}: after the restart, plaintext {plaintext}, tunnel (new sidecar) {tunnelled}"
+        );
+        assert_eq!(plaintext, 0.0, "{mode}: downgraded after the restart");
+        assert_eq!(tunnelled, 3.0, "{mode}");
+        let refused = ["outcome=\"tunnel_refused\""];
+        assert_eq!(
+            metric(&c, CLIENT, "l4mesh_connections_total", &refused),
+            1.0
+        );
+    }
+}

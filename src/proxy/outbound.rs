@@ -346,6 +346,7 @@ impl Destination<'_> {
             .await;
         match opened {
             Ok(opened) => {
+                inputs.unmeshed.answered(dst.ip());
                 let peer = opened.peer.as_ref();
                 info!(
                     src = %client_addr,
@@ -361,10 +362,15 @@ impl Destination<'_> {
             }
             // No sidecar there: with `auto`, the destination is not in the mesh yet, and is
             // reached as it would be without l4mesh.
-            Err(PoolError::Refused(..)) if fallback => {
+            // Unless it answered as a sidecar lately: then the refusal is that sidecar
+            // restarting, and plaintext would be a downgrade (issue 24). Fail closed.
+            Err(PoolError::Refused(..)) if fallback && inputs.unmeshed.refused(dst.ip()) => {
                 debug!(src = %client_addr, %dst, "tunnel port refused: destination un-meshed, plaintext");
-                inputs.unmeshed.insert(dst.ip());
                 plaintext(inputs, client, dst, "unmeshed").await
+            }
+            Err(source @ PoolError::Refused(..)) if fallback => {
+                debug!(src = %client_addr, %dst, "tunnel port refused by a destination that answered as a sidecar within outbound.sidecar_memory: failing, not downgrading");
+                Err(OutboundError::Tunnel { dst, source })
             }
             Err(source) => Err(OutboundError::Tunnel { dst, source }),
         }
@@ -525,9 +531,10 @@ mod tests {
             rules,
             ..Outbound::default()
         });
-        let unmeshed = Unmeshed::new(std::time::Duration::from_secs(60));
-        unmeshed.insert("10.9.0.9".parse().unwrap());
-        unmeshed.insert("10.3.0.9".parse().unwrap());
+        let minute = std::time::Duration::from_secs(60);
+        let unmeshed = Unmeshed::new(minute, minute);
+        unmeshed.refused("10.9.0.9".parse().unwrap());
+        unmeshed.refused("10.3.0.9".parse().unwrap());
         let tunnel = |ip: &str, fallback| Transport::Tunnel {
             tunnel: SocketAddr::new(ip.parse().unwrap(), 15008),
             fallback,
