@@ -344,6 +344,7 @@ fn config_dump(state: &AdminState) -> String {
         "warnings": policy.warnings().collect::<Vec<_>>(),
         "tunnel_pools": pools,
         "unmeshed_destinations": unmeshed,
+        "kubernetes": inputs.services.as_ref().map(|s| s.view()),
         "draining": state.drain.is_draining(),
         "active_connections": state.drain.active(),
     });

@@ -72,6 +72,7 @@ pub async fn start(
     let id = creds.id.clone();
     let tls_rx = state::credentials::start(&config, creds, &metrics)?;
     let policy_rx = state::policy::start(&config, &id, policy, &metrics);
+    let services = state::services::start(&config, &metrics.registry).await?;
     let listeners = &config.listeners;
     let bind = |addr, what: &str| {
         crate::proxy::socket::listen(addr)
@@ -100,10 +101,14 @@ pub async fn start(
     .iter()
     .map(std::net::SocketAddr::port)
     .collect();
+    let live = state::Live {
+        tls: tls_rx,
+        policy: policy_rx,
+        services,
+    };
     let inputs = Arc::new(ProxyInputs::new(
         config,
-        tls_rx,
-        policy_rx,
+        live,
         metrics.clone(),
         capture,
         own_ports,

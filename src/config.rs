@@ -54,7 +54,55 @@ pub struct Config {
     /// Threads the sidecar runs on.
     #[serde(default)]
     pub runtime: Runtime,
+    /// What the sidecar learns from the platform about the addresses its pod dials.
+    #[serde(default)]
+    pub discovery: Discovery,
 }
+
+/// The Kubernetes source (issue 24): Service ClusterIPs resolved to pods, who is meshed, which
+/// identity each pod must present.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Discovery {
+    /// `auto` (on when the sidecar runs in a pod with a service-account token, or when
+    /// `kubeconfig` is set), `on` (a start without API configuration is an error), `off`.
+    pub kubernetes: KubernetesMode,
+    /// A kubeconfig to reach the API with, instead of the pod's own service account (tests,
+    /// local runs). `KUBECONFIG` in the environment is read as well.
+    pub kubeconfig: Option<PathBuf>,
+    /// How long a connection to an address not seen before waits for the API's first
+    /// answer; past it the connection is refused (never guessed).
+    #[serde(with = "humantime_serde")]
+    pub wait: Duration,
+    /// A Service not used for this long is forgotten and its EndpointSlices no longer watched.
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+    /// This pod's node, for `internalTrafficPolicy: Local` (`NODE_NAME` overrides).
+    pub node_name: Option<String>,
+}
+
+impl Default for Discovery {
+    fn default() -> Self {
+        Discovery {
+            kubernetes: KubernetesMode::Auto,
+            kubeconfig: None,
+            wait: Duration::from_secs(2),
+            idle: Duration::from_secs(300),
+            node_name: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KubernetesMode {
+    Auto,
+    On,
+    Off,
+}
+
+/// Where a pod's service-account token is mounted: its presence is what `auto` looks for.
+pub const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 /// TLS between sidecars.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -689,7 +737,11 @@ impl Config {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
-        let optional = [&mut self.policy.file, &mut self.workload.labels_file];
+        let optional = [
+            &mut self.policy.file,
+            &mut self.workload.labels_file,
+            &mut self.discovery.kubeconfig,
+        ];
         let required = [
             &mut self.identity.cert_chain,
             &mut self.identity.private_key,
@@ -735,6 +787,9 @@ impl Config {
         }
         if let Some(name) = nonempty("POD_NAME") {
             self.workload.name = Some(name);
+        }
+        if let Some(node) = nonempty("NODE_NAME") {
+            self.discovery.node_name = Some(node);
         }
         if let Some(ip) = nonempty("POD_IP") {
             let parsed = ip

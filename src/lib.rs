@@ -35,6 +35,7 @@ pub mod config;
 pub mod consts;
 pub mod drain;
 pub mod identity;
+pub mod kube;
 pub mod metrics;
 pub mod parse;
 pub mod policy;

@@ -160,6 +160,8 @@ pub struct ProxyInputs {
     pub baggage: String,
     /// Destinations `auto` found without a sidecar, remembered for a while.
     pub unmeshed: Unmeshed,
+    /// What the Kubernetes API says is behind an address (`None`: no API, in band only).
+    pub services: Option<Arc<crate::state::services::Services>>,
     /// The destination rules, from the config.
     pub routes: Routes,
     /// Tunnel connections to other sidecars, shared by every outbound connection.
@@ -169,13 +171,17 @@ pub struct ProxyInputs {
 impl ProxyInputs {
     pub fn new(
         config: Config,
-        tls: watch::Receiver<Arc<TlsSnapshot>>,
-        policy: watch::Receiver<Arc<WorkloadPolicy>>,
+        live: crate::state::Live,
         metrics: Arc<Metrics>,
         capture: Capture,
         own_ports: std::collections::BTreeSet<u16>,
         stats_port: u16,
     ) -> ProxyInputs {
+        let crate::state::Live {
+            tls,
+            policy,
+            services,
+        } = live;
         let identity = tls.borrow().creds.id.clone();
         let namespace = config.workload_namespace(&identity);
         let workload_name = config
@@ -195,6 +201,7 @@ impl ProxyInputs {
             .collect();
         let mut inputs = ProxyInputs {
             unmeshed: Unmeshed::new(config.outbound.unmeshed_ttl, config.outbound.sidecar_memory),
+            services,
             routes: Routes::new(&config.outbound),
             pool: pool::Pool::new(config.outbound.pool.clone()),
             baggage: String::new(),

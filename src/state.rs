@@ -14,7 +14,22 @@
 pub mod credentials;
 pub mod files;
 pub mod policy;
+pub mod services;
 pub mod unmeshed;
 
 pub use credentials::TlsSnapshot;
 pub use unmeshed::Unmeshed;
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+/// The live state the data path reads, one handle per source, as `app` started them.
+pub struct Live {
+    /// The credentials and TLS configurations in force; replaced whole on rotation.
+    pub tls: watch::Receiver<Arc<TlsSnapshot>>,
+    /// The workload's policy; replaced whole when the policy file changes.
+    pub policy: watch::Receiver<Arc<crate::policy::WorkloadPolicy>>,
+    /// What the Kubernetes API says is behind an address (`None`: no API, in band only).
+    pub services: Option<Arc<services::Services>>,
+}

@@ -80,6 +80,12 @@ impl SpiffeId {
             _ => None,
         }
     }
+
+    /// Whether this is the workload `namespace`/`service_account` (in whatever trust domain
+    /// it is: the verifier decided which domains are accepted).
+    pub fn runs_as(&self, namespace: &str, service_account: &str) -> bool {
+        self.namespace_and_service_account() == Some((namespace, service_account))
+    }
 }
 
 impl FromStr for SpiffeId {

@@ -20,6 +20,7 @@ use crate::proxy::pool::{self, PoolError};
 use crate::proxy::relay::{self, RelayError};
 use crate::proxy::{baggage, socket};
 use crate::proxy::{Ending, ProxyInputs};
+use crate::state::services::{Refusal, Resolved};
 use crate::state::{TlsSnapshot, Unmeshed};
 use crate::tls;
 
@@ -122,42 +123,86 @@ impl Routes {
 pub struct Plan {
     /// The destination rule that decided it (`Routes::at`).
     pub rule: usize,
-    /// The address the connection is for (the original destination).
-    pub dst: SocketAddr,
+    /// Where the bytes go: the original destination, or the Service endpoint chosen for it
+    /// (a pod's address and target port).
+    pub target: SocketAddr,
     pub transport: Transport,
+    /// The namespace and service account the server must present (the platform's word on
+    /// the Pod behind `target`); `None`: any identity the rule accepts.
+    pub expect: Option<(String, String)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Transport {
-    /// A CONNECT stream for `dst` in a tunnel to the sidecar at `tunnel`; with `fallback`,
-    /// a refused tunnel port means no sidecar there: plaintext to `dst`.
+    /// A CONNECT stream for `target` in a tunnel to the sidecar at `tunnel`; with `fallback`,
+    /// a refused tunnel port means no sidecar there: plaintext to `target`.
     Tunnel { tunnel: SocketAddr, fallback: bool },
-    /// Mesh TLS straight to `dst`.
+    /// Mesh TLS straight to `target`.
     Direct,
-    /// The bytes as they are to `dst`, counted with this reason (`rule`: a passthrough rule;
-    /// `unmeshed`: `auto` knows the destination has no sidecar).
+    /// The bytes as they are to `target`, counted with this reason (`rule`: a passthrough
+    /// rule; `unmeshed`: the destination has no sidecar, as the platform or `auto` found).
     Plaintext(&'static str),
+    /// Not sent anywhere: the platform says there is nothing to send it to (a port the
+    /// Service does not define, no ready endpoint, an address it could not say anything of).
+    Refused(Refusal),
 }
 
-/// Plans a connection to `dst`: the first matching rule (else the default), a tunnel to the
-/// destination's `tunnel_port`, unless `auto` already learned it has no sidecar.
-pub fn plan(routes: &Routes, unmeshed: &Unmeshed, tunnel_port: u16, dst: SocketAddr) -> Plan {
+/// Plans a connection to `dst`, which discovery `resolved`: the first matching rule (else the
+/// default); for a mesh rule, the endpoint discovery chose and what its Pod says (a sidecar:
+/// the tunnel, never a fallback, and its service account as the identity; none: plaintext
+/// under `auto`); for an address the platform does not describe, a tunnel to the destination's
+/// `tunnel_port` unless `auto` already learned it has no sidecar.
+pub fn plan(
+    routes: &Routes,
+    unmeshed: &Unmeshed,
+    tunnel_port: u16,
+    dst: SocketAddr,
+    resolved: &Resolved,
+) -> Plan {
     let route = routes.route(dst);
-    let transport = match &route.kind {
-        RouteKind::Passthrough => Transport::Plaintext("rule"),
-        RouteKind::Direct { .. } => Transport::Direct,
-        RouteKind::Tunnel { fallback: true, .. } if unmeshed.contains(dst.ip()) => {
-            Transport::Plaintext("unmeshed")
+    let fallback = match &route.kind {
+        RouteKind::Passthrough => {
+            return Plan {
+                rule: route.index,
+                target: dst,
+                transport: Transport::Plaintext("rule"),
+                expect: None,
+            }
         }
-        RouteKind::Tunnel { fallback, .. } => Transport::Tunnel {
-            tunnel: SocketAddr::new(dst.ip(), tunnel_port),
-            fallback: *fallback,
-        },
+        RouteKind::Direct { .. } => None,
+        RouteKind::Tunnel { fallback, .. } => Some(*fallback),
+    };
+    let (target, pod) = match resolved {
+        Resolved::Refused { reason, .. } => {
+            return Plan {
+                rule: route.index,
+                target: dst,
+                transport: Transport::Refused(*reason),
+                expect: None,
+            }
+        }
+        Resolved::Endpoint(endpoint) => (endpoint.addr, endpoint.pod.as_deref()),
+        Resolved::Unknown => (dst, None),
+    };
+    let tunnel = |fallback| Transport::Tunnel {
+        tunnel: SocketAddr::new(target.ip(), tunnel_port),
+        fallback,
+    };
+    let transport = match (fallback, pod.map(|p| p.meshed)) {
+        (None, _) => Transport::Direct,
+        // The platform's word decides: a pod with a sidecar is never reached in plaintext.
+        (Some(_), Some(true)) => tunnel(false),
+        (Some(true), Some(false)) => Transport::Plaintext("unmeshed"),
+        (Some(false), Some(false)) => tunnel(false),
+        // Nothing known from the platform: in band.
+        (Some(true), None) if unmeshed.contains(target.ip()) => Transport::Plaintext("unmeshed"),
+        (Some(fallback), None) => tunnel(fallback),
     };
     Plan {
         rule: route.index,
-        dst,
+        target,
         transport,
+        expect: pod.map(|p| (p.namespace.clone(), p.service_account.clone())),
     }
 }
 
@@ -179,6 +224,14 @@ pub enum OutboundError {
     HandshakeTimeout { dst: SocketAddr },
     #[error("tunnel to {dst}: {source}")]
     Tunnel { dst: SocketAddr, source: PoolError },
+    #[error("refused {what}: {reason}")]
+    Discovery { what: String, reason: Refusal },
+    #[error("server at {dst} presented {got:?}, but the platform says the pod runs as {want}")]
+    WrongIdentity {
+        dst: SocketAddr,
+        got: String,
+        want: String,
+    },
     #[error("relay: {0}")]
     Relay(#[from] RelayError),
 }
@@ -208,7 +261,10 @@ impl Ending for OutboundError {
                 PoolError::Request(..) => "tunnel_request",
                 PoolError::Status(_, StatusCode::FORBIDDEN) => "denied_by_server",
                 PoolError::Status(..) => "tunnel_status",
+                PoolError::Identity { .. } => "server_identity",
             },
+            OutboundError::Discovery { reason, .. } => reason.outcome(),
+            OutboundError::WrongIdentity { .. } => "server_identity",
             OutboundError::Relay(RelayError::Client(_)) => "client_relay",
             OutboundError::Relay(RelayError::Upstream(_)) => "upstream_relay",
             OutboundError::Relay(RelayError::Idle(_)) => "idle",
@@ -251,13 +307,27 @@ impl crate::proxy::Connection for OutboundConnection {
         if socket::is_self(dst, &client) {
             return Err(OutboundError::NotRedirected);
         }
+        // What the platform says is behind the address (not asked for a passthrough rule):
+        // the one wait on the path, for the first answer about an address only.
+        let resolved = match (&inputs.services, &inputs.routes.route(dst).kind) {
+            (Some(services), RouteKind::Direct { .. } | RouteKind::Tunnel { .. }) => {
+                services.resolve(dst).await
+            }
+            _ => Resolved::Unknown,
+        };
+        let tunnel_port = inputs.config.listeners.tunnel.port();
         let plan = plan(
             &inputs.routes,
             &inputs.unmeshed,
-            inputs.config.listeners.tunnel.port(),
+            tunnel_port,
             dst,
+            &resolved,
         );
         let route = inputs.routes.at(plan.rule);
+        let service = match &resolved {
+            Resolved::Endpoint(e) => e.service.as_deref(),
+            _ => None,
+        };
         // The credentials in force now; a rotation during this connection does not touch it.
         let tls_state = inputs.tls.borrow().clone();
         let to = Destination {
@@ -265,8 +335,16 @@ impl crate::proxy::Connection for OutboundConnection {
             tls_state: &tls_state,
             route,
             client_addr,
-            dst,
+            dst: plan.target,
+            expect: plan
+                .expect
+                .as_ref()
+                .map(|(ns, sa)| (ns.as_str(), sa.as_str())),
+            service,
         };
+        if plan.target != dst {
+            debug!(src = %client_addr, %dst, target = %plan.target, service = service.unwrap_or(""), "resolved through the Kubernetes API");
+        }
         let (sent, result) = match plan.transport {
             Transport::Plaintext(reason) => {
                 match reason {
@@ -277,10 +355,17 @@ impl crate::proxy::Connection for OutboundConnection {
                         debug!(src = %client_addr, %dst, rule = %route.name, "outbound passthrough")
                     }
                 }
-                plaintext(&inputs, client, dst, reason).await?
+                to.plaintext(client, reason).await?
             }
             Transport::Tunnel { tunnel, fallback } => to.tunnel(tunnel, fallback, client).await?,
             Transport::Direct => to.direct(client).await?,
+            Transport::Refused(reason) => {
+                let what = match &resolved {
+                    Resolved::Refused { what, .. } => what.clone(),
+                    _ => dst.to_string(),
+                };
+                return Err(OutboundError::Discovery { what, reason });
+            }
         };
         debug!(
             src = %client_addr,
@@ -300,7 +385,12 @@ struct Destination<'a> {
     tls_state: &'a TlsSnapshot,
     route: &'a Route,
     client_addr: SocketAddr,
+    /// Where the bytes go (the plan's target).
     dst: SocketAddr,
+    /// The namespace and service account the server must run as, when the platform says.
+    expect: Option<(&'a str, &'a str)>,
+    /// The Service it was reached through.
+    service: Option<&'a str>,
 }
 
 type Relayed = Result<(relay::Transferred, Option<RelayError>), OutboundError>;
@@ -324,6 +414,8 @@ impl Destination<'_> {
             route,
             client_addr,
             dst,
+            expect,
+            ..
         } = *self;
         let dial = pool::Dial {
             connector: self.connector(),
@@ -331,6 +423,7 @@ impl Destination<'_> {
             pins: route.kind.pins(),
             rule: route.index,
             generation: tls_state.generation,
+            expect,
         };
         // The baggage value is built once at start-up and borrowed, not copied per stream.
         let (forwarded, traceparent) = (forwarded(client_addr), traceparent());
@@ -356,7 +449,7 @@ impl Destination<'_> {
                     new_connection = opened.new_connection,
                     "outbound tunnel stream open, server identity verified"
                 );
-                let labels = outbound_labels(inputs, Some(peer));
+                let labels = outbound_labels(inputs, Some(peer), self.service);
                 let recorder = inputs.metrics.connection(labels, "outbound");
                 Ok(relay::relay(client, opened.stream, &recorder, timeouts.idle).await)
             }
@@ -366,7 +459,7 @@ impl Destination<'_> {
             // restarting, and plaintext would be a downgrade (issue 24). Fail closed.
             Err(PoolError::Refused(..)) if fallback && inputs.unmeshed.refused(dst.ip()) => {
                 debug!(src = %client_addr, %dst, "tunnel port refused: destination un-meshed, plaintext");
-                plaintext(inputs, client, dst, "unmeshed").await
+                self.plaintext(client, "unmeshed").await
             }
             Err(source @ PoolError::Refused(..)) if fallback => {
                 debug!(src = %client_addr, %dst, "tunnel port refused by a destination that answered as a sidecar within outbound.sidecar_memory: failing, not downgrading");
@@ -384,6 +477,8 @@ impl Destination<'_> {
             route,
             client_addr,
             dst,
+            expect,
+            ..
         } = *self;
         let (connector, pins) = (self.connector(), route.kind.pins());
         let upstream = socket::connect(dst, None, inputs.config.timeouts.connect)
@@ -407,6 +502,16 @@ impl Destination<'_> {
             tls::HandshakeFailure::Failed(source) => OutboundError::Handshake { dst, source },
         })?;
         let (peer, peer_serial) = tls::peer(tls.get_ref().1);
+        if let Some((namespace, service_account)) = expect {
+            if !peer
+                .as_ref()
+                .is_some_and(|p| p.runs_as(namespace, service_account))
+            {
+                let got = peer.as_ref().map(ToString::to_string).unwrap_or_default();
+                let want = format!("ns/{namespace}/sa/{service_account}");
+                return Err(OutboundError::WrongIdentity { dst, got, want });
+            }
+        }
         info!(
             src = %client_addr,
             %dst,
@@ -415,38 +520,33 @@ impl Destination<'_> {
             %peer_serial,
             "outbound mTLS established, server identity verified"
         );
-        let labels = outbound_labels(inputs, Some(peer.as_ref()));
+        let labels = outbound_labels(inputs, Some(peer.as_ref()), self.service);
         let recorder = inputs.metrics.connection(labels, "outbound");
         Ok(relay::relay(client, tls, &recorder, inputs.config.timeouts.idle).await)
     }
-}
 
-/// Sends a connection on as it is, counted as plaintext with `reason` (`rule`: a passthrough
-/// rule; `unmeshed`: `auto` found no sidecar at the destination).
-async fn plaintext(
-    inputs: &ProxyInputs,
-    client: TcpStream,
-    dst: SocketAddr,
-    reason: &'static str,
-) -> Relayed {
-    let upstream = socket::connect(dst, None, inputs.config.timeouts.connect)
-        .await
-        .map_err(|source| OutboundError::Connect { dst, source })?;
-    inputs
-        .metrics
-        .outbound_plaintext
-        .with_label_values(&[reason])
-        .inc();
-    if reason == "unmeshed" {
+    /// Sends the connection on as it is, counted as plaintext with `reason` (`rule`: a
+    /// passthrough rule; `unmeshed`: the destination has no sidecar).
+    async fn plaintext(&self, client: TcpStream, reason: &'static str) -> Relayed {
+        let (inputs, dst) = (self.inputs, self.dst);
+        let upstream = socket::connect(dst, None, inputs.config.timeouts.connect)
+            .await
+            .map_err(|source| OutboundError::Connect { dst, source })?;
         inputs
             .metrics
-            .unmeshed_destinations
-            .record(dst.port(), dst.ip(), "plaintext");
+            .outbound_plaintext
+            .with_label_values(&[reason])
+            .inc();
+        if reason == "unmeshed" {
+            inputs
+                .metrics
+                .unmeshed_destinations
+                .record(dst.port(), dst.ip(), "plaintext");
+        }
+        let labels = outbound_labels(inputs, None, self.service);
+        let recorder = inputs.metrics.connection(labels, "outbound");
+        Ok(relay::relay(client, upstream, &recorder, inputs.config.timeouts.idle).await)
     }
-    let recorder = inputs
-        .metrics
-        .connection(outbound_labels(inputs, None), "outbound");
-    Ok(relay::relay(client, upstream, &recorder, inputs.config.timeouts.idle).await)
 }
 
 /// `forwarded: for=<client ip>`, as HBONE clients send it.
@@ -473,6 +573,7 @@ fn traceparent() -> String {
 fn outbound_labels(
     inputs: &ProxyInputs,
     server: Option<Option<&crate::identity::SpiffeId>>,
+    service: Option<&str>,
 ) -> ConnectionLabels {
     let unknown = ConnectionLabels::unknown("source");
     let server_id = server.flatten();
@@ -502,6 +603,8 @@ fn outbound_labels(
             || unknown.destination_principal.clone(),
             ToString::to_string,
         ),
+        destination_service: service
+            .map_or_else(|| unknown.destination_service.clone(), ToString::to_string),
         // We know whether we wrapped it (Istio's client side says `unknown`, istio#42853).
         connection_security_policy: if server.is_some() {
             "mutual_tls"
@@ -556,17 +659,147 @@ mod tests {
             let dst: SocketAddr = dst.parse().unwrap();
             let want = Plan {
                 rule,
-                dst,
+                target: dst,
                 transport,
+                expect: None,
             };
-            assert_eq!(plan(&routes, &unmeshed, 15008, dst), want, "{dst}");
+            let got = plan(&routes, &unmeshed, 15008, dst, &Resolved::Unknown);
+            assert_eq!(got, want, "{dst}");
         }
         assert_eq!(routes.name_of(2), "pinned");
         assert_eq!(routes.name_of(4), "default");
         assert_eq!(routes.at(2).kind.pins().len(), 1);
         // The tunnel port is the configured one.
-        let moved = plan(&routes, &unmeshed, 25008, "198.18.0.2:80".parse().unwrap());
+        let moved = plan(
+            &routes,
+            &unmeshed,
+            25008,
+            "198.18.0.2:80".parse().unwrap(),
+            &Resolved::Unknown,
+        );
         assert_eq!(moved.transport, tunnel_at("198.18.0.2:25008", true));
+    }
+
+    /// With the Kubernetes API: a ClusterIP goes to the endpoint chosen for it, and the Pod's
+    /// label decides between the tunnel (never a fallback, its service account required) and
+    /// plaintext; what the API refused is refused; a passthrough rule asks nothing.
+    #[test]
+    fn the_platform_decides_the_plan_for_what_it_describes() {
+        let rules = crate::config::parse_outbound_rules(
+            "- cidrs: [10.96.0.1/32]\n  action: passthrough\n- cidrs: [10.97.0.0/16]\n  action: mtls\n",
+        )
+        .unwrap();
+        let routes = Routes::new(&Outbound {
+            rules,
+            ..Outbound::default()
+        });
+        let minute = std::time::Duration::from_secs(60);
+        let unmeshed = Unmeshed::new(minute, minute);
+        // Refused once in band: the platform's word overrides it.
+        unmeshed.refused("10.0.1.7".parse().unwrap());
+        let pod = |meshed| {
+            Some(Arc::new(crate::state::services::PodInfo {
+                uid: "u".into(),
+                namespace: "shop".into(),
+                name: "cart-1".into(),
+                service_account: "cart".into(),
+                meshed,
+                ips: vec!["10.0.1.7".parse().unwrap()],
+                node: None,
+                finished: false,
+            }))
+        };
+        let endpoint = |addr: &str, pod| {
+            Resolved::Endpoint(crate::state::services::Endpoint {
+                addr: addr.parse().unwrap(),
+                service: Some("cart.shop.svc.cluster.local".into()),
+                pod,
+                _open: None,
+            })
+        };
+        let cart = Some(("shop".to_string(), "cart".to_string()));
+        type Row = (
+            &'static str,
+            Resolved,
+            usize,
+            &'static str,
+            Transport,
+            Option<(String, String)>,
+        );
+        let table: Vec<Row> = vec![
+            (
+                "10.96.0.42:80",
+                endpoint("10.0.1.7:8080", pod(true)),
+                2,
+                "10.0.1.7:8080",
+                tunnel_at("10.0.1.7:15008", false),
+                cart.clone(),
+            ),
+            (
+                "10.96.0.42:80",
+                endpoint("10.0.1.7:8080", pod(false)),
+                2,
+                "10.0.1.7:8080",
+                Transport::Plaintext("unmeshed"),
+                cart.clone(),
+            ),
+            // No Pod named by the slice: in band, to the endpoint.
+            (
+                "10.96.0.42:80",
+                endpoint("10.0.2.9:8080", None),
+                2,
+                "10.0.2.9:8080",
+                tunnel_at("10.0.2.9:15008", true),
+                None,
+            ),
+            // `mtls` to an un-meshed pod: the tunnel (which then fails), never plaintext.
+            (
+                "10.97.0.5:80",
+                endpoint("10.0.1.7:8080", pod(false)),
+                1,
+                "10.0.1.7:8080",
+                tunnel_at("10.0.1.7:15008", false),
+                cart.clone(),
+            ),
+            (
+                "10.96.0.42:81",
+                Resolved::Refused {
+                    what: "cart".into(),
+                    reason: Refusal::NoSuchPort,
+                },
+                2,
+                "10.96.0.42:81",
+                Transport::Refused(Refusal::NoSuchPort),
+                None,
+            ),
+            (
+                "10.96.0.1:443",
+                Resolved::Unknown,
+                0,
+                "10.96.0.1:443",
+                Transport::Plaintext("rule"),
+                None,
+            ),
+        ];
+        for (dst, resolved, rule, target, transport, expect) in table {
+            let dst: SocketAddr = dst.parse().unwrap();
+            let want = Plan {
+                rule,
+                target: target.parse().unwrap(),
+                transport,
+                expect,
+            };
+            assert_eq!(
+                plan(&routes, &unmeshed, 15008, dst, &resolved),
+                want,
+                "{dst}"
+            );
+        }
+        let id = |s: &str| s.parse::<crate::identity::SpiffeId>().unwrap();
+        assert!(id("spiffe://cluster.local/ns/shop/sa/cart").runs_as("shop", "cart"));
+        assert!(id("spiffe://old.example/ns/shop/sa/cart").runs_as("shop", "cart"));
+        assert!(!id("spiffe://cluster.local/ns/shop/sa/other").runs_as("shop", "cart"));
+        assert!(!id("spiffe://cluster.local/ns/pay/sa/cart").runs_as("shop", "cart"));
     }
 
     fn tunnel_at(addr: &str, fallback: bool) -> Transport {

@@ -45,6 +45,12 @@ pub enum PoolError {
     Request(SocketAddr, #[source] http::Error),
     #[error("tunnel {0} answered the CONNECT with {1}")]
     Status(SocketAddr, StatusCode),
+    #[error("tunnel {tunnel} presented {got:?}, but the platform says the pod runs as {want}")]
+    Identity {
+        tunnel: SocketAddr,
+        got: String,
+        want: String,
+    },
 }
 
 impl PoolError {
@@ -115,6 +121,9 @@ pub struct Dial<'a> {
     pub rule: usize,
     /// The credentials snapshot the connector belongs to.
     pub generation: u64,
+    /// The namespace and service account the server must run as (the platform's word on
+    /// the destination pod), checked before the CONNECT is sent.
+    pub expect: Option<(&'a str, &'a str)>,
 }
 
 /// A stream opened, and who is at the other end.
@@ -190,6 +199,20 @@ impl Pool {
             };
             conn.shared.started.fetch_add(1, Ordering::Relaxed);
             let open = OpenStream(conn.shared.clone());
+            if let Some((namespace, service_account)) = dial.expect {
+                let peer = lock(&conn.shared.peer).clone();
+                if !peer
+                    .as_ref()
+                    .is_some_and(|p| p.runs_as(namespace, service_account))
+                {
+                    // Nothing is sent for this destination; the connection may serve others.
+                    return Err(PoolError::Identity {
+                        tunnel,
+                        got: peer.map(|p| p.to_string()).unwrap_or_default(),
+                        want: format!("ns/{namespace}/sa/{service_account}"),
+                    });
+                }
+            }
             let opened = match tls::still_valid(dial.trust, &conn.shared.chain, tls::Usage::Server)
             {
                 Err(e) => Err(PoolError::Handshake(tunnel, e)),

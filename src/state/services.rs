@@ -1,0 +1,833 @@
+//! Live state, Kubernetes: what stands behind an address the pod dials, learned from the API
+//! on demand (issue 24). A ClusterIP first seen is looked up once (`kube::Client::
+//! service_by_cluster_ip`); its Service's EndpointSlices are then watched, all slices merged,
+//! until the Service has been unused for `discovery.idle`; each endpoint's Pod (its service
+//! account, whether it has a sidecar) is read by name and kept, refreshed when it is older than
+//! `POD_FRESH`. An address that is no Service may be a pod (`pod_by_ip`). Nothing is listed or
+//! watched cluster-wide.
+//!
+//! The data path calls [`Services::resolve`] once per connection; it waits only for the first
+//! answer about a new address, bounded by `discovery.wait`. When the API fails, what is known
+//! stays in force (as kube-proxy keeps its rules), the failure is said once at warn and shown
+//! in metrics; an address never answered for is refused, never guessed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+/// What the data path may know of a Pod (it does not import `kube`).
+pub use crate::kube::PodInfo;
+use crate::kube::{
+    Client, EndpointInfo, KubeError, PodRef, ServiceInfo, SliceEvent, SliceInfo, TargetPort,
+};
+
+/// A Pod read from the API is used as is for this long, then read again (in the background:
+/// connections keep using what is known). Long enough that a busy Service costs an API call per
+/// endpoint every few seconds, short enough that a backend that joins the mesh (its Pod gets
+/// the sidecar label) is tunnelled to within it.
+const POD_FRESH: Duration = Duration::from_secs(2);
+/// An address the API says is neither a Service nor a Pod is asked about again after this.
+const OUTSIDE_FRESH: Duration = Duration::from_secs(30);
+
+/// The discovery settings (`discovery.*` in the config).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How long a connection to a new address waits for the API's first answer.
+    pub wait: Duration,
+    /// A Service unused this long is forgotten and its watch closed.
+    pub idle: Duration,
+    /// This pod's node (`internalTrafficPolicy: Local`); from the downward API.
+    pub node: Option<String>,
+}
+
+/// What an address turned out to be, for one connection.
+#[derive(Debug)]
+pub enum Resolved {
+    /// Not known to the platform (no API, or neither a Service nor a Pod): decide in band.
+    Unknown,
+    /// Refused at once: the port is not one the Service defines, it has no ready endpoint, or
+    /// the API could not say what the address is.
+    Refused { what: String, reason: Refusal },
+    /// Where to send it.
+    Endpoint(Endpoint),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    NoSuchPort,
+    NoEndpoint,
+    Unanswered,
+}
+
+impl Refusal {
+    /// The `outcome` label of the connection.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            Refusal::NoSuchPort => "service_port",
+            Refusal::NoEndpoint => "no_endpoint",
+            Refusal::Unanswered => "discovery",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Refusal::NoSuchPort => "the Service defines no such port",
+            Refusal::NoEndpoint => "the Service has no ready endpoint",
+            Refusal::Unanswered => "the Kubernetes API has not said what this address is",
+        })
+    }
+}
+
+/// A chosen backend.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Where the connection goes: the pod's address and the target port.
+    pub addr: SocketAddr,
+    /// `<name>.<namespace>.svc.cluster.local`, when reached through a Service.
+    pub service: Option<Arc<str>>,
+    /// The Pod behind it, when the API named one: whether it has a sidecar, who it runs as.
+    pub pod: Option<Arc<PodInfo>>,
+    /// Held while the connection is open: counts it against the endpoint, so the next
+    /// connection goes to the one with the fewest.
+    pub _open: Option<OpenGuard>,
+}
+
+/// One open connection to an endpoint.
+#[derive(Debug)]
+pub struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The Kubernetes source: on-demand lookups and the watches they start.
+pub struct Services {
+    client: Client,
+    settings: Settings,
+    inner: Mutex<Inner>,
+    metrics: KubeMetrics,
+    /// Whether the last API call worked: a failure is said once at warn, then at debug until
+    /// it works again.
+    healthy: AtomicBool,
+}
+
+#[derive(Default)]
+struct Inner {
+    addresses: HashMap<IpAddr, Arc<Address>>,
+    services: HashMap<(String, String), Arc<ServiceState>>,
+    pods: HashMap<PodRef, Arc<PodEntry>>,
+}
+
+/// An address looked up: the answer, published once the API gave it.
+struct Address {
+    answer: watch::Sender<Option<Answer>>,
+    asked: Instant,
+}
+
+#[derive(Clone)]
+enum Answer {
+    Service(Arc<ServiceState>),
+    Pod(Arc<PodInfo>),
+    Outside,
+    Failed,
+}
+
+/// A Service in use: what it is, and its endpoints as the watch has them.
+struct ServiceState {
+    info: ServiceInfo,
+    fqdn: Arc<str>,
+    /// The merged EndpointSlices; `None` until the first list.
+    slices: watch::Receiver<Option<Arc<BTreeMap<String, SliceInfo>>>>,
+    used: Mutex<Instant>,
+    /// Open connections per endpoint address.
+    open: Mutex<HashMap<IpAddr, Arc<AtomicUsize>>>,
+    /// `sessionAffinity: ClientIP`: the endpoint this pod sticks to, and until when.
+    sticky: Mutex<Option<(IpAddr, Instant)>>,
+    watch: tokio::task::AbortHandle,
+}
+
+impl Drop for ServiceState {
+    fn drop(&mut self) {
+        self.watch.abort();
+    }
+}
+
+struct PodEntry {
+    info: Mutex<Option<(Arc<PodInfo>, Instant)>>,
+    refreshing: AtomicBool,
+}
+
+/// Connects to the API as `discovery` says: `off`, none; `on`, or `auto` with somewhere to
+/// connect to (a kubeconfig, `KUBECONFIG`, or the pod's service-account token), a client. A
+/// client that cannot be built is an error with `on` and a warning with `auto` (the sidecar
+/// then works in band, as without the API). Connecting makes no request: an API that is down
+/// at start is waited for as when it goes down later.
+pub async fn start(
+    config: &crate::config::Config,
+    registry: &Registry,
+) -> anyhow::Result<Option<Arc<Services>>> {
+    use crate::config::KubernetesMode;
+    let discovery = &config.discovery;
+    let somewhere = discovery.kubeconfig.is_some()
+        || std::env::var_os("KUBECONFIG").is_some()
+        || std::path::Path::new(crate::config::SERVICE_ACCOUNT_TOKEN).exists();
+    match discovery.kubernetes {
+        KubernetesMode::Off => return Ok(None),
+        KubernetesMode::Auto if !somewhere => {
+            debug!(
+                "discovery.kubernetes auto: no kubeconfig or service-account token; in band only"
+            );
+            return Ok(None);
+        }
+        _ => {}
+    }
+    let client = match Client::connect(discovery.kubeconfig.as_ref()).await {
+        Ok(client) => client,
+        Err(e) if discovery.kubernetes == KubernetesMode::On => {
+            return Err(anyhow::anyhow!("discovery.kubernetes is on: {e}"))
+        }
+        Err(e) => {
+            warn!(error = %e, "discovery.kubernetes auto: cannot use the Kubernetes API; in band only");
+            return Ok(None);
+        }
+    };
+    info!(kubeconfig = ?discovery.kubeconfig, node = ?discovery.node_name, "Kubernetes discovery on");
+    let settings = Settings {
+        wait: discovery.wait,
+        idle: discovery.idle,
+        node: discovery.node_name.clone(),
+    };
+    Ok(Some(Services::new(client, settings, registry)))
+}
+
+impl Services {
+    pub fn new(client: Client, settings: Settings, registry: &Registry) -> Arc<Services> {
+        let services = Arc::new(Services {
+            client,
+            settings,
+            inner: Mutex::default(),
+            metrics: KubeMetrics::new(registry),
+            healthy: AtomicBool::new(true),
+        });
+        // Forget Services nobody used for `idle` (their watches close with them).
+        let weak = Arc::downgrade(&services);
+        tokio::spawn(async move {
+            loop {
+                let every = match weak.upgrade() {
+                    Some(s) => s.sweep(),
+                    None => return,
+                };
+                tokio::time::sleep(every).await;
+            }
+        });
+        services
+    }
+
+    /// What `dst` is, and for a Service which endpoint this connection goes to. Waits only for
+    /// the first answer about an address, at most `discovery.wait`.
+    pub async fn resolve(self: &Arc<Self>, dst: SocketAddr) -> Resolved {
+        let answer = match self.answer(dst.ip()).await {
+            Some(answer) => answer,
+            None => {
+                return Resolved::Refused {
+                    what: dst.to_string(),
+                    reason: Refusal::Unanswered,
+                }
+            }
+        };
+        match answer {
+            Answer::Outside => Resolved::Unknown,
+            Answer::Failed => Resolved::Refused {
+                what: dst.to_string(),
+                reason: Refusal::Unanswered,
+            },
+            Answer::Pod(pod) => {
+                let pod = self.fresh_pod(&pod_ref(&pod), Some(pod)).await;
+                Resolved::Endpoint(Endpoint {
+                    addr: dst,
+                    service: None,
+                    pod,
+                    _open: None,
+                })
+            }
+            Answer::Service(service) => self.through(&service, dst).await,
+        }
+    }
+
+    /// The answer for `ip`: known, or asked for now (one request however many connections
+    /// wait), waiting at most `discovery.wait`.
+    async fn answer(self: &Arc<Self>, ip: IpAddr) -> Option<Answer> {
+        let mut rx = {
+            let mut inner = lock(&self.inner);
+            let stale = inner.addresses.get(&ip).is_some_and(|a| {
+                matches!(&*a.answer.borrow(), Some(Answer::Outside | Answer::Failed))
+                    && a.asked.elapsed() > OUTSIDE_FRESH
+            });
+            match inner.addresses.get(&ip) {
+                Some(a) if !stale => a.answer.subscribe(),
+                _ => {
+                    let (tx, rx) = watch::channel(None);
+                    inner.addresses.insert(
+                        ip,
+                        Arc::new(Address {
+                            answer: tx,
+                            asked: Instant::now(),
+                        }),
+                    );
+                    let me = self.clone();
+                    tokio::spawn(async move { me.look_up(ip).await });
+                    rx
+                }
+            }
+        };
+        let answer =
+            match tokio::time::timeout(self.settings.wait, rx.wait_for(Option::is_some)).await {
+                Ok(Ok(answer)) => answer.clone(),
+                _ => None,
+            };
+        answer
+    }
+
+    /// Asks the API what `ip` is and publishes the answer.
+    async fn look_up(self: Arc<Self>, ip: IpAddr) {
+        let answer = match self.client.service_by_cluster_ip(ip).await {
+            Ok(Some(info)) => Ok(Answer::Service(self.service(info))),
+            Ok(None) => match self.client.pod_by_ip(ip).await {
+                Ok(Some(pod)) => Ok(Answer::Pod(self.remember_pod(pod))),
+                Ok(None) => Ok(Answer::Outside),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        let answer = match answer {
+            Ok(answer) => {
+                self.api_ok("lookup");
+                answer
+            }
+            Err(e) => {
+                self.api_failed("lookup", &e);
+                Answer::Failed
+            }
+        };
+        let what = match &answer {
+            Answer::Service(s) => format!("Service {}", s.fqdn),
+            Answer::Pod(p) => format!("Pod {}/{}", p.namespace, p.name),
+            Answer::Outside => "not in the cluster".into(),
+            Answer::Failed => "unknown (API failed)".into(),
+        };
+        debug!(%ip, %what, "address looked up");
+        if let Some(a) = lock(&self.inner).addresses.get(&ip) {
+            a.answer.send_replace(Some(answer));
+        }
+    }
+
+    /// The Service in use with this identity, or a new one whose EndpointSlices are watched
+    /// from now on.
+    fn service(self: &Arc<Self>, info: ServiceInfo) -> Arc<ServiceState> {
+        let key = (info.namespace.clone(), info.name.clone());
+        let mut inner = lock(&self.inner);
+        if let Some(s) = inner.services.get(&key) {
+            if s.info == info {
+                return s.clone();
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        let stream = self.client.watch_slices(&info.namespace, &info.name);
+        let me = Arc::downgrade(self);
+        let fqdn: Arc<str> = format!("{}.{}.svc.cluster.local", info.name, info.namespace).into();
+        let name = fqdn.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            // Slices as last listed or changed; `listing` gathers a re-list until it is done.
+            let mut slices: BTreeMap<String, SliceInfo> = BTreeMap::new();
+            let mut listing: Option<BTreeMap<String, SliceInfo>> = None;
+            while let Some(event) = stream.next().await {
+                let Some(me) = me.upgrade() else { return };
+                match event {
+                    Ok(SliceEvent::Restarting) => listing = Some(BTreeMap::new()),
+                    Ok(SliceEvent::Applied(s)) => {
+                        match listing.as_mut() {
+                            Some(l) => l.insert(s.name.clone(), s),
+                            None => slices.insert(s.name.clone(), s),
+                        };
+                    }
+                    Ok(SliceEvent::Deleted(name)) => {
+                        slices.remove(&name);
+                    }
+                    Ok(SliceEvent::Listed) => {
+                        if let Some(l) = listing.take() {
+                            slices = l;
+                        }
+                    }
+                    Err(e) => {
+                        // The watcher retries by itself with backoff; what is known stays.
+                        me.api_failed("watch", &e);
+                        continue;
+                    }
+                }
+                me.api_ok("watch");
+                if listing.is_none() {
+                    let ready: usize = slices
+                        .values()
+                        .flat_map(|s| &s.endpoints)
+                        .filter(|e| e.ready)
+                        .count();
+                    debug!(service = %name, slices = slices.len(), ready, "endpoints changed");
+                    tx.send_replace(Some(Arc::new(slices.clone())));
+                }
+            }
+        });
+        let state = Arc::new(ServiceState {
+            info,
+            fqdn,
+            slices: rx,
+            used: Mutex::new(Instant::now()),
+            open: Mutex::default(),
+            sticky: Mutex::new(None),
+            watch: task.abort_handle(),
+        });
+        inner.services.insert(key, state.clone());
+        self.metrics.watches.set(inner.services.len() as i64);
+        state
+    }
+
+    /// A connection to `dst`, a ClusterIP of `service`: its port, a ready endpoint, its Pod.
+    async fn through(self: &Arc<Self>, service: &Arc<ServiceState>, dst: SocketAddr) -> Resolved {
+        *lock(&service.used) = Instant::now();
+        let refused = |reason| Resolved::Refused {
+            what: format!("{} ({dst})", service.fqdn),
+            reason,
+        };
+        let Some(port) = service
+            .info
+            .ports
+            .iter()
+            .find(|p| p.port == dst.port() && p.tcp)
+        else {
+            return refused(Refusal::NoSuchPort);
+        };
+        let mut rx = service.slices.clone();
+        let slices =
+            match tokio::time::timeout(self.settings.wait, rx.wait_for(Option::is_some)).await {
+                Ok(Ok(s)) => s.clone().unwrap_or_default(),
+                _ => return refused(Refusal::Unanswered),
+            };
+        let candidates = candidates(
+            &slices,
+            &port.name,
+            &port.target,
+            self.settings.node.as_deref(),
+            service.info.node_local,
+        );
+        if candidates.is_empty() {
+            return refused(Refusal::NoEndpoint);
+        }
+        let (ip, target, pod) = self.choose(service, &candidates);
+        let open = {
+            let mut open = lock(&service.open);
+            open.retain(|ip, n| {
+                n.load(Ordering::Acquire) > 0 || candidates.iter().any(|c| c.0 == *ip)
+            });
+            let n = open.entry(ip).or_default().clone();
+            n.fetch_add(1, Ordering::AcqRel);
+            OpenGuard(n)
+        };
+        let pod = match pod {
+            Some(r) => self.fresh_pod(r, None).await,
+            None => None,
+        };
+        Resolved::Endpoint(Endpoint {
+            addr: SocketAddr::new(ip, target),
+            service: Some(service.fqdn.clone()),
+            pod,
+            _open: Some(open),
+        })
+    }
+
+    /// The endpoint for the next connection: the sticky one under `ClientIP` affinity while
+    /// it is still a candidate, else the one with the fewest open connections (ties: the
+    /// first in address order after the last chosen, so equal endpoints take turns).
+    fn choose<'a>(
+        &self,
+        service: &ServiceState,
+        candidates: &'a [(IpAddr, u16, Option<&'a PodRef>)],
+    ) -> (IpAddr, u16, Option<&'a PodRef>) {
+        let now = Instant::now();
+        let mut sticky = lock(&service.sticky);
+        if let Some((ip, until)) = *sticky {
+            if until > now {
+                if let Some(c) = candidates.iter().find(|c| c.0 == ip) {
+                    if let Some(t) = service.info.affinity {
+                        *sticky = Some((ip, now + Duration::from_secs(t.into())));
+                    }
+                    return *c;
+                }
+            }
+        }
+        let open = lock(&service.open);
+        let count = |ip: &IpAddr| open.get(ip).map_or(0, |n| n.load(Ordering::Acquire));
+        let fewest = candidates.iter().map(|c| count(&c.0)).min().unwrap_or(0);
+        let last = sticky.map(|(ip, _)| ip);
+        let tied: Vec<_> = candidates
+            .iter()
+            .filter(|c| count(&c.0) == fewest)
+            .collect();
+        let chosen = *tied
+            .iter()
+            .find(|c| last.is_some_and(|l| c.0 > l))
+            .or(tied.first())
+            .expect("candidates is not empty");
+        let hold = service
+            .info
+            .affinity
+            .map_or(Duration::ZERO, |t| Duration::from_secs(t.into()));
+        *sticky = Some((chosen.0, now + hold));
+        *chosen
+    }
+
+    /// `r`'s Pod: as known if fresh; read now if never read; else as known, re-read in the
+    /// background.
+    async fn fresh_pod(
+        self: &Arc<Self>,
+        r: &PodRef,
+        known: Option<Arc<PodInfo>>,
+    ) -> Option<Arc<PodInfo>> {
+        let entry = {
+            let mut inner = lock(&self.inner);
+            inner
+                .pods
+                .entry(r.clone())
+                .or_insert_with(|| {
+                    Arc::new(PodEntry {
+                        info: Mutex::new(known.map(|p| (p, Instant::now()))),
+                        refreshing: AtomicBool::new(false),
+                    })
+                })
+                .clone()
+        };
+        let cached = lock(&entry.info).clone();
+        match cached {
+            Some((pod, at)) if at.elapsed() < POD_FRESH => Some(pod),
+            Some((pod, _)) => {
+                if !entry.refreshing.swap(true, Ordering::AcqRel) {
+                    let me = self.clone();
+                    let r = r.clone();
+                    tokio::spawn(async move {
+                        me.read_pod(&r, &entry).await;
+                        entry.refreshing.store(false, Ordering::Release);
+                    });
+                }
+                Some(pod)
+            }
+            None => {
+                let read = tokio::time::timeout(self.settings.wait, self.read_pod(r, &entry));
+                read.await.ok().flatten()
+            }
+        }
+    }
+
+    async fn read_pod(&self, r: &PodRef, entry: &PodEntry) -> Option<Arc<PodInfo>> {
+        match self.client.pod(&r.namespace, &r.name).await {
+            Ok(Some(pod)) if r.uid.is_empty() || pod.uid == r.uid => {
+                self.api_ok("pod");
+                let pod = Arc::new(pod);
+                *lock(&entry.info) = Some((pod.clone(), Instant::now()));
+                Some(pod)
+            }
+            // Gone, or another pod of that name now: nothing known about the one in the slice.
+            Ok(_) => {
+                self.api_ok("pod");
+                None
+            }
+            Err(e) => {
+                self.api_failed("pod", &e);
+                lock(&entry.info).as_ref().map(|(p, _)| p.clone())
+            }
+        }
+    }
+
+    fn remember_pod(&self, pod: PodInfo) -> Arc<PodInfo> {
+        let pod = Arc::new(pod);
+        let entry = Arc::new(PodEntry {
+            info: Mutex::new(Some((pod.clone(), Instant::now()))),
+            refreshing: AtomicBool::new(false),
+        });
+        lock(&self.inner).pods.insert(pod_ref(&pod), entry);
+        pod
+    }
+
+    /// Drops Services unused for `idle` (closing their watches), the addresses that led to
+    /// them, and Pods no Service or address refers to; returns when to sweep again.
+    fn sweep(&self) -> Duration {
+        let idle = self.settings.idle;
+        let mut inner = lock(&self.inner);
+        inner.services.retain(|_, s| lock(&s.used).elapsed() < idle);
+        let Inner {
+            addresses,
+            services,
+            pods,
+        } = &mut *inner;
+        let live = |s: &Arc<ServiceState>| {
+            services
+                .get(&(s.info.namespace.clone(), s.info.name.clone()))
+                .is_some_and(|l| Arc::ptr_eq(l, s))
+        };
+        addresses.retain(|_, a| match &*a.answer.borrow() {
+            Some(Answer::Service(s)) => live(s),
+            Some(Answer::Pod(_)) => a.asked.elapsed() < idle,
+            _ => a.asked.elapsed() < OUTSIDE_FRESH.max(idle),
+        });
+        pods.retain(|_, p| {
+            lock(&p.info)
+                .as_ref()
+                .is_some_and(|(_, at)| at.elapsed() < idle)
+        });
+        self.metrics.watches.set(inner.services.len() as i64);
+        (idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(30))
+    }
+
+    fn api_ok(&self, request: &'static str) {
+        self.metrics
+            .requests
+            .with_label_values(&[request, "ok"])
+            .inc();
+        self.metrics.up.set(1);
+        if !self.healthy.swap(true, Ordering::AcqRel) {
+            info!(request, "the Kubernetes API answers again");
+        }
+    }
+
+    fn api_failed(&self, request: &'static str, e: &KubeError) {
+        self.metrics
+            .requests
+            .with_label_values(&[request, e.kind()])
+            .inc();
+        self.metrics.up.set(0);
+        if self.healthy.swap(false, Ordering::AcqRel) {
+            warn!(request, error = %e, "Kubernetes API failed: keeping what is known; addresses never looked up are refused until it answers");
+        } else {
+            debug!(request, error = %e, "Kubernetes API still failing");
+        }
+    }
+
+    /// What `/config_dump` shows: the Services in use and their endpoints.
+    pub fn view(&self) -> serde_json::Value {
+        let inner = lock(&self.inner);
+        let services: Vec<serde_json::Value> = inner
+            .services
+            .values()
+            .map(|s| {
+                let slices = s.slices.borrow().clone().unwrap_or_default();
+                let endpoints: Vec<serde_json::Value> = slices
+                    .values()
+                    .flat_map(|sl| &sl.endpoints)
+                    .map(|e| serde_json::json!({
+                        "addresses": e.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "ready": e.ready,
+                        "pod": e.pod.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)),
+                    }))
+                    .collect();
+                serde_json::json!({
+                    "service": s.fqdn.to_string(),
+                    "cluster_ips": s.info.cluster_ips.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "endpoints": endpoints,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "api_healthy": self.healthy.load(Ordering::Acquire),
+            "services": services,
+        })
+    }
+}
+
+fn pod_ref(p: &PodInfo) -> PodRef {
+    PodRef {
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+        uid: p.uid.clone(),
+    }
+}
+
+/// The endpoints a connection to a Service port may go to, with the port number its target
+/// resolves to on each slice: ready ones; if none is ready, serving and terminating ones (as
+/// kube-proxy falls back); with `node_local`, only this node's. Sorted by address.
+fn candidates<'a>(
+    slices: &'a BTreeMap<String, SliceInfo>,
+    port_name: &str,
+    target: &TargetPort,
+    node: Option<&str>,
+    node_local: bool,
+) -> Vec<(IpAddr, u16, Option<&'a PodRef>)> {
+    let pick = |want: &dyn Fn(&EndpointInfo) -> bool| {
+        let mut v: Vec<_> = slices
+            .values()
+            .flat_map(|s| {
+                // The slice's port of the Service port's name carries the target's number
+                // (a named targetPort is resolved per slice, as pods may differ).
+                let number = s.ports.get(port_name).copied().or(match target {
+                    TargetPort::Number(n) => Some(*n),
+                    TargetPort::Name(_) => None,
+                });
+                s.endpoints.iter().filter_map(move |e| Some((e, number?)))
+            })
+            .filter(|(e, _)| want(e))
+            .filter(|(e, _)| !node_local || (node.is_some() && e.node.as_deref() == node))
+            .flat_map(|(e, port)| e.addresses.first().map(|ip| (*ip, port, e.pod.as_ref())))
+            .collect();
+        v.sort_by_key(|c| c.0);
+        v.dedup_by_key(|c| c.0);
+        v
+    };
+    let ready = pick(&|e| e.ready);
+    if !ready.is_empty() {
+        return ready;
+    }
+    pick(&|e| e.serving && e.terminating)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means a task panicked mid-update; the map is still whole.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The source's own metrics.
+struct KubeMetrics {
+    /// API calls by request (`lookup`, `watch`, `pod`) and result (`ok`, `forbidden`,
+    /// `unreachable`, `config`).
+    requests: IntCounterVec,
+    /// 1 while the last API call worked.
+    up: IntGauge,
+    /// Services whose EndpointSlices are watched now.
+    watches: IntGauge,
+}
+
+impl KubeMetrics {
+    fn new(registry: &Registry) -> KubeMetrics {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "l4mesh_kubernetes_requests_total",
+                "Kubernetes API calls by request (lookup, watch, pod) and result (ok, forbidden, unreachable)",
+            ),
+            &["request", "result"],
+        )
+        .expect("static metric");
+        let up = IntGauge::new(
+            "l4mesh_kubernetes_api_up",
+            "1 while the last Kubernetes API call worked; 0: the last known state is in force",
+        )
+        .expect("static metric");
+        let watches = IntGauge::new(
+            "l4mesh_kubernetes_watches",
+            "Services whose EndpointSlices this sidecar watches now",
+        )
+        .expect("static metric");
+        up.set(1);
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(up.clone()),
+            Box::new(watches.clone()),
+        ] {
+            // A second source on one registry (tests) keeps the first's series.
+            let _ = registry.register(c);
+        }
+        KubeMetrics {
+            requests,
+            up,
+            watches,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(ip: &str, ready: bool, node: &str) -> EndpointInfo {
+        EndpointInfo {
+            addresses: vec![ip.parse().unwrap()],
+            ready,
+            serving: ready,
+            terminating: false,
+            node: Some(node.into()),
+            pod: None,
+        }
+    }
+
+    fn slice(
+        name: &str,
+        ports: &[(&str, u16)],
+        endpoints: Vec<EndpointInfo>,
+    ) -> (String, SliceInfo) {
+        (
+            name.to_string(),
+            SliceInfo {
+                name: name.into(),
+                ports: ports.iter().map(|(n, p)| (n.to_string(), *p)).collect(),
+                endpoints,
+            },
+        )
+    }
+
+    /// Which endpoints a Service port may use, as kube-proxy reads the slices.
+    #[test]
+    fn candidates_merge_slices_resolve_named_ports_and_follow_conditions() {
+        let slices: BTreeMap<_, _> = [
+            slice(
+                "a",
+                &[("http", 8080)],
+                vec![
+                    endpoint("10.0.0.2", true, "n1"),
+                    endpoint("10.0.0.3", false, "n1"),
+                ],
+            ),
+            slice(
+                "b",
+                &[("http", 9090)],
+                vec![endpoint("10.0.0.1", true, "n2")],
+            ),
+        ]
+        .into();
+        let named = TargetPort::Name("web".into());
+        let got = |node_local| {
+            candidates(&slices, "http", &named, Some("n1"), node_local)
+                .iter()
+                .map(|(ip, port, _)| format!("{ip}:{port}"))
+                .collect::<Vec<_>>()
+        };
+        // Both slices, not-ready left out, each slice's own number for the named port.
+        assert_eq!(got(false), ["10.0.0.1:9090", "10.0.0.2:8080"]);
+        // internalTrafficPolicy: Local.
+        assert_eq!(got(true), ["10.0.0.2:8080"]);
+        // A port name no slice has, with a named target: nothing to dial.
+        assert!(candidates(&slices, "grpc", &named, None, false).is_empty());
+        // A numeric target with no port in the slices (selector-less Service made by hand).
+        let bare: BTreeMap<_, _> = [slice("c", &[], vec![endpoint("10.0.0.9", true, "n1")])].into();
+        let n = candidates(&bare, "", &TargetPort::Number(7000), None, false);
+        assert_eq!(n[0].1, 7000);
+        // Nothing ready: serving-and-terminating endpoints still take connections.
+        let mut draining = endpoint("10.0.0.5", false, "n1");
+        draining.serving = true;
+        draining.terminating = true;
+        let only: BTreeMap<_, _> = [slice(
+            "d",
+            &[("http", 80)],
+            vec![draining, endpoint("10.0.0.6", false, "n1")],
+        )]
+        .into();
+        let c = candidates(&only, "http", &TargetPort::Number(80), None, false);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].0.to_string(), "10.0.0.5");
+    }
+}
