@@ -33,5 +33,11 @@ if ! command -v kubernetes-validate >/dev/null 2>&1; then
     python3 -m pip install --quiet kubernetes-validate
 fi
 
+# A real kube-apiserver and etcd for the Kubernetes API tests (KUBEBUILDER_ASSETS, as envtest
+# takes them): the one given, else the archive in ../shared/kube/, unpacked once.
+KUBEBUILDER_ASSETS=$(bash tests/kube-assets.sh)
+export KUBEBUILDER_ASSETS
+[ -n "$KUBEBUILDER_ASSETS" ] || echo "tests/run.sh: no kube-apiserver found (set KUBEBUILDER_ASSETS); the Kubernetes API tests will fail" >&2
+
 export L4MESH_REQUIRE_PRIVILEGED=1
 exec cargo test "$@"

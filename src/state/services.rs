@@ -28,10 +28,11 @@ use crate::kube::{
     Client, EndpointInfo, KubeError, PodRef, ServiceInfo, SliceEvent, SliceInfo, TargetPort,
 };
 
-/// A Pod read from the API is used as is for this long, then read again (in the background:
-/// connections keep using what is known). Long enough that a busy Service costs an API call per
-/// endpoint every few seconds, short enough that a backend that joins the mesh (its Pod gets
-/// the sidecar label) is tunnelled to within it.
+/// A Pod read from the API is used as is for this long, then read again by the next connection
+/// to it (which waits for that read, at most `discovery.wait`, and keeps what is known if the
+/// API fails). Long enough that a busy Service costs an API call per endpoint every few
+/// seconds; short enough that a backend that joins the mesh (its Pod gets the sidecar label)
+/// is tunnelled to within it, never sent plaintext on a stale answer.
 const POD_FRESH: Duration = Duration::from_secs(2);
 /// An address the API says is neither a Service nor a Pod is asked about again after this.
 const OUTSIDE_FRESH: Duration = Duration::from_secs(30);
@@ -165,7 +166,6 @@ impl Drop for ServiceState {
 
 struct PodEntry {
     info: Mutex<Option<(Arc<PodInfo>, Instant)>>,
-    refreshing: AtomicBool,
 }
 
 /// Connects to the API as `discovery` says: `off`, none; `on`, or `auto` with somewhere to
@@ -496,8 +496,7 @@ impl Services {
         *chosen
     }
 
-    /// `r`'s Pod: as known if fresh; read now if never read; else as known, re-read in the
-    /// background.
+    /// `r`'s Pod: as known if fresh, else read now (bounded; what is known if that fails).
     async fn fresh_pod(
         self: &Arc<Self>,
         r: &PodRef,
@@ -511,7 +510,6 @@ impl Services {
                 .or_insert_with(|| {
                     Arc::new(PodEntry {
                         info: Mutex::new(known.map(|p| (p, Instant::now()))),
-                        refreshing: AtomicBool::new(false),
                     })
                 })
                 .clone()
@@ -519,20 +517,12 @@ impl Services {
         let cached = lock(&entry.info).clone();
         match cached {
             Some((pod, at)) if at.elapsed() < POD_FRESH => Some(pod),
-            Some((pod, _)) => {
-                if !entry.refreshing.swap(true, Ordering::AcqRel) {
-                    let me = self.clone();
-                    let r = r.clone();
-                    tokio::spawn(async move {
-                        me.read_pod(&r, &entry).await;
-                        entry.refreshing.store(false, Ordering::Release);
-                    });
-                }
-                Some(pod)
-            }
-            None => {
+            cached => {
                 let read = tokio::time::timeout(self.settings.wait, self.read_pod(r, &entry));
-                read.await.ok().flatten()
+                match read.await {
+                    Ok(read) => read,
+                    Err(_) => cached.map(|(pod, _)| pod),
+                }
             }
         }
     }
@@ -561,7 +551,6 @@ impl Services {
         let pod = Arc::new(pod);
         let entry = Arc::new(PodEntry {
             info: Mutex::new(Some((pod.clone(), Instant::now()))),
-            refreshing: AtomicBool::new(false),
         });
         lock(&self.inner).pods.insert(pod_ref(&pod), entry);
         pod

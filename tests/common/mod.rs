@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod apiserver;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
