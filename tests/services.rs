@@ -169,3 +169,518 @@ fn a_service_is_plaintext_until_each_backend_joins_then_tunnelled() {
         );
     }
 }
+
+/// A cluster of `n` pods with the API server, namespace `shop` (service accounts `sas`) and the
+/// sidecar's RBAC; `None` (SKIPPED) without root or assets.
+fn cluster(tag: &str, n: usize, sas: &'static [&'static str]) -> Option<(Cluster, ApiServer)> {
+    if !privileged(tag) {
+        return None;
+    }
+    let assets = apiserver::assets(tag)?;
+    let c = Cluster::new(tag, n);
+    let api = ApiServer::start(&c, &assets);
+    api.admin(move |k| async move {
+        objects::namespace(&k, "shop", sas).await;
+        objects::grant_sidecar(&k).await;
+    });
+    Some((c, api))
+}
+
+/// A Service port the Service does not define, and a Service with no ready endpoint, are
+/// refused at once (as ztunnel and Linkerd refuse them), never sent anywhere in plaintext.
+#[test]
+fn an_undefined_port_and_a_service_without_ready_endpoints_are_refused() {
+    let Some((mut c, api)) = cluster("svcrefuse", 2, &["client", "backend-a"]) else {
+        return;
+    };
+    let a = c.pod(A).ip4;
+    let (web, empty) = api.admin(move |k| async move {
+        let uid = objects::pod(&k, "shop", "backend-a", "backend-a", a, false).await;
+        let web = objects::service(
+            &k,
+            "shop",
+            "web",
+            &[("http", 80, 8080.into())],
+            serde_json::json!({}),
+        )
+        .await;
+        objects::slice(
+            &k,
+            "shop",
+            "web",
+            "web-1",
+            &[("http", 8080)],
+            &[("backend-a", &uid, a, true)],
+        )
+        .await;
+        let empty = objects::service(
+            &k,
+            "shop",
+            "empty",
+            &[("http", 80, 8080.into())],
+            serde_json::json!({}),
+        )
+        .await;
+        // Its only endpoint is not ready.
+        objects::slice(
+            &k,
+            "shop",
+            "empty",
+            "empty-1",
+            &[("http", 8080)],
+            &[("backend-a", &uid, a, false)],
+        )
+        .await;
+        (web, empty)
+    });
+    // kube-proxy's rules, as on a node (the pods route the Service range to it).
+    c.service(&web.to_string(), 80, c.pod(A).addr(8080));
+    c.service(&empty.to_string(), 80, c.pod(A).addr(8080));
+    let seen = Arc::new(AtomicUsize::new(0));
+    echo_server(c.pod(A), c.pod(A).addr(8080), Some(seen.clone()));
+    let ca = c.make_ca();
+    c.mesh_sidecar(&ca, CLIENT, "client", &discovery(&api));
+    assert_eq!(exchange(&c, CLIENT, SocketAddr::new(web, 80), 100), 100);
+    let served = seen.load(Ordering::SeqCst);
+    assert_eq!(exchange(&c, CLIENT, SocketAddr::new(web, 81), 100), 0);
+    assert_eq!(exchange(&c, CLIENT, SocketAddr::new(empty, 80), 100), 0);
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        served,
+        "a refused connection reached the app"
+    );
+    let outcome = |o: &str| {
+        metric(
+            &c,
+            CLIENT,
+            "l4mesh_connections_total",
+            &[&format!("outcome=\"{o}\"")],
+        )
+    };
+    assert_eq!(outcome("service_port"), 1.0);
+    assert_eq!(outcome("no_endpoint"), 1.0);
+}
+
+/// The platform says which identity a backend must present: a pod whose sidecar holds another
+/// service account's certificate (valid, same CA) is refused before the CONNECT is sent, and
+/// counted; nothing reaches its app.
+#[test]
+fn a_backend_presenting_another_service_accounts_certificate_is_refused() {
+    let Some((mut c, api)) = cluster("svcidentity", 2, &["client", "backend-a"]) else {
+        return;
+    };
+    let a = c.pod(A).ip4;
+    let web = api.admin(move |k| async move {
+        let uid = objects::pod(&k, "shop", "backend-a", "backend-a", a, true).await;
+        let web = objects::service(
+            &k,
+            "shop",
+            "web",
+            &[("http", 80, 8080.into())],
+            serde_json::json!({}),
+        )
+        .await;
+        objects::slice(
+            &k,
+            "shop",
+            "web",
+            "web-1",
+            &[("http", 8080)],
+            &[("backend-a", &uid, a, true)],
+        )
+        .await;
+        web
+    });
+    c.service(&web.to_string(), 80, c.pod(A).addr(8080));
+    let seen = Arc::new(AtomicUsize::new(0));
+    echo_server(c.pod(A), c.pod(A).addr(8080), Some(seen.clone()));
+    let ca = c.make_ca();
+    c.mesh_sidecar(&ca, CLIENT, "client", &discovery(&api));
+    // Pod backend-a runs as backend-a; its sidecar presents `impostor`.
+    let certs = c.issue(&ca, "impostor-certs", "shop", "impostor");
+    c.start_sidecar(A, "impostor", &sidecar_config(&certs, ""));
+    for _ in 0..2 {
+        assert_eq!(exchange(&c, CLIENT, SocketAddr::new(web, 80), 100), 0);
+    }
+    // Straight to the pod's address too: the API knows the pod.
+    assert_eq!(exchange(&c, CLIENT, c.pod(A).addr(8080), 100), 0);
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "bytes reached the impostor's app"
+    );
+    let refused = metric(
+        &c,
+        CLIENT,
+        "l4mesh_connections_total",
+        &["outcome=\"server_identity\""],
+    );
+    assert_eq!(refused, 3.0);
+    let plain = metric(&c, CLIENT, "l4mesh_outbound_plaintext_total", &[]);
+    assert_eq!(plain, 0.0);
+}
+
+/// Scale down and up: an endpoint removed from the EndpointSlice gets no new connection once
+/// the change reaches the sidecar, while a connection already open to it finishes; added back,
+/// it gets connections again.
+#[test]
+fn endpoints_follow_the_endpointslice_and_open_connections_finish() {
+    let Some((mut c, api)) = cluster("svcscale", 3, &["client", "backend-a", "backend-b"]) else {
+        return;
+    };
+    let (a, b) = (c.pod(A).ip4, c.pod(B).ip4);
+    let (web, uid_a, uid_b) = api.admin(move |k| async move {
+        let uid_a = objects::pod(&k, "shop", "backend-a", "backend-a", a, false).await;
+        let uid_b = objects::pod(&k, "shop", "backend-b", "backend-b", b, false).await;
+        let web = objects::service(
+            &k,
+            "shop",
+            "web",
+            &[("http", 80, 8080.into())],
+            serde_json::json!({}),
+        )
+        .await;
+        let both = [
+            ("backend-a", uid_a.as_str(), a, true),
+            ("backend-b", uid_b.as_str(), b, true),
+        ];
+        objects::slice(&k, "shop", "web", "web-1", &[("http", 8080)], &both).await;
+        (web, uid_a, uid_b)
+    });
+    let service = SocketAddr::new(web, 80);
+    c.service(&web.to_string(), 80, c.pod(A).addr(8080));
+    let (seen_a, seen_b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    echo_server(c.pod(A), c.pod(A).addr(8080), Some(seen_a.clone()));
+    echo_server(c.pod(B), c.pod(B).addr(8080), Some(seen_b.clone()));
+    let ca = c.make_ca();
+    c.mesh_sidecar(&ca, CLIENT, "client", &discovery(&api));
+    for _ in 0..4 {
+        assert_eq!(exchange(&c, CLIENT, service, 10), 10);
+    }
+    assert!(seen_b.load(Ordering::SeqCst) > 0);
+    // A long-lived connection; the exchanges spread over both, so one of two lands on B.
+    let long = c.pod(CLIENT).run(move || {
+        (0..2)
+            .map(|_| {
+                let mut s = connect(service).unwrap();
+                write_all(&mut s, b"ping");
+                let mut buf = [0u8; 4];
+                std::io::Read::read_exact(&mut s, &mut buf).unwrap();
+                s
+            })
+            .collect::<Vec<_>>()
+    });
+    // Scale down: B leaves the slice.
+    let (ua, ub) = (uid_a.clone(), uid_b.clone());
+    api.admin(move |k| async move {
+        objects::slice(
+            &k,
+            "shop",
+            "web",
+            "web-1",
+            &[("http", 8080)],
+            &[("backend-a", &ua, a, true)],
+        )
+        .await;
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let before_b = seen_b.load(Ordering::SeqCst);
+    for _ in 0..6 {
+        assert_eq!(exchange(&c, CLIENT, service, 10), 10);
+    }
+    assert_eq!(
+        seen_b.load(Ordering::SeqCst),
+        before_b,
+        "B got a new connection after it left"
+    );
+    // The connections opened before still work, B's included.
+    for mut s in long {
+        write_all(&mut s, b"pong");
+        let mut buf = [0u8; 4];
+        std::io::Read::read_exact(&mut s, &mut buf).unwrap();
+        assert_eq!(&buf, b"pong");
+    }
+    // Scale up again.
+    api.admin(move |k| async move {
+        let both = [
+            ("backend-a", uid_a.as_str(), a, true),
+            ("backend-b", ub.as_str(), b, true),
+        ];
+        objects::slice(&k, "shop", "web", "web-1", &[("http", 8080)], &both).await;
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let before_b = seen_b.load(Ordering::SeqCst);
+    for _ in 0..6 {
+        assert_eq!(exchange(&c, CLIENT, service, 10), 10);
+    }
+    assert!(
+        seen_b.load(Ordering::SeqCst) > before_b,
+        "B got nothing after it came back"
+    );
+}
+
+/// The API server stops: traffic to a Service already known keeps flowing on the last known
+/// state, the failure shows in the metrics; it starts again: the watch resumes and a change
+/// made meanwhile is seen.
+#[test]
+fn traffic_keeps_flowing_while_the_api_server_is_down_and_watches_resume() {
+    let Some((mut c, mut api)) = cluster("svcapidown", 3, &["client", "backend-a", "backend-b"])
+    else {
+        return;
+    };
+    let (a, b) = (c.pod(A).ip4, c.pod(B).ip4);
+    let (web, uid_a) = api.admin(move |k| async move {
+        let uid_a = objects::pod(&k, "shop", "backend-a", "backend-a", a, false).await;
+        let web = objects::service(
+            &k,
+            "shop",
+            "web",
+            &[("http", 80, 8080.into())],
+            serde_json::json!({}),
+        )
+        .await;
+        objects::slice(
+            &k,
+            "shop",
+            "web",
+            "web-1",
+            &[("http", 8080)],
+            &[("backend-a", &uid_a, a, true)],
+        )
+        .await;
+        (web, uid_a)
+    });
+    let service = SocketAddr::new(web, 80);
+    c.service(&web.to_string(), 80, c.pod(A).addr(8080));
+    let (seen_a, seen_b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    echo_server(c.pod(A), c.pod(A).addr(8080), Some(seen_a.clone()));
+    echo_server(c.pod(B), c.pod(B).addr(8080), Some(seen_b.clone()));
+    let ca = c.make_ca();
+    let log = c.mesh_sidecar(&ca, CLIENT, "client", &discovery(&api));
+    assert_eq!(exchange(&c, CLIENT, service, 10), 10);
+
+    api.stop();
+    // Past the Pod's freshness: its re-read fails, what is known is used.
+    std::thread::sleep(Duration::from_millis(2500));
+    for _ in 0..3 {
+        assert_eq!(
+            exchange(&c, CLIENT, service, 10),
+            10,
+            "while the API is down"
+        );
+    }
+    assert_eq!(metric(&c, CLIENT, "l4mesh_kubernetes_api_up", &[]), 0.0);
+    wait_for_log(&log, "Kubernetes API failed", Duration::from_secs(10));
+
+    // Back, with B in the slice instead of A (a change the sidecar has not seen).
+    api.restart();
+    api.admin(move |k| async move {
+        let uid_b = objects::pod(&k, "shop", "backend-b", "backend-b", b, false).await;
+        objects::slice(
+            &k,
+            "shop",
+            "web",
+            "web-1",
+            &[("http", 8080)],
+            &[("backend-b", &uid_b, b, true)],
+        )
+        .await;
+    });
+    let _ = uid_a;
+    let start = std::time::Instant::now();
+    while seen_b.load(Ordering::SeqCst) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the change never reached the sidecar"
+        );
+        assert_eq!(exchange(&c, CLIENT, service, 10), 10);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let at_a = seen_a.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(exchange(&c, CLIENT, service, 10), 10);
+    }
+    assert_eq!(
+        seen_a.load(Ordering::SeqCst),
+        at_a,
+        "A still got connections after it left"
+    );
+    wait_for_log(
+        &log,
+        "the Kubernetes API answers again",
+        Duration::from_secs(10),
+    );
+}
+
+/// An API the sidecar may not read (RBAC) or cannot reach: it starts, says so at warn, shows
+/// it in the metrics, and refuses what it cannot resolve; it never crashes or hangs.
+#[test]
+fn a_forbidden_or_unreachable_api_refuses_clearly_and_never_crashes() {
+    let Some((mut c, api)) = cluster("svcforbid", 2, &["client"]) else {
+        return;
+    };
+    let web = api.admin(move |k| async move {
+        objects::service(
+            &k,
+            "shop",
+            "web",
+            &[("http", 80, 8080.into())],
+            serde_json::json!({}),
+        )
+        .await
+    });
+    c.service(&web.to_string(), 80, c.pod(A).addr(8080));
+    let ca = c.make_ca();
+    let nobody = api.kubeconfig("nobody", apiserver::NOBODY_TOKEN);
+    let config = format!(
+        "discovery:\n  kubernetes: on\n  kubeconfig: {}\n  wait: 2s\n",
+        nobody.display()
+    );
+    let log = c.mesh_sidecar(&ca, CLIENT, "client", &config);
+    assert_eq!(exchange(&c, CLIENT, SocketAddr::new(web, 80), 10), 0);
+    wait_for_log(&log, "the Kubernetes API refused", Duration::from_secs(10));
+    let forbidden = metric(
+        &c,
+        CLIENT,
+        "l4mesh_kubernetes_requests_total",
+        &["result=\"forbidden\""],
+    );
+    assert!(forbidden >= 1.0);
+    assert_eq!(
+        metric(
+            &c,
+            CLIENT,
+            "l4mesh_connections_total",
+            &["outcome=\"discovery\""]
+        ),
+        1.0
+    );
+    // Still serving (the metrics answered), and so does a second sidecar whose API is not there.
+    let gone = api.kubeconfig("gone", apiserver::NOBODY_TOKEN);
+    let text = std::fs::read_to_string(&gone)
+        .unwrap()
+        .replace(apiserver::ADDRESS, "198.18.0.249");
+    std::fs::write(&gone, text).unwrap();
+    let config = format!(
+        "discovery:\n  kubernetes: on\n  kubeconfig: {}\n  wait: 1s\n",
+        gone.display()
+    );
+    let log = c.mesh_sidecar(&ca, A, "other", &config);
+    assert_eq!(exchange(&c, A, SocketAddr::new(web, 80), 10), 0);
+    wait_for_log(&log, "Kubernetes API failed", Duration::from_secs(10));
+    assert_eq!(metric(&c, A, "l4mesh_kubernetes_api_up", &[]), 0.0);
+}
+
+/// What kube-proxy reads of a Service, read alike: a named targetPort (resolved from the
+/// slice), a second port, `sessionAffinity: ClientIP` (every connection to the one backend),
+/// `internalTrafficPolicy: Local` (only this node's endpoints), and a headless Service whose
+/// pod IP is dialled directly (the Pod's identity still required).
+#[test]
+fn named_ports_affinity_local_traffic_and_headless_services() {
+    let Some((mut c, api)) = cluster("svcshape", 3, &["client", "backend-a", "backend-b"]) else {
+        return;
+    };
+    let (a, b) = (c.pod(A).ip4, c.pod(B).ip4);
+    let (multi, sticky, local) = api.admin(move |k| async move {
+        let ua = objects::pod(&k, "shop", "backend-a", "backend-a", a, false).await;
+        let ub = objects::pod(&k, "shop", "backend-b", "backend-b", b, true).await;
+        let both = [
+            ("backend-a", ua.as_str(), a, true),
+            ("backend-b", ub.as_str(), b, true),
+        ];
+        let multi = objects::service(
+            &k,
+            "shop",
+            "multi",
+            &[("http", 80, "web".into()), ("admin", 81, 9000.into())],
+            serde_json::json!({}),
+        )
+        .await;
+        objects::slice(
+            &k,
+            "shop",
+            "multi",
+            "multi-1",
+            &[("http", 8080), ("admin", 9000)],
+            &both[..1],
+        )
+        .await;
+        let sticky = objects::service(
+            &k,
+            "shop",
+            "sticky",
+            &[("http", 80, 8080.into())],
+            serde_json::json!({"sessionAffinity": "ClientIP"}),
+        )
+        .await;
+        objects::slice(&k, "shop", "sticky", "sticky-1", &[("http", 8080)], &both).await;
+        let local = objects::service(
+            &k,
+            "shop",
+            "local",
+            &[("http", 80, 8080.into())],
+            serde_json::json!({"internalTrafficPolicy": "Local"}),
+        )
+        .await;
+        objects::slice(&k, "shop", "local", "local-1", &[("http", 8080)], &both).await;
+        (multi, sticky, local)
+    });
+    for ip in [multi, sticky, local] {
+        c.service(&ip.to_string(), 80, c.pod(A).addr(8080));
+    }
+    let (seen_a, seen_b, seen_admin) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    echo_server(c.pod(A), c.pod(A).addr(8080), Some(seen_a.clone()));
+    echo_server(c.pod(A), c.pod(A).addr(9000), Some(seen_admin.clone()));
+    echo_server(c.pod(B), c.pod(B).addr(8080), Some(seen_b.clone()));
+    let ca = c.make_ca();
+    // This pod is on another node than the backends (node-1).
+    let config = format!("{}  node_name: node-2\n", discovery(&api));
+    c.mesh_sidecar(&ca, CLIENT, "client", &config);
+    c.mesh_sidecar(&ca, B, "backend-b", "");
+
+    // Named targetPort `web` -> 8080 from the slice; the second port to 9000.
+    assert_eq!(exchange(&c, CLIENT, SocketAddr::new(multi, 80), 10), 10);
+    assert_eq!(seen_a.load(Ordering::SeqCst), 10);
+    assert_eq!(exchange(&c, CLIENT, SocketAddr::new(multi, 81), 10), 10);
+    assert_eq!(seen_admin.load(Ordering::SeqCst), 10);
+
+    // ClientIP affinity: six connections, one backend.
+    let (a0, b0) = (seen_a.load(Ordering::SeqCst), seen_b.load(Ordering::SeqCst));
+    for _ in 0..6 {
+        assert_eq!(exchange(&c, CLIENT, SocketAddr::new(sticky, 80), 10), 10);
+    }
+    let (da, db) = (
+        seen_a.load(Ordering::SeqCst) - a0,
+        seen_b.load(Ordering::SeqCst) - b0,
+    );
+    assert!(
+        da == 60 && db == 0 || da == 0 && db == 60,
+        "affinity broken: A {da}, B {db}"
+    );
+
+    // internalTrafficPolicy Local: no endpoint on node-2, refused.
+    assert_eq!(exchange(&c, CLIENT, SocketAddr::new(local, 80), 10), 0);
+    assert_eq!(
+        metric(
+            &c,
+            CLIENT,
+            "l4mesh_connections_total",
+            &["outcome=\"no_endpoint\""]
+        ),
+        1.0
+    );
+
+    // Headless: the pod IP dialled directly; B is meshed and presents backend-b.
+    let b0 = seen_b.load(Ordering::SeqCst);
+    assert_eq!(exchange(&c, CLIENT, c.pod(B).addr(8080), 10), 10);
+    assert_eq!(seen_b.load(Ordering::SeqCst), b0 + 10);
+    let mtls = [
+        "reporter=\"destination\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    assert!(metric(&c, B, "istio_tcp_connections_opened_total", &mtls) >= 1.0);
+}
