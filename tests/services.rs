@@ -684,3 +684,48 @@ fn named_ports_affinity_local_traffic_and_headless_services() {
     ];
     assert!(metric(&c, B, "istio_tcp_connections_opened_total", &mtls) >= 1.0);
 }
+
+/// A tunnel client's certificate must be used from a pod running as it (issue 29, as ztunnel
+/// checks the source workload): a pod holding a valid copy of another workload's certificate
+/// is refused by a server whose sidecar reads the API, while the certificate's own pod is
+/// served. Nothing of the thief's reaches the app.
+#[test]
+fn a_certificate_used_from_another_pod_is_refused_by_the_tunnel() {
+    let Some((mut c, api)) = cluster("svcsource", 3, &["client", "backend-b", "thief"]) else {
+        return;
+    };
+    let (client_ip, thief_ip, b) = (c.pod(CLIENT).ip4, c.pod(A).ip4, c.pod(B).ip4);
+    api.admin(move |k| async move {
+        objects::pod(&k, "shop", "client", "client", client_ip, true).await;
+        objects::pod(&k, "shop", "thief", "thief", thief_ip, true).await;
+        objects::pod(&k, "shop", "backend-b", "backend-b", b, true).await;
+    });
+    let seen = Arc::new(AtomicUsize::new(0));
+    let app = c.pod(B).addr(8080);
+    echo_server(c.pod(B), app, Some(seen.clone()));
+    let ca = c.make_ca();
+    let log = c.mesh_sidecar(&ca, B, "backend-b", &discovery(&api));
+    c.mesh_sidecar(&ca, CLIENT, "client", "");
+    // The thief's sidecar presents a valid certificate of `client` (copied, as from a
+    // compromised node or a leaked Secret).
+    let stolen = c.issue(&ca, "stolen", "shop", "client");
+    c.start_sidecar(A, "thief", &sidecar_config(&stolen, ""));
+
+    assert_eq!(exchange(&c, CLIENT, app, 100), 100);
+    let served = seen.load(Ordering::SeqCst);
+    assert_eq!(exchange(&c, A, app, 100), 0);
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        served,
+        "the thief's bytes reached the app"
+    );
+    let refused = ["direction=\"tunnel\"", "outcome=\"source_identity\""];
+    assert!(metric(&c, B, "l4mesh_connections_total", &refused) >= 1.0);
+    wait_for_log(
+        &log,
+        "runs as service account thief",
+        Duration::from_secs(5),
+    );
+    // And the thief got no plaintext either.
+    assert_eq!(metric(&c, A, "l4mesh_outbound_plaintext_total", &[]), 0.0);
+}

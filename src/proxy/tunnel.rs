@@ -48,6 +48,8 @@ pub enum TunnelError {
     NotH2,
     #[error("refused: the client certificate carries no SPIFFE ID")]
     NoIdentity,
+    #[error("refused: {peer} presented from an address that is not a pod running as it: {why}")]
+    SourceIdentity { peer: String, why: String },
     #[error("HTTP/2: {0}")]
     Http2(h2::Error),
 }
@@ -59,6 +61,7 @@ impl Ending for TunnelError {
             TunnelError::HandshakeTimeout => "handshake_timeout",
             TunnelError::NotH2 => "not_h2",
             TunnelError::NoIdentity => "no_identity",
+            TunnelError::SourceIdentity { .. } => "source_identity",
             TunnelError::Http2(_) => "http2",
         }
     }
@@ -128,6 +131,17 @@ impl crate::proxy::Connection for TunnelConnection {
         let Some(peer) = peer else {
             return Err(TunnelError::NoIdentity);
         };
+        // With the Kubernetes API, the certificate must be used from a pod that runs as it
+        // (as ztunnel checks the source workload): a certificate copied out of its pod is
+        // refused elsewhere (issue 29). Without the API this check is off.
+        if let Some(services) = &inputs.services {
+            if let Err(why) = services.source_runs_as(client_addr.ip(), &peer).await {
+                return Err(TunnelError::SourceIdentity {
+                    peer: peer.to_string(),
+                    why,
+                });
+            }
+        }
         debug!(%peer, %peer_serial, src = %client_addr, "tunnel accepted, client identity verified");
         // Kept to check the peer again on every stream: a tunnel lives for many connections,
         // and a certificate that expires or is revoked meanwhile must stop opening streams.

@@ -265,6 +265,36 @@ impl Services {
         }
     }
 
+    /// Whether the pod at `ip` (a tunnel client's source address) runs as `peer`, the identity
+    /// its certificate names; `Err` says why not. An address the API does not know as a pod,
+    /// or cannot say anything of, is refused: a certificate is only good from its own pod.
+    pub async fn source_runs_as(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        peer: &crate::identity::SpiffeId,
+    ) -> Result<(), String> {
+        let pod = match self.answer(ip).await {
+            Some(Answer::Pod(pod)) => self.fresh_pod(&pod_ref(&pod), Some(pod)).await,
+            Some(Answer::Service(s)) => {
+                return Err(format!("{ip} is Service {}'s ClusterIP", s.fqdn))
+            }
+            Some(Answer::Outside) => return Err(format!("no pod has address {ip}")),
+            Some(Answer::Failed) | None => {
+                return Err(format!(
+                    "the Kubernetes API has not said which pod has {ip}"
+                ))
+            }
+        };
+        match pod {
+            Some(pod) if peer.runs_as(&pod.namespace, &pod.service_account) => Ok(()),
+            Some(pod) => Err(format!(
+                "pod {}/{} at {ip} runs as service account {}",
+                pod.namespace, pod.name, pod.service_account
+            )),
+            None => Err(format!("the pod at {ip} is gone")),
+        }
+    }
+
     /// The answer for `ip`: known, or asked for now (one request however many connections
     /// wait), waiting at most `discovery.wait`.
     async fn answer(self: &Arc<Self>, ip: IpAddr) -> Option<Answer> {
