@@ -532,6 +532,8 @@ impl SidecarContainer {
             field("POD_NAME", "metadata.name"),
             field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
             field("POD_IP", "status.podIP"),
+            // For `internalTrafficPolicy: Local` Services (the Kubernetes source, issue 24).
+            field("NODE_NAME", "spec.nodeName"),
         ];
         if !app_ports.is_empty() {
             env.push(EnvVar::value("L4MESH_APP_PORTS", &app_ports.join(",")));
