@@ -68,7 +68,7 @@ pub struct Discovery {
     /// `kubeconfig` is set), `on` (a start without API configuration is an error), `off`.
     pub kubernetes: KubernetesMode,
     /// A kubeconfig to reach the API with, instead of the pod's own service account (tests,
-    /// local runs). `KUBECONFIG` in the environment is read as well.
+    /// local runs). With `on` and neither, `KUBECONFIG` is read as every client reads it.
     pub kubeconfig: Option<PathBuf>,
     /// How long a connection to an address not seen before waits for the API's first
     /// answer; past it the connection is refused (never guessed).

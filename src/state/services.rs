@@ -169,7 +169,7 @@ struct PodEntry {
 }
 
 /// Connects to the API as `discovery` says: `off`, none; `on`, or `auto` with somewhere to
-/// connect to (a kubeconfig, `KUBECONFIG`, or the pod's service-account token), a client. A
+/// connect to (`discovery.kubeconfig`, or the pod's service-account token), a client. A
 /// client that cannot be built is an error with `on` and a warning with `auto` (the sidecar
 /// then works in band, as without the API). Connecting makes no request: an API that is down
 /// at start is waited for as when it goes down later.
@@ -179,8 +179,9 @@ pub async fn start(
 ) -> anyhow::Result<Option<Arc<Services>>> {
     use crate::config::KubernetesMode;
     let discovery = &config.discovery;
+    // Not `KUBECONFIG`: a developer's shell pointing at some cluster must not turn a local
+    // sidecar's discovery on by itself (`on` does read it).
     let somewhere = discovery.kubeconfig.is_some()
-        || std::env::var_os("KUBECONFIG").is_some()
         || std::path::Path::new(crate::config::SERVICE_ACCOUNT_TOKEN).exists();
     match discovery.kubernetes {
         KubernetesMode::Off => return Ok(None),
