@@ -27,19 +27,6 @@ fn discovery(api: &ApiServer) -> String {
     )
 }
 
-fn metric(c: &Cluster, pod: usize, name: &str, filters: &[&str]) -> f64 {
-    c.pods[pod]
-        .exec(&["curl", "-s", "http://127.0.0.1:15020/metrics"])
-        .lines()
-        .filter(|l| l.starts_with(name) && filters.iter().all(|f| l.contains(f)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn exchange(c: &Cluster, from: usize, addr: SocketAddr, len: usize) -> usize {
-    c.pod(from).run(move || exchange_here(addr, len))
-}
-
 /// Namespace `shop`, the sidecar's RBAC, backend Pods A and B (no sidecar yet) behind Service
 /// `web` (port 80 -> 8080, selector-less, one EndpointSlice); returns the ClusterIP.
 fn web_service(c: &Cluster, api: &ApiServer) -> IpAddr {

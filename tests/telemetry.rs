@@ -61,11 +61,6 @@ fn echo_server(c: &Cluster, addr: SocketAddr) {
     common::echo_server(c.pod(SERVER), addr, None);
 }
 
-/// Sends `len` bytes, half-closes, reads the echo; returns how many bytes came back.
-fn exchange(c: &Cluster, from: usize, addr: SocketAddr, len: usize) -> usize {
-    c.pod(from).run(move || exchange_here(addr, len))
-}
-
 #[test]
 fn known_traffic_gives_exact_counters_on_both_reporters() {
     if !privileged("known_traffic_gives_exact_counters") {

@@ -16,19 +16,6 @@ const CLIENT: usize = 0;
 const SERVER: usize = 1;
 
 /// `name` summed over the sample lines of pod `pod`'s sidecar that contain all `filters`.
-fn metric(c: &Cluster, pod: usize, name: &str, filters: &[&str]) -> f64 {
-    c.pods[pod]
-        .exec(&["curl", "-s", "http://127.0.0.1:15020/metrics"])
-        .lines()
-        .filter(|l| l.starts_with(name) && filters.iter().all(|f| l.contains(f)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn exchange(c: &Cluster, from: usize, addr: SocketAddr, len: usize) -> usize {
-    c.pod(from).run(move || exchange_here(addr, len))
-}
-
 #[test]
 fn a_meshed_client_reaches_an_unmeshed_server_then_tunnels_once_it_joins() {
     if !privileged("auto_unmeshed_then_joins") {

@@ -1,5 +1,8 @@
 //! What the side-by-side bench drives through each path: iperf3 for bulk, an echo server for
-//! request/response and new connections, and a holder process for idle connections.
+//! request/response and new connections, and a holder process for idle connections. Shared by
+//! the benches, each of which uses a part.
+
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};

@@ -36,6 +36,12 @@ use crate::kube::{
 const POD_FRESH: Duration = Duration::from_secs(2);
 /// An address the API says is neither a Service nor a Pod is asked about again after this.
 const OUTSIDE_FRESH: Duration = Duration::from_secs(30);
+/// An address the API failed to answer for is asked about again after this: once the API is
+/// back, its connections are no longer refused.
+const FAILED_FRESH: Duration = Duration::from_secs(1);
+/// Addresses remembered at most. A pod dialling ever new addresses (a scan) must not grow the
+/// map without bound: past it, answers about addresses outside the cluster are dropped first.
+const MAX_ADDRESSES: usize = 16 * 1024;
 
 /// The discovery settings (`discovery.*` in the config).
 #[derive(Clone, Debug)]
@@ -301,13 +307,22 @@ impl Services {
     async fn answer(self: &Arc<Self>, ip: IpAddr) -> Option<Answer> {
         let mut rx = {
             let mut inner = lock(&self.inner);
-            let stale = inner.addresses.get(&ip).is_some_and(|a| {
-                matches!(&*a.answer.borrow(), Some(Answer::Outside | Answer::Failed))
-                    && a.asked.elapsed() > OUTSIDE_FRESH
-            });
+            let stale = inner
+                .addresses
+                .get(&ip)
+                .is_some_and(|a| match &*a.answer.borrow() {
+                    Some(Answer::Outside) => a.asked.elapsed() > OUTSIDE_FRESH,
+                    Some(Answer::Failed) => a.asked.elapsed() > FAILED_FRESH,
+                    _ => false,
+                });
             match inner.addresses.get(&ip) {
                 Some(a) if !stale => a.answer.subscribe(),
                 _ => {
+                    if inner.addresses.len() >= MAX_ADDRESSES {
+                        inner.addresses.retain(|_, a| {
+                            !matches!(&*a.answer.borrow(), Some(Answer::Outside | Answer::Failed))
+                        });
+                    }
                     let (tx, rx) = watch::channel(None);
                     inner.addresses.insert(
                         ip,

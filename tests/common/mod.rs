@@ -512,6 +512,22 @@ pub fn metric_sum(c: &Cluster, pod: usize, name: &str, filter: &str) -> f64 {
         .sum()
 }
 
+/// The sum of the samples of metric `name` whose line contains every one of `filters`, as
+/// pod `pod`'s sidecar serves them on :15020.
+pub fn metric(c: &Cluster, pod: usize, name: &str, filters: &[&str]) -> f64 {
+    c.pods[pod]
+        .exec(&["curl", "-s", "http://127.0.0.1:15020/metrics"])
+        .lines()
+        .filter(|l| l.starts_with(name) && filters.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// From pod `from`: sends `len` bytes to `addr`, half-closes, returns how many came back.
+pub fn exchange(c: &Cluster, from: usize, addr: SocketAddr, len: usize) -> usize {
+    c.pod(from).run(move || exchange_here(addr, len))
+}
+
 /// Waits until `log` contains `needle`, panicking with the log after `timeout`.
 pub fn wait_for_log(log: &Path, needle: &str, timeout: Duration) {
     let start = Instant::now();

@@ -1,0 +1,217 @@
+//! What the Kubernetes source costs (issue 24), against a real kube-apiserver and etcd (the
+//! tests' `common::apiserver`): 1,000 Services of 10 endpoints each in the API, the workload
+//! using 20 of them.
+//!
+//! 1. new connections (connect + 100 B echo + close, sequential, through the tunnel to a meshed
+//!    backend) dialled to a known ClusterIP and straight to the pod IP, alternating rounds:
+//!    the difference is what resolution adds per connection;
+//! 2. the client sidecar's RSS before and after using 20 of the 1,000 Services, and how many
+//!    EndpointSlice watches it holds;
+//! 3. how long an EndpointSlice change takes to reach new connections (the slice's port is
+//!    moved between two listeners that answer differently; 20 changes).
+//!
+//!     cargo bench --bench services     # as root; KUBEBUILDER_ASSETS, or tests/kube-assets.sh's
+//!
+//! Prints its table; benches/RESULTS.md keeps the figures with the command.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use common::apiserver::{self, objects, ApiServer, SIDECAR_TOKEN};
+use common::*;
+
+const SERVICES: usize = 1000;
+const ENDPOINTS: usize = 10;
+const USED: usize = 20;
+const CONNECTIONS: usize = 1000;
+const ROUNDS: usize = 3;
+const CHANGES: usize = 20;
+
+/// Answers every connection with one byte, `tag`, then closes.
+fn tagger(l: TcpListener, tag: u8) {
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let _ = s.write_all(&[tag]);
+        }
+    });
+}
+
+fn tag_of(addr: SocketAddr) -> Option<u8> {
+    let mut s = connect(addr).ok()?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).ok()?;
+    Some(b[0])
+}
+
+fn main() {
+    if !privileged("bench_services") {
+        return;
+    }
+    let Some(assets) = apiserver::assets("bench_services") else {
+        return;
+    };
+    let mut c = Cluster::new("bsvc", 2);
+    let api = ApiServer::start(&c, &assets);
+    let backend = c.pod(1).ip4;
+    let made = Instant::now();
+    let ips: Vec<IpAddr> = api.admin(move |k| async move {
+        objects::namespace(&k, "shop", &["client", "backend"]).await;
+        objects::grant_sidecar(&k).await;
+        let uid = objects::pod(&k, "shop", "backend", "backend", backend, true).await;
+        let mut ips = Vec::new();
+        for i in 0..SERVICES {
+            let name = format!("svc-{i}");
+            let ip = objects::service(
+                &k,
+                "shop",
+                &name,
+                &[("http", 80, 8080.into())],
+                serde_json::json!({}),
+            )
+            .await;
+            // One ready endpoint (the backend) and nine that are not.
+            let fake: Vec<(String, IpAddr)> = (1..ENDPOINTS)
+                .map(|j| {
+                    (
+                        format!("gone-{j}"),
+                        format!("10.200.{}.{j}", i % 250).parse().unwrap(),
+                    )
+                })
+                .collect();
+            let mut endpoints = vec![("backend", uid.as_str(), backend, true)];
+            endpoints.extend(fake.iter().map(|(n, ip)| (n.as_str(), "", *ip, false)));
+            objects::slice(
+                &k,
+                "shop",
+                &name,
+                &format!("{name}-1"),
+                &[("http", 8080)],
+                &endpoints,
+            )
+            .await;
+            ips.push(ip);
+        }
+        ips
+    });
+    println!(
+        "made {SERVICES} Services x {ENDPOINTS} endpoints in {:.1} s",
+        made.elapsed().as_secs_f64()
+    );
+    for ip in &ips[..USED] {
+        c.service(&ip.to_string(), 80, SocketAddr::new(backend, 8080));
+    }
+    let l = c.pod(1).run(move || listen(SocketAddr::new(backend, 8080)));
+    std::thread::spawn(move || support::echo(l));
+    let l1 = c.pod(1).run(move || listen(SocketAddr::new(backend, 8081)));
+    let l2 = c.pod(1).run(move || listen(SocketAddr::new(backend, 8082)));
+    tagger(l1, 1);
+    tagger(l2, 2);
+    let ca = c.make_ca();
+    c.log_level = "info";
+    c.mesh_sidecar(&ca, 1, "backend", "");
+    let kubeconfig = api.kubeconfig("sidecar", SIDECAR_TOKEN);
+    let discovery = format!(
+        "discovery:\n  kubernetes: on\n  kubeconfig: {}\n",
+        kubeconfig.display()
+    );
+    c.mesh_sidecar(&ca, 0, "client", &discovery);
+    let client_pid = c.sidecar_pids()[1];
+    let pod_addr = SocketAddr::new(backend, 8080);
+    // Warm: the tunnel and the pod are known; nothing of the Services yet.
+    support::new_connections(c.pod(0), pod_addr, 200);
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_before = rss_kib(client_pid);
+    for ip in &ips[..USED] {
+        support::new_connections(c.pod(0), SocketAddr::new(*ip, 80), 1);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_after = rss_kib(client_pid);
+    let watches = metric(&c, "l4mesh_kubernetes_watches");
+
+    // 1. ClusterIP vs pod IP, alternating.
+    let service = SocketAddr::new(ips[0], 80);
+    let (mut via_service, mut via_pod) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        via_pod.push(support::new_connections(c.pod(0), pod_addr, CONNECTIONS));
+        via_service.push(support::new_connections(c.pod(0), service, CONNECTIONS));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let p50_pod = median(&mut via_pod.iter().map(|l| l.p50).collect());
+    let p50_svc = median(&mut via_service.iter().map(|l| l.p50).collect());
+    let rate_pod = median(&mut via_pod.iter().map(|l| l.per_sec).collect());
+    let rate_svc = median(&mut via_service.iter().map(|l| l.per_sec).collect());
+
+    // 3. An EndpointSlice change reaching new connections: the slice's port moves between
+    // 8081 and 8082 (tags 1 and 2); time from the write until a connection gets the new tag.
+    let target = ips[USED - 1];
+    let to = SocketAddr::new(target, 80);
+    let mut delays = Vec::new();
+    for n in 0..CHANGES {
+        let (port, tag) = if n % 2 == 0 {
+            (8081u16, 1u8)
+        } else {
+            (8082, 2)
+        };
+        let name = format!("svc-{}", USED - 1);
+        let t0 = api.admin(move |k| async move {
+            let uid = k_uid(&k, backend).await;
+            let t0 = Instant::now();
+            objects::slice(
+                &k,
+                "shop",
+                &name,
+                &format!("{name}-1"),
+                &[("http", port)],
+                &[("backend", &uid, backend, true)],
+            )
+            .await;
+            t0
+        });
+        let seen = c.pod(0).run(move || loop {
+            if tag_of(to) == Some(tag) {
+                return Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        });
+        delays.push(seen.duration_since(t0).as_secs_f64() * 1e3);
+    }
+    delays.sort_by(|a, b| a.total_cmp(b));
+
+    println!("\n| figure | value |\n|---|---|");
+    println!("| new connections/s, pod IP (median of {ROUNDS} x {CONNECTIONS}) | {rate_pod:.0} |");
+    println!("| new connections/s, ClusterIP (same run) | {rate_svc:.0} |");
+    println!("| p50 per connection, pod IP / ClusterIP | {p50_pod:.1} / {p50_svc:.1} us (difference {:.1} us) |", p50_svc - p50_pod);
+    println!("| client sidecar RSS before / after using {USED} of {SERVICES} Services | {rss_before} / {rss_after} KiB (+{} KiB) |", rss_after as i64 - rss_before as i64);
+    println!("| EndpointSlice watches held | {watches} |");
+    println!(
+        "| EndpointSlice change to new connections, ms (n={CHANGES}): median / max | {:.0} / {:.0} |",
+        delays[delays.len() / 2],
+        delays[delays.len() - 1]
+    );
+}
+
+/// The backend Pod's UID (the slices name it).
+async fn k_uid(k: &kube::Client, ip: IpAddr) -> String {
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(k.clone(), "shop");
+    let pod = pods.get("backend").await.unwrap();
+    let _ = ip;
+    pod.metadata.uid.unwrap()
+}
+
+fn metric(c: &Cluster, name: &str) -> f64 {
+    c.pod(0)
+        .exec(&["curl", "-s", "http://127.0.0.1:15020/metrics"])
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
