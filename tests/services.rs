@@ -64,10 +64,16 @@ fn web_service(c: &Cluster, api: &ApiServer) -> IpAddr {
 /// each, counted. The backends join one at a time (the Pod gets the injector's label, the
 /// sidecar starts): new connections to each go through the tunnel, and a capture on the
 /// backend shows no plaintext to it once it is meshed. kube-proxy's DNAT for the ClusterIP is
-/// in place (the reject flavour: other ports unreachable), and never used: the sidecar dials
-/// the pods.
+/// in place in both flavours (reject: other ports unreachable; blackhole: dropped), and never
+/// needed: the sidecar dials the pods, never `<ClusterIP>:15008`.
 #[test]
 fn a_service_is_plaintext_until_each_backend_joins_then_tunnelled() {
+    for blackhole in [false, true] {
+        service_join(blackhole);
+    }
+}
+
+fn service_join(blackhole: bool) {
     if !privileged("services_join") {
         return;
     }
@@ -79,6 +85,9 @@ fn a_service_is_plaintext_until_each_backend_joins_then_tunnelled() {
     let cluster_ip = web_service(&c, &api);
     let service = SocketAddr::new(cluster_ip, 80);
     c.service(&cluster_ip.to_string(), 80, c.pod(A).addr(8080));
+    if blackhole {
+        c.blackhole(&cluster_ip.to_string());
+    }
     let (seen_a, seen_b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     echo_server(c.pod(A), c.pod(A).addr(8080), Some(seen_a.clone()));
     echo_server(c.pod(B), c.pod(B).addr(8080), Some(seen_b.clone()));

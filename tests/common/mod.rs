@@ -265,6 +265,16 @@ impl Cluster {
         ));
     }
 
+    /// Makes the node drop what reaches `cluster_ip` untranslated (ports the Service does not
+    /// define), as kube-proxy's iptables mode does, instead of answering unreachable.
+    pub fn blackhole(&self, cluster_ip: &str) {
+        let node = &self.node;
+        sh(&[
+            "ip", "netns", "exec", node, "iptables", "-A", "FORWARD", "-d", cluster_ip, "-j",
+            "DROP",
+        ]);
+    }
+
     /// Makes a CA in `<dir>/ca`.
     pub fn make_ca(&self) -> PathBuf {
         let ca = self.dir.path().join("ca");
