@@ -725,3 +725,75 @@ fn a_certificate_used_from_another_pod_is_refused_by_the_tunnel() {
     // And the thief got no plaintext either.
     assert_eq!(metric(&c, A, "l4mesh_outbound_plaintext_total", &[]), 0.0);
 }
+
+/// The server's sidecar restarts (kill -9, started again) behind a Service, in PERMISSIVE and
+/// STRICT: the Pod carries the sidecar label, so the refusal while it is down fails that
+/// connection (never plaintext), and once it is back every connection goes through the tunnel.
+#[test]
+fn a_restarted_backend_sidecar_behind_a_service_is_never_downgraded() {
+    for mode in ["PERMISSIVE", "STRICT"] {
+        let Some((mut c, api)) = cluster("svcrestart", 2, &["client", "backend-a"]) else {
+            return;
+        };
+        let a = c.pod(A).ip4;
+        let web = api.admin(move |k| async move {
+            let uid = objects::pod(&k, "shop", "backend-a", "backend-a", a, true).await;
+            let web = objects::service(
+                &k,
+                "shop",
+                "web",
+                &[("http", 80, 8080.into())],
+                serde_json::json!({}),
+            )
+            .await;
+            objects::slice(
+                &k,
+                "shop",
+                "web",
+                "web-1",
+                &[("http", 8080)],
+                &[("backend-a", &uid, a, true)],
+            )
+            .await;
+            web
+        });
+        let service = SocketAddr::new(web, 80);
+        c.service(&web.to_string(), 80, c.pod(A).addr(8080));
+        echo_server(c.pod(A), c.pod(A).addr(8080), None);
+        let ca = c.make_ca();
+        let (_, policy) = c.policy("policy.yaml", &peer_authentication(mode));
+        c.mesh_sidecar(&ca, A, "backend-a", &policy);
+        c.mesh_sidecar(&ca, CLIENT, "client", &discovery(&api));
+        assert_eq!(exchange(&c, CLIENT, service, 100), 100, "{mode}: before");
+        let pid = *c.sidecar_pids().first().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(exchange(&c, CLIENT, service, 100), 0, "{mode}: while down");
+        c.mesh_sidecar(&ca, A, "backend-a", &policy);
+        for i in 0..3 {
+            assert_eq!(
+                exchange(&c, CLIENT, service, 100),
+                100,
+                "{mode}: after, {i}"
+            );
+        }
+        assert_eq!(
+            metric(&c, CLIENT, "l4mesh_outbound_plaintext_total", &[]),
+            0.0,
+            "{mode}"
+        );
+        let mtls = [
+            "reporter=\"destination\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ];
+        assert_eq!(
+            metric(&c, A, "istio_tcp_connections_opened_total", &mtls),
+            3.0,
+            "{mode}"
+        );
+    }
+}
