@@ -153,6 +153,16 @@ fn webhook_leaves_opted_out_and_other_objects_alone_and_answers_bad_requests_cle
         .unwrap()
         .contains("hostNetwork"));
 
+    // A pod-certificate pod is injected, and the cluster's needs are said (issue 30).
+    let mut pc = pod_json();
+    pc["metadata"]["annotations"]["l4mesh.io/cert-source"] = json!("pod-certificate");
+    pc["metadata"]["annotations"]["l4mesh.io/cert-signer"] = json!("example.com/spiffe");
+    let (_, answer) = l4mesh::cmd::injector::review(&review(&pc), &Options::default());
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    assert!(answer["response"].get("patch").is_some());
+    let warning = answer["response"]["warnings"][0].as_str().unwrap_or("");
+    assert!(warning.contains("PodCertificateRequest=true"), "{answer}");
+
     // A pod whose l4mesh annotations cannot be read is refused, not admitted without its
     // sidecar: a typo must not leave a workload outside the mesh (and its clients falling
     // back to plaintext, as they do for an unmeshed server).

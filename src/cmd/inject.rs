@@ -35,6 +35,10 @@ const CERT_SECRET: &str = "l4mesh.io/cert-secret";
 /// Annotation choosing where the pod's certificate comes from: `secret` (the default),
 /// `csi-driver-spiffe`, `pod-certificate` or `spire` (see [`CertSource`]).
 pub const CERT_SOURCE: &str = "l4mesh.io/cert-source";
+/// What a cluster needs for `l4mesh.io/cert-source: pod-certificate`: without it the API
+/// server drops the projected sources silently and the sidecar starts with no credentials
+/// (issue 30, seen on a real kube-apiserver 1.36 with default gates).
+pub const POD_CERTIFICATE_NEEDS: &str = "l4mesh.io/cert-source pod-certificate needs the API server's --feature-gates=PodCertificateRequest=true,ClusterTrustBundle=true,ClusterTrustBundleProjection=true and --runtime-config=certificates.k8s.io/v1beta1=true (and the kubelet's gates); without them the pod starts with no credentials";
 /// `pod-certificate`: the signer the kubelet asks (required) and the key type it generates.
 const CERT_SIGNER: &str = "l4mesh.io/cert-signer";
 const CERT_KEY_TYPE: &str = "l4mesh.io/cert-key-type";

@@ -243,7 +243,14 @@ pub fn answer(body: &[u8], opts: &Options) -> (StatusCode, Value, Reviewed) {
                     .or(pod["metadata"]["generateName"].as_str())
                     .unwrap_or("");
                 info!(uid, pod = name, "injected");
-                ok(allowed(&uid, Some(patch(&after)), None), Reviewed::Injected)
+                // Said to whoever applies the pod: a missing gate fails only at the kubelet.
+                let source = after["metadata"]["annotations"][inject::CERT_SOURCE].as_str();
+                let warning =
+                    (source == Some("pod-certificate")).then_some(inject::POD_CERTIFICATE_NEEDS);
+                ok(
+                    allowed(&uid, Some(patch(&after)), warning),
+                    Reviewed::Injected,
+                )
             }
             Err(e) => refuse(&e.to_string()),
         },

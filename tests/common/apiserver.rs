@@ -24,6 +24,8 @@ pub const NOBODY_TOKEN: &str = "l4mesh-test-nobody";
 pub struct ApiServer {
     pub netns: String,
     dir: PathBuf,
+    /// kube-apiserver flags beyond the minimal start (feature gates, runtime config).
+    extra: Vec<String>,
     etcd: Option<Child>,
     apiserver: Option<Child>,
     assets: PathBuf,
@@ -51,6 +53,11 @@ pub fn assets(test: &str) -> Option<PathBuf> {
 impl ApiServer {
     /// Starts etcd and kube-apiserver for cluster `c` and waits until the API is ready.
     pub fn start(c: &Cluster, assets: &Path) -> ApiServer {
+        ApiServer::start_with(c, assets, &[])
+    }
+
+    /// `start`, with `extra` kube-apiserver flags.
+    pub fn start_with(c: &Cluster, assets: &Path, extra: &[&str]) -> ApiServer {
         let netns = format!("{}-api", c.prefix);
         let dir = c.dir.path().join("apiserver");
         fs::create_dir_all(&dir).unwrap();
@@ -58,6 +65,7 @@ impl ApiServer {
         let mut api = ApiServer {
             netns: netns.clone(),
             dir: dir.clone(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             etcd: None,
             apiserver: None,
             assets: assets.to_path_buf(),
@@ -201,7 +209,10 @@ impl ApiServer {
             format!("--service-account-signing-key-file={}", p("sa.key")),
             "--service-account-issuer=https://kubernetes.default.svc".into(),
             "--service-cluster-ip-range=10.96.0.0/12".into(),
-        ];
+        ]
+        .into_iter()
+        .chain(self.extra.iter().cloned())
+        .collect::<Vec<_>>();
         self.apiserver = Some(self.spawn("kube-apiserver", &args));
         self.wait_ready();
     }
