@@ -275,3 +275,91 @@ fn every_manifest_and_injected_pod_is_accepted_by_a_real_api_server() {
         "default gates: no warning caught for pod-certificate: {problems:?}"
     );
 }
+
+/// The injector's real path: deploy/'s MutatingWebhookConfiguration (its service reference
+/// swapped for the injector's address, the caBundle for the CA that signed it) registered with
+/// the API server, the injector serving HTTPS beside it, and a pod created through the API in
+/// an opted-in namespace comes back with its sidecar, its init container and the injected
+/// label; a pod that opts out comes back as it was.
+#[test]
+fn a_pod_created_through_the_api_server_is_injected_by_the_webhook() {
+    if !privileged("webhook_round_trip") {
+        return;
+    }
+    let Some(assets) = apiserver::assets("webhook_round_trip") else {
+        return;
+    };
+    let c = Cluster::new("webhook", 1);
+    let mut api = ApiServer::start(&c, &assets);
+    let (cert, key) = api.serving_cert("injector", "127.0.0.1");
+    let log = api.spawn_beside(
+        "injector",
+        Path::new(BIN),
+        &[
+            "injector",
+            "--listen",
+            "127.0.0.1:9443",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    wait_for_log(&log, "9443", std::time::Duration::from_secs(10));
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut webhook = documents(&[root.join("deploy/kubernetes/webhook.yaml")])
+        .pop()
+        .unwrap()
+        .1;
+    use base64::Engine;
+    let ca = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&api.ca).unwrap());
+    webhook["webhooks"][0]["clientConfig"] =
+        serde_json::json!({"url": "https://127.0.0.1:9443/inject", "caBundle": ca});
+    let path = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations";
+    let (status, _, text) = post(&api, path, &webhook, true);
+    assert_eq!(status, 201, "{text}");
+
+    let namespace = serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "shop", "labels": {"l4mesh.io/injection": "enabled"}}});
+    assert_eq!(post(&api, "/api/v1/namespaces", &namespace, true).0, 201);
+    let account = serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "cart"}});
+    assert_eq!(post(&api, "/api/v1/namespaces/shop/serviceaccounts", &account, true).0, 201);
+    let pod = documents(&[root.join("tests/fixtures/inject/pod.yaml")]).pop().unwrap().1;
+    // The webhook was just registered: the API server may take a moment to call it.
+    let start = std::time::Instant::now();
+    let created = loop {
+        let mut attempt = pod.clone();
+        attempt["metadata"]["name"] = format!("cart-{}", start.elapsed().as_millis()).into();
+        let (status, warnings, text) = post(&api, "/api/v1/namespaces/shop/pods", &attempt, true);
+        assert_eq!(status, 201, "{text}");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let body: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").last().unwrap()).unwrap();
+        if body["metadata"]["labels"]["l4mesh.io/injected"] == "true" {
+            break body;
+        }
+        assert!(start.elapsed().as_secs() < 20, "never injected: {body}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let names = |list: &serde_json::Value| -> Vec<String> {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    let init = names(&created["spec"]["initContainers"]);
+    assert!(init.contains(&"l4mesh-init".to_string()), "{init:?}");
+    // A native sidecar: an init container that keeps running.
+    assert!(init.contains(&"l4mesh".to_string()), "{init:?}");
+
+    // Opted out: as it was.
+    let mut out = pod.clone();
+    out["metadata"]["name"] = "opted-out".into();
+    out["metadata"]["annotations"] = serde_json::json!({"l4mesh.io/inject": "false"});
+    let (status, _, text) = post(&api, "/api/v1/namespaces/shop/pods", &out, true);
+    assert_eq!(status, 201, "{text}");
+    let body: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").last().unwrap()).unwrap();
+    assert!(body["spec"]["initContainers"].is_null(), "{body}");
+    assert!(body["metadata"]["labels"]["l4mesh.io/injected"].is_null());
+}

@@ -28,6 +28,8 @@ pub struct ApiServer {
     extra: Vec<String>,
     etcd: Option<Child>,
     apiserver: Option<Child>,
+    /// What the test started beside the API server (a webhook).
+    others: Vec<Child>,
     assets: PathBuf,
     pub ca: PathBuf,
 }
@@ -68,6 +70,7 @@ impl ApiServer {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             etcd: None,
             apiserver: None,
+            others: Vec::new(),
             assets: assets.to_path_buf(),
             ca: dir.join("ca.crt"),
         };
@@ -166,6 +169,45 @@ impl ApiServer {
         ]);
         openssl(&["genrsa", "-out", &p("sa.key"), "2048"]);
         openssl(&["rsa", "-in", &p("sa.key"), "-pubout", "-out", &p("sa.pub")]);
+    }
+
+    /// A serving certificate and key for `ip`, from the API server's own CA (which the test
+    /// hands to whatever must trust it, as a webhook's caBundle).
+    pub fn serving_cert(&self, name: &str, ip: &str) -> (PathBuf, PathBuf) {
+        let d = &self.dir;
+        let p = |f: String| d.join(f).to_str().unwrap().to_string();
+        let (key, csr, crt, ext) = (
+            p(format!("{name}.key")),
+            p(format!("{name}.csr")),
+            p(format!("{name}.crt")),
+            p(format!("{name}.ext")),
+        );
+        sh(&[
+            "openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", &key, "-out", &csr, "-subj", &format!("/CN={name}"),
+        ]);
+        fs::write(&ext, format!("subjectAltName=IP:{ip}\n")).unwrap();
+        sh(&[
+            "openssl", "x509", "-req", "-in", &csr, "-CA", &p("ca.crt".into()), "-CAkey",
+            &p("ca.key".into()), "-CAcreateserial", "-out", &crt, "-days", "2", "-extfile", &ext,
+        ]);
+        (PathBuf::from(crt), PathBuf::from(key))
+    }
+
+    /// Starts `program args` in the API server's network namespace, stopped on drop; its
+    /// output goes to `<name>.log` beside the API server's.
+    pub fn spawn_beside(&mut self, name: &str, program: &Path, args: &[&str]) -> PathBuf {
+        let log = self.dir.join(format!("{name}.log"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .arg(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        self.others.push(child);
+        log
     }
 
     fn spawn(&self, name: &str, args: &[String]) -> Child {
@@ -313,9 +355,10 @@ impl ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        for child in [self.apiserver.take(), self.etcd.take()]
+        let others = std::mem::take(&mut self.others);
+        for child in others
             .into_iter()
-            .flatten()
+            .chain([self.apiserver.take(), self.etcd.take()].into_iter().flatten())
         {
             let mut child = child;
             let _ = child.kill();
