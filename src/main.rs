@@ -430,7 +430,19 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
     match cmd {
         Cmd::Run { config } => {
             let config = load_config(config.as_deref()).map_err(bad)?;
-            let creds = l4mesh::state::credentials::load(&config, None).map_err(bad)?;
+            let creds = l4mesh::state::credentials::load(&config, None).map_err(|e| {
+                // Injected with Pod Certificates and nothing there: the cluster probably lacks
+                // what that source needs (issue 30), which "cannot read" alone does not say.
+                let from_pod_certificates = std::env::var(inject::ENV_CERT_SOURCE).as_deref()
+                    == Ok("pod-certificate");
+                match (&e, from_pod_certificates) {
+                    (l4mesh::identity::IdentityError::Read { .. }, true) => bad(anyhow::anyhow!(
+                        "{e}\nthe credentials were to come from Kubernetes Pod Certificates (l4mesh.io/cert-source: pod-certificate); {}, or no signer has issued for l4mesh.io/cert-signer yet",
+                        inject::POD_CERTIFICATE_NEEDS
+                    )),
+                    _ => bad(e),
+                }
+            })?;
             let policy = l4mesh::state::policy::load(&config, &creds.id).map_err(bad)?;
             match l4mesh::proxy::socket::raise_fd_limit() {
                 Ok(limit) => tracing::debug!(limit, "file descriptor limit"),
@@ -500,10 +512,12 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
                     .with_context(|| p.display().to_string())
                     .map_err(bad)?,
             };
-            print!(
-                "{}",
-                inject::inject_yaml(&input, &inject.options()).map_err(bad)?
-            );
+            let output = inject::inject_yaml(&input, &inject.options()).map_err(bad)?;
+            print!("{output}");
+            // Said as the webhook says it (an admission warning), on stderr.
+            if output.contains(inject::ENV_CERT_SOURCE) {
+                eprintln!("warning: {}", inject::POD_CERTIFICATE_NEEDS);
+            }
             Ok(())
         }
         Cmd::Injector {

@@ -163,6 +163,19 @@ fn webhook_leaves_opted_out_and_other_objects_alone_and_answers_bad_requests_cle
     let warning = answer["response"]["warnings"][0].as_str().unwrap_or("");
     assert!(warning.contains("PodCertificateRequest=true"), "{answer}");
 
+    // And `l4mesh inject` says it on stderr, the output unchanged.
+    let out = Command::new(BIN)
+        .arg("inject")
+        .arg(fixture("cert-pod-certificate.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        read(&fixture("cert-pod-certificate.injected.yaml"))
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PodCertificateRequest=true"));
+
     // A pod whose l4mesh annotations cannot be read is refused, not admitted without its
     // sidecar: a typo must not leave a workload outside the mesh (and its clients falling
     // back to plaintext, as they do for an unmeshed server).

@@ -324,8 +324,20 @@ fn a_pod_created_through_the_api_server_is_injected_by_the_webhook() {
         "metadata": {"name": "shop", "labels": {"l4mesh.io/injection": "enabled"}}});
     assert_eq!(post(&api, "/api/v1/namespaces", &namespace, true).0, 201);
     let account = serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "cart"}});
-    assert_eq!(post(&api, "/api/v1/namespaces/shop/serviceaccounts", &account, true).0, 201);
-    let pod = documents(&[root.join("tests/fixtures/inject/pod.yaml")]).pop().unwrap().1;
+    assert_eq!(
+        post(
+            &api,
+            "/api/v1/namespaces/shop/serviceaccounts",
+            &account,
+            true
+        )
+        .0,
+        201
+    );
+    let pod = documents(&[root.join("tests/fixtures/inject/pod.yaml")])
+        .pop()
+        .unwrap()
+        .1;
     // The webhook was just registered: the API server may take a moment to call it.
     let start = std::time::Instant::now();
     let created = loop {
@@ -334,7 +346,8 @@ fn a_pod_created_through_the_api_server_is_injected_by_the_webhook() {
         let (status, warnings, text) = post(&api, "/api/v1/namespaces/shop/pods", &attempt, true);
         assert_eq!(status, 201, "{text}");
         assert!(warnings.is_empty(), "{warnings:?}");
-        let body: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").last().unwrap()).unwrap();
+        let body: serde_json::Value =
+            serde_json::from_str(text.split("\r\n\r\n").last().unwrap()).unwrap();
         if body["metadata"]["labels"]["l4mesh.io/injected"] == "true" {
             break body;
         }
@@ -359,7 +372,8 @@ fn a_pod_created_through_the_api_server_is_injected_by_the_webhook() {
     out["metadata"]["annotations"] = serde_json::json!({"l4mesh.io/inject": "false"});
     let (status, _, text) = post(&api, "/api/v1/namespaces/shop/pods", &out, true);
     assert_eq!(status, 201, "{text}");
-    let body: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").last().unwrap()).unwrap();
+    let body: serde_json::Value =
+        serde_json::from_str(text.split("\r\n\r\n").last().unwrap()).unwrap();
     assert!(body["spec"]["initContainers"].is_null(), "{body}");
     assert!(body["metadata"]["labels"]["l4mesh.io/injected"].is_null());
 }

@@ -329,6 +329,22 @@ fn the_command_exits_64_naming_the_problem() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("is not this workload's"), "{err}");
+
+    // Injected with Pod Certificates, and the credential bundle is not there: the error says
+    // which source was expected and what the cluster probably lacks (issue 30).
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("L4MESH_CERT_CHAIN", dir.join("credential-bundle.pem"))
+        .env("L4MESH_PRIVATE_KEY", dir.join("credential-bundle.pem"))
+        .env("L4MESH_CERT_SOURCE", "pod-certificate")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("cannot read"), "{err}");
+    assert!(err.contains("Kubernetes Pod Certificates"), "{err}");
+    assert!(err.contains("PodCertificateRequest=true"), "{err}");
 }
 
 /// `l4mesh check` prints, for this workload, the mode of every port and where it came from;

@@ -38,6 +38,8 @@ pub const CERT_SOURCE: &str = "l4mesh.io/cert-source";
 /// What a cluster needs for `l4mesh.io/cert-source: pod-certificate`: without it the API
 /// server drops the projected sources silently and the sidecar starts with no credentials
 /// (issue 30, seen on a real kube-apiserver 1.36 with default gates).
+/// Set on a sidecar whose credentials come from Kubernetes Pod Certificates.
+pub const ENV_CERT_SOURCE: &str = "L4MESH_CERT_SOURCE";
 pub const POD_CERTIFICATE_NEEDS: &str = "l4mesh.io/cert-source pod-certificate needs the API server's --feature-gates=PodCertificateRequest=true,ClusterTrustBundle=true,ClusterTrustBundleProjection=true and --runtime-config=certificates.k8s.io/v1beta1=true (and the kubelet's gates); without them the pod starts with no credentials";
 /// `pod-certificate`: the signer the kubelet asks (required) and the key type it generates.
 const CERT_SIGNER: &str = "l4mesh.io/cert-signer";
@@ -128,9 +130,12 @@ impl CertSource {
         match self {
             CertSource::Secret(_) | CertSource::Spire { .. } => Vec::new(),
             CertSource::CsiDriverSpiffe => files("tls.crt", "tls.key", "ca.crt"),
-            // Key and chain in one file: both settings name it.
+            // Key and chain in one file: both settings name it. The source is named too, so
+            // that a sidecar finding no file can say what the cluster probably lacks.
             CertSource::PodCertificate { .. } => {
-                files(CREDENTIAL_BUNDLE, CREDENTIAL_BUNDLE, "root-cert.pem")
+                let mut env = files(CREDENTIAL_BUNDLE, CREDENTIAL_BUNDLE, "root-cert.pem");
+                env.push(EnvVar::value(ENV_CERT_SOURCE, "pod-certificate"));
+                env
             }
         }
     }

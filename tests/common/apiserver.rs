@@ -183,13 +183,38 @@ impl ApiServer {
             p(format!("{name}.ext")),
         );
         sh(&[
-            "openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", &key, "-out", &csr, "-subj", &format!("/CN={name}"),
+            "openssl",
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={name}"),
         ]);
         fs::write(&ext, format!("subjectAltName=IP:{ip}\n")).unwrap();
         sh(&[
-            "openssl", "x509", "-req", "-in", &csr, "-CA", &p("ca.crt".into()), "-CAkey",
-            &p("ca.key".into()), "-CAcreateserial", "-out", &crt, "-days", "2", "-extfile", &ext,
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &p("ca.crt".into()),
+            "-CAkey",
+            &p("ca.key".into()),
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
         ]);
         (PathBuf::from(crt), PathBuf::from(key))
     }
@@ -356,10 +381,11 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let others = std::mem::take(&mut self.others);
-        for child in others
-            .into_iter()
-            .chain([self.apiserver.take(), self.etcd.take()].into_iter().flatten())
-        {
+        for child in others.into_iter().chain(
+            [self.apiserver.take(), self.etcd.take()]
+                .into_iter()
+                .flatten(),
+        ) {
             let mut child = child;
             let _ = child.kill();
             let _ = child.wait();
