@@ -182,6 +182,23 @@ fn cluster(tag: &str, n: usize, sas: &'static [&'static str]) -> Option<(Cluster
     Some((c, api))
 }
 
+/// Pod backend-a (at pod A's address; `meshed`: with the injector's label) behind Service
+/// `web` (port 80 -> 8080, one EndpointSlice), with kube-proxy's rule for it on the node;
+/// returns the ClusterIP.
+fn web_on_a(c: &Cluster, api: &ApiServer, meshed: bool) -> IpAddr {
+    let a = c.pod(A).ip4;
+    let web = api.admin(move |k| async move {
+        let uid = objects::pod(&k, "shop", "backend-a", "backend-a", a, meshed).await;
+        let ports = [("http", 80, 8080.into())];
+        let web = objects::service(&k, "shop", "web", &ports, serde_json::json!({})).await;
+        let endpoints = [("backend-a", uid.as_str(), a, true)];
+        objects::slice(&k, "shop", "web", "web-1", &[("http", 8080)], &endpoints).await;
+        web
+    });
+    c.service(&web.to_string(), 80, c.pod(A).addr(8080));
+    web
+}
+
 /// A Service port the Service does not define, and a Service with no ready endpoint, are
 /// refused at once (as ztunnel and Linkerd refuse them), never sent anywhere in plaintext.
 #[test]
@@ -265,29 +282,7 @@ fn a_backend_presenting_another_service_accounts_certificate_is_refused() {
     let Some((mut c, api)) = cluster("svcidentity", 2, &["client", "backend-a"]) else {
         return;
     };
-    let a = c.pod(A).ip4;
-    let web = api.admin(move |k| async move {
-        let uid = objects::pod(&k, "shop", "backend-a", "backend-a", a, true).await;
-        let web = objects::service(
-            &k,
-            "shop",
-            "web",
-            &[("http", 80, 8080.into())],
-            serde_json::json!({}),
-        )
-        .await;
-        objects::slice(
-            &k,
-            "shop",
-            "web",
-            "web-1",
-            &[("http", 8080)],
-            &[("backend-a", &uid, a, true)],
-        )
-        .await;
-        web
-    });
-    c.service(&web.to_string(), 80, c.pod(A).addr(8080));
+    let web = web_on_a(&c, &api, true);
     let seen = Arc::new(AtomicUsize::new(0));
     echo_server(c.pod(A), c.pod(A).addr(8080), Some(seen.clone()));
     let ca = c.make_ca();
@@ -424,30 +419,9 @@ fn traffic_keeps_flowing_while_the_api_server_is_down_and_watches_resume() {
     else {
         return;
     };
-    let (a, b) = (c.pod(A).ip4, c.pod(B).ip4);
-    let (web, uid_a) = api.admin(move |k| async move {
-        let uid_a = objects::pod(&k, "shop", "backend-a", "backend-a", a, false).await;
-        let web = objects::service(
-            &k,
-            "shop",
-            "web",
-            &[("http", 80, 8080.into())],
-            serde_json::json!({}),
-        )
-        .await;
-        objects::slice(
-            &k,
-            "shop",
-            "web",
-            "web-1",
-            &[("http", 8080)],
-            &[("backend-a", &uid_a, a, true)],
-        )
-        .await;
-        (web, uid_a)
-    });
+    let b = c.pod(B).ip4;
+    let web = web_on_a(&c, &api, false);
     let service = SocketAddr::new(web, 80);
-    c.service(&web.to_string(), 80, c.pod(A).addr(8080));
     let (seen_a, seen_b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     echo_server(c.pod(A), c.pod(A).addr(8080), Some(seen_a.clone()));
     echo_server(c.pod(B), c.pod(B).addr(8080), Some(seen_b.clone()));
@@ -482,7 +456,6 @@ fn traffic_keeps_flowing_while_the_api_server_is_down_and_watches_resume() {
         )
         .await;
     });
-    let _ = uid_a;
     let start = std::time::Instant::now();
     while seen_b.load(Ordering::SeqCst) == 0 {
         assert!(
@@ -735,30 +708,8 @@ fn a_restarted_backend_sidecar_behind_a_service_is_never_downgraded() {
         let Some((mut c, api)) = cluster("svcrestart", 2, &["client", "backend-a"]) else {
             return;
         };
-        let a = c.pod(A).ip4;
-        let web = api.admin(move |k| async move {
-            let uid = objects::pod(&k, "shop", "backend-a", "backend-a", a, true).await;
-            let web = objects::service(
-                &k,
-                "shop",
-                "web",
-                &[("http", 80, 8080.into())],
-                serde_json::json!({}),
-            )
-            .await;
-            objects::slice(
-                &k,
-                "shop",
-                "web",
-                "web-1",
-                &[("http", 8080)],
-                &[("backend-a", &uid, a, true)],
-            )
-            .await;
-            web
-        });
+        let web = web_on_a(&c, &api, true);
         let service = SocketAddr::new(web, 80);
-        c.service(&web.to_string(), 80, c.pod(A).addr(8080));
         echo_server(c.pod(A), c.pod(A).addr(8080), None);
         let ca = c.make_ca();
         let (_, policy) = c.policy("policy.yaml", &peer_authentication(mode));
