@@ -15,7 +15,7 @@ use common::*;
 
 /// Workload kinds, then the certificate sources other than the default Secret (issue 18):
 /// cert-manager's csi-driver-spiffe, Kubernetes Pod Certificates, SPIRE via spiffe-helper.
-const KINDS: [&str; 11] = [
+const KINDS: [&str; 12] = [
     "pod",
     "deployment",
     "statefulset",
@@ -27,6 +27,7 @@ const KINDS: [&str; 11] = [
     "cert-csi-driver-spiffe",
     "cert-pod-certificate",
     "cert-spire",
+    "pod-no-token",
 ];
 
 fn fixture(name: &str) -> PathBuf {

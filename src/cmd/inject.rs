@@ -158,6 +158,9 @@ const DEFAULT_SPIFFE_HELPER_IMAGE: &str = "ghcr.io/spiffe/spiffe-helper:0.10.1";
 const SPIFFE_HELPER_CONFIGMAP: &str = "l4mesh-spiffe-helper";
 /// The file the kubelet writes a Pod Certificate's key and chain to.
 const CREDENTIAL_BUNDLE: &str = "credential-bundle.pem";
+/// The sidecar's own Kubernetes API credentials, where every client looks for them.
+const KUBE_API_ACCESS: &str = "l4mesh-kube-api-access";
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 pub use crate::config::{
     ENV_CERT_CHAIN, ENV_OUTBOUND_RULES, ENV_PRIVATE_KEY, ENV_TRUST_BUNDLE, ENV_TRUST_DOMAIN,
     ENV_TRUST_DOMAIN_ALIASES,
@@ -444,8 +447,19 @@ fn inject_pod(pod: &mut Value, opts: &Options) -> Result<bool, NotInjected> {
         .filter_map(|p| p.get("containerPort")?.as_u64())
         .map(|p| p.to_string())
         .collect();
+    // An app that opts out of its API token leaves the sidecar without one too, unless it
+    // gets its own (the Kubernetes source needs it; the app still has none).
+    let api_token = spec
+        .get("automountServiceAccountToken")
+        .and_then(Value::as_bool)
+        == Some(false);
     let init = value(&InitContainer::new(opts, capture_env))?;
-    let sidecar = value(&SidecarContainer::new(opts, &app_ports, source.env()))?;
+    let sidecar = value(&SidecarContainer::new(
+        opts,
+        &app_ports,
+        source.env(),
+        api_token,
+    ))?;
     if let CertSource::Spire { helper_image } = &source {
         let helper = value(&SpiffeHelper::new(helper_image))?;
         prepend(spec, "initContainers", vec![init, helper, sidecar])?;
@@ -460,6 +474,9 @@ fn inject_pod(pod: &mut Value, opts: &Options) -> Result<bool, NotInjected> {
         Volume::config_map(&opts.policy_configmap),
         Volume::pod_labels(),
     ]);
+    if api_token {
+        volumes.push(Volume::kube_api_access());
+    }
     let volumes = volumes.iter().map(value).collect::<Result<_, _>>()?;
     append(spec, "volumes", volumes)?;
     Ok(true)
@@ -528,13 +545,14 @@ struct SidecarContainer {
     lifecycle: Lifecycle,
     resources: Resources,
     security_context: SecurityContext,
-    volume_mounts: [VolumeMount; 3],
+    volume_mounts: Vec<VolumeMount>,
     #[serde(skip_serializing_if = "Option::is_none")]
     restart_policy: Option<&'static str>,
 }
 
 impl SidecarContainer {
-    fn new(opts: &Options, app_ports: &[String], cert_env: Vec<EnvVar>) -> Self {
+    /// `api_token`: mount the sidecar's own Kubernetes API credentials (the app opted out).
+    fn new(opts: &Options, app_ports: &[String], cert_env: Vec<EnvVar>, api_token: bool) -> Self {
         let field = EnvVar::field;
         let mut env = vec![
             field("POD_NAMESPACE", "metadata.namespace"),
@@ -607,7 +625,10 @@ impl SidecarContainer {
                 mount("l4mesh-certs", consts::CERTS_DIR),
                 mount("l4mesh-policy", consts::POLICY_DIR),
                 mount("l4mesh-podinfo", consts::PODINFO_DIR),
-            ],
+            ]
+            .into_iter()
+            .chain(api_token.then(|| mount(KUBE_API_ACCESS, SERVICE_ACCOUNT_DIR)))
+            .collect(),
             restart_policy: opts.native_sidecar.then_some("Always"),
         }
     }
@@ -868,27 +889,68 @@ impl Volume {
         }
     }
 
+    /// The Kubernetes API credentials the kubelet would mount, for the sidecar alone: given
+    /// when the app opts out of its own (`automountServiceAccountToken: false`), so that the
+    /// sidecar can still read Services and Pods (issue 24) while the app holds no token.
+    fn kube_api_access() -> Self {
+        Volume {
+            projected: Some(ProjectedSource {
+                sources: vec![
+                    ProjectionSource {
+                        service_account_token: Some(TokenProjection {
+                            path: "token",
+                            expiration_seconds: 3607,
+                        }),
+                        ..Default::default()
+                    },
+                    ProjectionSource {
+                        config_map: Some(ConfigMapProjection {
+                            name: "kube-root-ca.crt",
+                            items: [KeyToPath {
+                                key: "ca.crt",
+                                path: "ca.crt",
+                            }],
+                        }),
+                        ..Default::default()
+                    },
+                    ProjectionSource {
+                        downward_api: Some(DownwardApiSource {
+                            items: [DownwardApiItem {
+                                path: "namespace",
+                                field_ref: FieldRef {
+                                    field_path: "metadata.namespace",
+                                },
+                            }],
+                        }),
+                        ..Default::default()
+                    },
+                ],
+            }),
+            ..Volume::empty(KUBE_API_ACCESS)
+        }
+    }
+
     /// A Pod Certificate (key and chain in one file) and the signer's trust bundle.
     fn pod_certificate(signer: &str, key_type: &str) -> Self {
         Volume {
             projected: Some(ProjectedSource {
-                sources: [
+                sources: vec![
                     ProjectionSource {
                         pod_certificate: Some(PodCertificateProjection {
                             signer_name: signer.to_string(),
                             key_type: key_type.to_string(),
                             credential_bundle_path: CREDENTIAL_BUNDLE,
                         }),
-                        cluster_trust_bundle: None,
+                        ..Default::default()
                     },
                     ProjectionSource {
-                        pod_certificate: None,
                         // Every bundle the signer publishes (an empty selector matches all).
                         cluster_trust_bundle: Some(ClusterTrustBundleProjection {
                             signer_name: signer.to_string(),
                             label_selector: Mapping::new(),
                             path: "root-cert.pem",
                         }),
+                        ..Default::default()
                     },
                 ],
             }),
@@ -989,12 +1051,18 @@ struct CsiSource {
 
 #[derive(Serialize)]
 struct ProjectedSource {
-    sources: [ProjectionSource; 2],
+    sources: Vec<ProjectionSource>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct ProjectionSource {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_account_token: Option<TokenProjection>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    config_map: Option<ConfigMapProjection>,
+    #[serde(rename = "downwardAPI", skip_serializing_if = "Option::is_none")]
+    downward_api: Option<DownwardApiSource>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pod_certificate: Option<PodCertificateProjection>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1026,6 +1094,19 @@ struct EmptyDirSource {
 struct ConfigMapSource {
     name: String,
     optional: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TokenProjection {
+    path: &'static str,
+    expiration_seconds: u32,
+}
+
+#[derive(Serialize)]
+struct ConfigMapProjection {
+    name: &'static str,
+    items: [KeyToPath; 1],
 }
 
 #[derive(Serialize)]
