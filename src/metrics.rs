@@ -257,10 +257,24 @@ pub struct SourceSeen {
     pub last_seen: u64,
     /// `plaintext`, `foreign_tls` or `timeout`.
     pub protocol: &'static str,
+    /// The Kubernetes Service it was reached through (outbound, with the Kubernetes source).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 impl PlaintextSources {
     pub fn record(&self, port: u16, address: std::net::IpAddr, protocol: &'static str) {
+        self.record_via(port, address, protocol, None)
+    }
+
+    /// `record`, naming the Service the address was reached through.
+    pub fn record_via(
+        &self,
+        port: u16,
+        address: std::net::IpAddr,
+        protocol: &'static str,
+        service: Option<&str>,
+    ) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -275,6 +289,9 @@ impl PlaintextSources {
             s.connections += 1;
             s.last_seen = now;
             s.protocol = protocol;
+            if let Some(service) = service {
+                s.service = Some(service.to_string());
+            }
             return;
         }
         let entry = SourceSeen {
@@ -282,6 +299,7 @@ impl PlaintextSources {
             connections: 1,
             last_seen: now,
             protocol,
+            service: service.map(str::to_string),
         };
         if seen.len() < MAX_SOURCES_PER_PORT {
             seen.push(entry);

@@ -112,6 +112,32 @@ fn service_join(blackhole: bool) {
         metric(&c, CLIENT, "istio_tcp_connections_opened_total", &to_web),
         4.0
     );
+    // migration-report names the Service its un-meshed servers were reached through.
+    let netns = c.pods[CLIENT].netns.clone();
+    let report = std::thread::spawn(move || {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &netns,
+            BIN,
+            "migration-report",
+            "--sidecar",
+            "http://127.0.0.1:15000",
+            "--window",
+            "2s",
+        ])
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    for _ in 0..2 {
+        assert_eq!(exchange(&c, CLIENT, service, 100), 100);
+    }
+    let report = report.join().unwrap();
+    assert!(
+        report.contains("un-meshed servers")
+            && report.contains("(web.shop.svc.cluster.local, 1 connection)"),
+        "{report}"
+    );
 
     // A joins: its sidecar starts, then its Pod carries the label.
     c.mesh_sidecar(&ca, A, "backend-a", "");
@@ -134,7 +160,7 @@ fn service_join(blackhole: bool) {
     assert!(at_a >= 1.0, "A's sidecar saw no tunnelled connection");
     // B is still un-meshed: the rest went to it in plaintext.
     let plain = metric(&c, CLIENT, "l4mesh_outbound_plaintext_total", &unmeshed);
-    assert_eq!(plain, 4.0 + 6.0 - at_a);
+    assert_eq!(plain, 6.0 + 6.0 - at_a);
 
     // B joins.
     c.mesh_sidecar(&ca, B, "backend-b", "");

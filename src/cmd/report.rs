@@ -101,6 +101,9 @@ pub struct Source {
     pub connections: u64,
     pub protocol: String,
     pub last_seen: u64,
+    /// The Kubernetes Service an un-meshed destination was reached through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 /// A peer on an alias trust domain, and how many connections it made during the window.
@@ -433,7 +436,17 @@ pub fn render_text(reports: &[WorkloadReport], window: Duration) -> String {
             let to: Vec<String> = r
                 .unmeshed_destinations
                 .iter()
-                .map(|d| format!("{} ({})", d.address, count(d.connections, "connection")))
+                .map(|d| {
+                    let via = d
+                        .service
+                        .as_ref()
+                        .map_or(String::new(), |s| format!("{s}, "));
+                    format!(
+                        "{} ({via}{})",
+                        d.address,
+                        count(d.connections, "connection")
+                    )
+                })
                 .collect();
             out.push_str(&format!(
                 "  outbound: clients of this workload still reach un-meshed servers (plaintext, no sidecar there yet): {}\n",
@@ -879,6 +892,7 @@ mod tests {
             connections,
             protocol: "plaintext".to_string(),
             last_seen: 0,
+            service: None,
         };
         let before = BTreeMap::from([("8080".to_string(), vec![source("10.0.0.12", 1)])]);
         let after = BTreeMap::from([(

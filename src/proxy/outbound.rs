@@ -538,10 +538,12 @@ impl Destination<'_> {
             .with_label_values(&[reason])
             .inc();
         if reason == "unmeshed" {
-            inputs
-                .metrics
-                .unmeshed_destinations
-                .record(dst.port(), dst.ip(), "plaintext");
+            inputs.metrics.unmeshed_destinations.record_via(
+                dst.port(),
+                dst.ip(),
+                "plaintext",
+                self.service,
+            );
         }
         let labels = outbound_labels(inputs, None, self.service);
         let recorder = inputs.metrics.connection(labels, "outbound");
