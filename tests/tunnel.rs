@@ -260,6 +260,13 @@ fn a_meshed_pod_scrapes_other_sidecars_and_reports_unmeshed_destinations() {
         "1s",
     ]);
     assert!(!remote.contains("corrupt"), "{remote}");
+    // Its note about the missing source addresses is one line, naming the URL once (issue 25).
+    let url = format!("http://{}:15020/plaintext_sources", c.pod(SERVER).ip4);
+    let note = remote
+        .lines()
+        .find(|l| l.contains("source addresses come from the admin port"))
+        .unwrap_or_else(|| panic!("no note: {remote}"));
+    assert_eq!(note.matches(&url).count(), 1, "{note}");
 }
 
 /// Many short connections in a row reuse one tunnel connection, and a connection that is

@@ -599,8 +599,15 @@ pub async fn from_sidecars(
         let sources = match plaintext_sources(&sources_url).await {
             Ok(after) => window_sources(&sources_before.unwrap_or_default(), &after),
             Err(e) => {
+                // One line, the URL once (the error names it; an answer's body may hold
+                // newlines).
+                let e = e
+                    .to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ");
                 report.note = Some(format!(
-                    "{sources_url}: {e}: source addresses come from the admin port (e.g. http://127.0.0.1:15000)"
+                    "{e}: source addresses come from the admin port (e.g. http://127.0.0.1:15000)"
                 ));
                 BTreeMap::new()
             }
