@@ -624,6 +624,31 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
+    /// Drops the per-policy series (`authorization_decisions`, `authz_dry_run`) of policies
+    /// `keep` says are gone (removed or renamed in the policy file), as idle Istio series are
+    /// swept: a policy file rewritten many times must not leave a series per old name.
+    /// Returns how many series went.
+    pub fn forget_policies(&self, keep: impl Fn(&str) -> bool) -> usize {
+        use prometheus::core::Collector;
+        let mut dropped = 0;
+        for vec in [&self.authorization_decisions, &self.authz_dry_run] {
+            for family in vec.collect() {
+                for metric in family.get_metric() {
+                    let labels: HashMap<&str, &str> = metric
+                        .get_label()
+                        .iter()
+                        .map(|l| (l.name(), l.value()))
+                        .collect();
+                    if labels.get("policy").is_some_and(|p| !keep(p)) && vec.remove(&labels).is_ok()
+                    {
+                        dropped += 1;
+                    }
+                }
+            }
+        }
+        dropped
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Encoding into a String only fails on a formatter error, which String never returns.
@@ -640,6 +665,31 @@ impl Default for Metrics {
 
 #[cfg(test)]
 mod tests {
+
+    /// Series of policies no longer in force go; those in force, and the decision labels
+    /// that name no policy, stay (issue 25).
+    #[test]
+    fn decision_series_of_removed_policies_are_dropped() {
+        let m = Metrics::new();
+        for (policy, action) in [
+            ("shop/old", "allow"),
+            ("shop/kept", "deny"),
+            ("(no ALLOW policy matched)", "deny"),
+        ] {
+            m.authorization_decisions
+                .with_label_values(&[policy, action])
+                .inc();
+        }
+        m.authz_dry_run
+            .with_label_values(&["shop/old-dry", "deny"])
+            .inc();
+        let dropped = m.forget_policies(|p| p == "shop/kept" || p.starts_with('('));
+        assert_eq!(dropped, 2);
+        let text = m.render();
+        assert!(!text.contains("shop/old"), "{text}");
+        assert!(text.contains("policy=\"shop/kept\""), "{text}");
+        assert!(text.contains("(no ALLOW policy matched)"), "{text}");
+    }
     use super::*;
 
     #[test]

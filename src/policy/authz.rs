@@ -760,6 +760,16 @@ impl Authorizer {
         out
     }
 
+    /// Whether `policy` is the id of a policy in force (enforced or dry run), or one of the
+    /// decision labels that name none.
+    pub fn names(&self, policy: &str) -> bool {
+        policy == NO_ALLOW_POLICY
+            || policy == NO_ALLOW_MATCHED
+            || [&self.deny, &self.allow, &self.audit, &self.dry_run]
+                .iter()
+                .any(|set| set.iter().any(|p| &*p.id == policy))
+    }
+
     /// How many policies are enforced, by action (for logs and `check`); CUSTOM counts as
     /// DENY.
     pub fn counts(&self) -> (usize, usize, usize) {

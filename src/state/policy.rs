@@ -101,6 +101,13 @@ impl Reload {
                     "policy reloaded"
                 );
                 reloads.with_label_values(&["success"]).inc();
+                let dropped = self.metrics.forget_policies(|p| policy.authz.names(p));
+                if dropped > 0 {
+                    debug!(
+                        dropped,
+                        "dropped the decision series of policies no longer in force"
+                    );
+                }
                 self.policy_tx.send_replace(Arc::new(policy));
             }
             Err(e) => {
