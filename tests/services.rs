@@ -774,3 +774,48 @@ fn a_restarted_backend_sidecar_behind_a_service_is_never_downgraded() {
         );
     }
 }
+
+/// IPv6: a Service with only an IPv6 ClusterIP (the API server is dual-stack), its
+/// EndpointSlice of address type IPv6 naming the backend pod's IPv6 address. The client's
+/// sidecar resolves it and reaches the meshed backend through the tunnel over IPv6, its
+/// identity checked as over IPv4.
+#[test]
+fn an_ipv6_service_is_resolved_and_tunnelled() {
+    let Some((mut c, api)) = cluster("svcv6", 2, &["client", "backend-a"]) else {
+        return;
+    };
+    let (a4, a6) = (c.pod(A).ip4, c.pod(A).ip6);
+    let web = api.admin(move |k| async move {
+        let uid = objects::pod(&k, "shop", "backend-a", "backend-a", a4, true).await;
+        let family = serde_json::json!({"ipFamilyPolicy": "SingleStack", "ipFamilies": ["IPv6"]});
+        let web = objects::service(&k, "shop", "web6", &[("http", 80, 8080.into())], family).await;
+        let endpoints = [("backend-a", uid.as_str(), a6, true)];
+        objects::slice(&k, "shop", "web6", "web6-v6", &[("http", 8080)], &endpoints).await;
+        web
+    });
+    assert!(web.is_ipv6(), "{web}");
+    // The client pod routes the IPv6 Service range on its link (the sidecar never sends there).
+    c.pod(CLIENT)
+        .exec(&["ip", "-6", "route", "add", "fd00:96::/108", "dev", "eth0"]);
+    let seen = Arc::new(AtomicUsize::new(0));
+    echo_server(c.pod(A), c.pod(A).addr6(8080), Some(seen.clone()));
+    let ca = c.make_ca();
+    c.mesh_sidecar(&ca, A, "backend-a", "");
+    c.mesh_sidecar(&ca, CLIENT, "client", &discovery(&api));
+    for _ in 0..3 {
+        assert_eq!(exchange(&c, CLIENT, SocketAddr::new(web, 80), 100), 100);
+    }
+    assert_eq!(seen.load(Ordering::SeqCst), 300);
+    let mtls = [
+        "reporter=\"destination\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    assert_eq!(
+        metric(&c, A, "istio_tcp_connections_opened_total", &mtls),
+        3.0
+    );
+    assert_eq!(
+        metric(&c, CLIENT, "l4mesh_outbound_plaintext_total", &[]),
+        0.0
+    );
+}

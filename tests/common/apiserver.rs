@@ -275,7 +275,8 @@ impl ApiServer {
             format!("--service-account-key-file={}", p("sa.pub")),
             format!("--service-account-signing-key-file={}", p("sa.key")),
             "--service-account-issuer=https://kubernetes.default.svc".into(),
-            "--service-cluster-ip-range=10.96.0.0/12".into(),
+            // Dual-stack, so that Services can have IPv6 ClusterIPs too.
+            "--service-cluster-ip-range=10.96.0.0/12,fd00:96::/108".into(),
         ]
         .into_iter()
         .chain(self.extra.iter().cloned())
