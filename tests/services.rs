@@ -113,26 +113,11 @@ fn service_join(blackhole: bool) {
         4.0
     );
     // migration-report names the Service its un-meshed servers were reached through.
-    let netns = c.pods[CLIENT].netns.clone();
-    let report = std::thread::spawn(move || {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &netns,
-            BIN,
-            "migration-report",
-            "--sidecar",
-            "http://127.0.0.1:15000",
-            "--window",
-            "2s",
-        ])
+    let report = migration_report_while(&c, CLIENT, "2s", || {
+        for _ in 0..2 {
+            assert_eq!(exchange(&c, CLIENT, service, 100), 100);
+        }
     });
-    std::thread::sleep(Duration::from_millis(700));
-    for _ in 0..2 {
-        assert_eq!(exchange(&c, CLIENT, service, 100), 100);
-    }
-    let report = report.join().unwrap();
     assert!(
         report.contains("un-meshed servers")
             && report.contains("(web.shop.svc.cluster.local, 1 connection)"),

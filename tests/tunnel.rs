@@ -227,24 +227,9 @@ fn a_meshed_pod_scrapes_other_sidecars_and_reports_unmeshed_destinations() {
     // client's report names it.
     let outside = c.pod(2).addr(9090);
     echo_server(c.pod(2), outside, None);
-    let netns = c.pods[CLIENT].netns.clone();
-    let report = std::thread::spawn(move || {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &netns,
-            BIN,
-            "migration-report",
-            "--sidecar",
-            "http://127.0.0.1:15000",
-            "--window",
-            "3s",
-        ])
+    let report = migration_report_while(&c, CLIENT, "3s", || {
+        assert_eq!(exchange(&c, CLIENT, outside, 10), 10);
     });
-    std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(exchange(&c, CLIENT, outside, 10), 10);
-    let report = report.join().unwrap();
     assert!(
         report.contains("un-meshed servers")
             && report.contains(&format!("{} (1 connection)", outside)),

@@ -538,6 +538,35 @@ pub fn exchange(c: &Cluster, from: usize, addr: SocketAddr, len: usize) -> usize
     c.pod(from).run(move || exchange_here(addr, len))
 }
 
+/// Runs `migration-report` against pod `pod`'s own sidecar (admin port) over `window`, doing
+/// `during` (from the test thread) once the window has begun; returns the report.
+pub fn migration_report_while(
+    c: &Cluster,
+    pod: usize,
+    window: &str,
+    during: impl FnOnce(),
+) -> String {
+    let netns = c.pods[pod].netns.clone();
+    let window = window.to_string();
+    let report = std::thread::spawn(move || {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &netns,
+            BIN,
+            "migration-report",
+            "--sidecar",
+            "http://127.0.0.1:15000",
+            "--window",
+            &window,
+        ])
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    during();
+    report.join().unwrap()
+}
+
 /// Waits until `log` contains `needle`, panicking with the log after `timeout`.
 pub fn wait_for_log(log: &Path, needle: &str, timeout: Duration) {
     let start = Instant::now();
