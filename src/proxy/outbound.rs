@@ -120,7 +120,7 @@ impl Routes {
 /// where to dial, and what to do if that refuses. Discovery (what is behind an address)
 /// plugs in here, not into dialling.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Plan {
+pub struct Plan<'a> {
     /// The destination rule that decided it (`Routes::at`).
     pub rule: usize,
     /// Where the bytes go: the original destination, or the Service endpoint chosen for it
@@ -128,8 +128,9 @@ pub struct Plan {
     pub target: SocketAddr,
     pub transport: Transport,
     /// The namespace and service account the server must present (the platform's word on
-    /// the Pod behind `target`); `None`: any identity the rule accepts.
-    pub expect: Option<(String, String)>,
+    /// the Pod behind `target`, borrowed from the resolution); `None`: any identity the rule
+    /// accepts.
+    pub expect: Option<(&'a str, &'a str)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -147,19 +148,18 @@ pub enum Transport {
     Refused(Refusal),
 }
 
-/// Plans a connection to `dst`, which discovery `resolved`: the first matching rule (else the
-/// default); for a mesh rule, the endpoint discovery chose and what its Pod says (a sidecar:
+/// Plans a connection to `dst`, which `route` (`Routes::route`) takes and discovery
+/// `resolved`: for a mesh rule, the endpoint discovery chose and what its Pod says (a sidecar:
 /// the tunnel, never a fallback, and its service account as the identity; none: plaintext
 /// under `auto`); for an address the platform does not describe, a tunnel to the destination's
 /// `tunnel_port` unless `auto` already learned it has no sidecar.
-pub fn plan(
-    routes: &Routes,
+pub fn plan<'a>(
+    route: &Route,
     unmeshed: &Unmeshed,
     tunnel_port: u16,
     dst: SocketAddr,
-    resolved: &Resolved,
-) -> Plan {
-    let route = routes.route(dst);
+    resolved: &'a Resolved,
+) -> Plan<'a> {
     let fallback = match &route.kind {
         RouteKind::Passthrough => {
             return Plan {
@@ -202,7 +202,7 @@ pub fn plan(
         rule: route.index,
         target,
         transport,
-        expect: pod.map(|p| (p.namespace.clone(), p.service_account.clone())),
+        expect: pod.map(|p| (p.namespace.as_str(), p.service_account.as_str())),
     }
 }
 
@@ -309,21 +309,15 @@ impl crate::proxy::Connection for OutboundConnection {
         }
         // What the platform says is behind the address (not asked for a passthrough rule):
         // the one wait on the path, for the first answer about an address only.
-        let resolved = match (&inputs.services, &inputs.routes.route(dst).kind) {
+        let route = inputs.routes.route(dst);
+        let resolved = match (&inputs.services, &route.kind) {
             (Some(services), RouteKind::Direct { .. } | RouteKind::Tunnel { .. }) => {
                 services.resolve(dst).await
             }
             _ => Resolved::Unknown,
         };
         let tunnel_port = inputs.config.listeners.tunnel.port();
-        let plan = plan(
-            &inputs.routes,
-            &inputs.unmeshed,
-            tunnel_port,
-            dst,
-            &resolved,
-        );
-        let route = inputs.routes.at(plan.rule);
+        let plan = plan(route, &inputs.unmeshed, tunnel_port, dst, &resolved);
         let service = match &resolved {
             Resolved::Endpoint(e) => e.service.as_deref(),
             _ => None,
@@ -336,10 +330,7 @@ impl crate::proxy::Connection for OutboundConnection {
             route,
             client_addr,
             dst: plan.target,
-            expect: plan
-                .expect
-                .as_ref()
-                .map(|(ns, sa)| (ns.as_str(), sa.as_str())),
+            expect: plan.expect,
             service,
         };
         if plan.target != dst {
@@ -665,20 +656,15 @@ mod tests {
                 transport,
                 expect: None,
             };
-            let got = plan(&routes, &unmeshed, 15008, dst, &Resolved::Unknown);
+            let got = plan(routes.route(dst), &unmeshed, 15008, dst, &Resolved::Unknown);
             assert_eq!(got, want, "{dst}");
         }
         assert_eq!(routes.name_of(2), "pinned");
         assert_eq!(routes.name_of(4), "default");
         assert_eq!(routes.at(2).kind.pins().len(), 1);
         // The tunnel port is the configured one.
-        let moved = plan(
-            &routes,
-            &unmeshed,
-            25008,
-            "198.18.0.2:80".parse().unwrap(),
-            &Resolved::Unknown,
-        );
+        let to: SocketAddr = "198.18.0.2:80".parse().unwrap();
+        let moved = plan(routes.route(to), &unmeshed, 25008, to, &Resolved::Unknown);
         assert_eq!(moved.transport, tunnel_at("198.18.0.2:25008", true));
     }
 
@@ -719,14 +705,14 @@ mod tests {
                 _open: None,
             })
         };
-        let cart = Some(("shop".to_string(), "cart".to_string()));
+        let cart = Some(("shop", "cart"));
         type Row = (
             &'static str,
             Resolved,
             usize,
             &'static str,
             Transport,
-            Option<(String, String)>,
+            Option<(&'static str, &'static str)>,
         );
         let table: Vec<Row> = vec![
             (
@@ -735,7 +721,7 @@ mod tests {
                 2,
                 "10.0.1.7:8080",
                 tunnel_at("10.0.1.7:15008", false),
-                cart.clone(),
+                cart,
             ),
             (
                 "10.96.0.42:80",
@@ -743,7 +729,7 @@ mod tests {
                 2,
                 "10.0.1.7:8080",
                 Transport::Plaintext("unmeshed"),
-                cart.clone(),
+                cart,
             ),
             // No Pod named by the slice: in band, to the endpoint.
             (
@@ -761,7 +747,7 @@ mod tests {
                 1,
                 "10.0.1.7:8080",
                 tunnel_at("10.0.1.7:15008", false),
-                cart.clone(),
+                cart,
             ),
             (
                 "10.96.0.42:81",
@@ -792,7 +778,7 @@ mod tests {
                 expect,
             };
             assert_eq!(
-                plan(&routes, &unmeshed, 15008, dst, &resolved),
+                plan(routes.route(dst), &unmeshed, 15008, dst, &resolved),
                 want,
                 "{dst}"
             );

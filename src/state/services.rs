@@ -159,7 +159,9 @@ struct ServiceState {
     used: Mutex<Instant>,
     /// Open connections per endpoint address.
     open: Mutex<HashMap<IpAddr, Arc<AtomicUsize>>>,
-    /// `sessionAffinity: ClientIP`: the endpoint this pod sticks to, and until when.
+    /// The endpoint chosen last, and until when this pod sticks to it: the affinity timeout
+    /// under `sessionAffinity: ClientIP`, else already past (it then only says where the next
+    /// tie-break starts, so equal endpoints take turns).
     sticky: Mutex<Option<(IpAddr, Instant)>>,
     watch: tokio::task::AbortHandle,
 }

@@ -10,105 +10,97 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Addresses remembered per side, at most this many each. Past it, expired ones are dropped,
-/// and if none has expired the new one is not remembered: a forgotten refusal costs a probe,
-/// a forgotten answer leaves the next refusal to decide as if nothing were known.
+/// Addresses remembered at most. Past it, expired ones are dropped, and if none has expired
+/// the new one is not remembered: a forgotten refusal costs a probe, a forgotten answer leaves
+/// the next refusal to decide as if nothing were known.
 const MAX: usize = 16 * 1024;
 
-/// What `auto` learned about destinations' tunnel ports.
-pub struct Unmeshed {
+/// What was last heard from an address's tunnel port.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Heard {
     /// Refused: reached in plaintext without asking again until then.
-    refused: Memory,
+    Refused,
     /// Answered as a sidecar: a refusal until then fails closed instead of downgrading.
-    answered: Memory,
+    Answered,
+}
+
+/// What `auto` learned about destinations' tunnel ports: one map, so that a stream opened
+/// (`answered`, on every tunnel stream) costs one lock.
+pub struct Unmeshed {
+    /// How long a refusal is remembered (`outbound.unmeshed_ttl`).
+    ttl: Duration,
+    /// How long an answer is (`outbound.sidecar_memory`).
+    sidecar_memory: Duration,
+    heard: Mutex<HashMap<IpAddr, (Heard, Instant)>>,
 }
 
 impl Unmeshed {
-    /// `ttl`: how long a refusal is remembered (`outbound.unmeshed_ttl`); `sidecar_memory`:
-    /// how long an answer is (`outbound.sidecar_memory`).
     pub fn new(ttl: Duration, sidecar_memory: Duration) -> Unmeshed {
         Unmeshed {
-            refused: Memory::new(ttl),
-            answered: Memory::new(sidecar_memory),
+            ttl,
+            sidecar_memory,
+            heard: Mutex::default(),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (Heard, Instant)>> {
+        // A poisoned lock only means a task panicked mid-update; the map is still whole.
+        self.heard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What is remembered of `ip` now (nothing once it has expired).
+    fn now_of(heard: &HashMap<IpAddr, (Heard, Instant)>, ip: IpAddr) -> Option<Heard> {
+        heard
+            .get(&ip)
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(h, _)| *h)
     }
 
     /// Whether `ip` refused recently: no sidecar there.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        self.refused.contains(ip)
+        Self::now_of(&self.lock(), ip) == Some(Heard::Refused)
     }
 
     /// `ip`'s tunnel port refused. Returns `false`, and remembers nothing, when `ip` answered
     /// as a sidecar within `sidecar_memory`: that refusal is a sidecar restarting, and the
     /// connection must fail rather than go out in plaintext.
     pub fn refused(&self, ip: IpAddr) -> bool {
-        if self.answered.contains(ip) {
+        let mut heard = self.lock();
+        if Self::now_of(&heard, ip) == Some(Heard::Answered) {
             return false;
         }
-        self.refused.insert(ip);
+        remember(&mut heard, ip, Heard::Refused, self.ttl);
         true
     }
 
-    /// `ip`'s tunnel port answered (a stream opened): a sidecar is there.
+    /// `ip`'s tunnel port answered (a stream opened): a sidecar is there, and any refusal
+    /// remembered of it is forgotten.
     pub fn answered(&self, ip: IpAddr) {
-        self.answered.insert(ip);
-        self.refused.remove(ip);
+        remember(&mut self.lock(), ip, Heard::Answered, self.sidecar_memory);
     }
 
     /// The destinations remembered as un-meshed now, with how long each has left.
     pub fn list(&self) -> Vec<(IpAddr, Duration)> {
-        self.refused.list()
-    }
-}
-
-/// Addresses, each until an instant.
-struct Memory {
-    ttl: Duration,
-    until: Mutex<HashMap<IpAddr, Instant>>,
-}
-
-impl Memory {
-    fn new(ttl: Duration) -> Memory {
-        Memory {
-            ttl,
-            until: Mutex::default(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Instant>> {
-        // A poisoned lock only means a task panicked mid-update; the map is still whole.
-        self.until.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn contains(&self, ip: IpAddr) -> bool {
-        self.lock().get(&ip).is_some_and(|t| *t > Instant::now())
-    }
-
-    fn insert(&self, ip: IpAddr) {
-        let mut until = self.lock();
+        let heard = self.lock();
         let now = Instant::now();
-        if until.len() >= MAX && !until.contains_key(&ip) {
-            until.retain(|_, t| *t > now);
-        }
-        if until.len() < MAX || until.contains_key(&ip) {
-            until.insert(ip, now + self.ttl);
-        }
-    }
-
-    fn remove(&self, ip: IpAddr) {
-        self.lock().remove(&ip);
-    }
-
-    fn list(&self) -> Vec<(IpAddr, Duration)> {
-        let until = self.lock();
-        let now = Instant::now();
-        let mut v: Vec<_> = until
+        let mut v: Vec<_> = heard
             .iter()
-            .filter(|(_, t)| **t > now)
-            .map(|(ip, t)| (*ip, *t - now))
+            .filter(|(_, (h, until))| *h == Heard::Refused && *until > now)
+            .map(|(ip, (_, until))| (*ip, *until - now))
             .collect();
         v.sort();
         v
+    }
+}
+
+/// Remembers `what` of `ip` for `ttl`, within the bound.
+fn remember(heard: &mut HashMap<IpAddr, (Heard, Instant)>, ip: IpAddr, what: Heard, ttl: Duration) {
+    let now = Instant::now();
+    if heard.len() >= MAX && !heard.contains_key(&ip) {
+        heard.retain(|_, (_, until)| *until > now);
+    }
+    if heard.len() < MAX || heard.contains_key(&ip) {
+        heard.insert(ip, (what, now + ttl));
     }
 }
 
@@ -148,9 +140,9 @@ mod tests {
 
     #[test]
     fn memory_is_bounded() {
-        let m = Memory::new(Duration::from_secs(60));
+        let m = Unmeshed::new(Duration::from_secs(60), Duration::from_secs(60));
         for i in 0..(MAX as u32 + 10) {
-            m.insert(IpAddr::from(i.to_be_bytes()));
+            m.refused(IpAddr::from(i.to_be_bytes()));
         }
         assert_eq!(m.lock().len(), MAX);
     }
