@@ -18,6 +18,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 pub mod authz;
+pub mod validate;
 
 use authz::{AuthorizationPolicy, Authorizer};
 
@@ -513,12 +514,21 @@ impl PolicySet {
             return;
         }
         let what = describe(value, item);
-        if let Err(message) = self.add_document(index, &what, value, doc) {
+        // What istiod's admission would refuse never takes effect in Istio: refused here
+        // before it is given a meaning. A document that does not even read cleanly says
+        // that first, and what istiod would refuse in it after.
+        let refusals = validate::document(value);
+        let refused = (!refusals.is_empty())
+            .then(|| validate::message(&refusals, |at| validate::locate(text, index, item, at)));
+        if let Err(message) = self.add_document(index, &what, value, doc, refused.as_deref()) {
             // An item was read from a `Value`, which has no positions: read it again from
             // the text to say where its error is.
-            let message = item
+            let mut message = item
                 .and_then(|j| locate_item(text, index, j, value))
                 .unwrap_or(message);
+            if let Some(r) = refused.filter(|r| !message.contains(r.as_str())) {
+                message = format!("{message}; {r}");
+            }
             self.broken.push(Broken {
                 path: path.to_path_buf(),
                 index,
@@ -536,6 +546,7 @@ impl PolicySet {
         what: &str,
         value: &serde_yaml::Value,
         doc: D,
+        refused: Option<&str>,
     ) -> Result<(), String>
     where
         D: serde::Deserializer<'de, Error = serde_yaml::Error>,
@@ -581,6 +592,7 @@ impl PolicySet {
         }
         if kind == "AuthorizationPolicy" {
             let raw = RawAuthorizationPolicy::deserialize(doc).map_err(message)?;
+            refused.map_or(Ok(()), |r| Err(r.to_string()))?;
             let namespace = raw.metadata.namespace()?;
             let spec = raw.spec.unwrap_or_else(empty_spec);
             // A policy bound with targetRef(s) applies to gateways and waypoints, never
@@ -592,7 +604,6 @@ impl PolicySet {
                         .to_string(),
                 );
             }
-            authz::check_spec(&spec, &namespace)?;
             let dry_run = dry_run(&raw.metadata)?;
             self.authorization_policies.push(AuthorizationPolicy {
                 name: raw.metadata.name,
@@ -603,6 +614,7 @@ impl PolicySet {
             return Ok(());
         }
         let raw = RawPeerAuthentication::deserialize(doc).map_err(message)?;
+        refused.map_or(Ok(()), |r| Err(r.to_string()))?;
         let namespace = raw.metadata.namespace()?;
         let created = match &raw.metadata.creation_timestamp {
             None => None,
@@ -881,13 +893,9 @@ impl EffectiveMtls {
             if let Some(mode) = resolved(pa.mode) {
                 out.default = (mode, source(level, pa));
             }
+            // Port-level settings without a selector are refused when the file is read
+            // (istiod refuses them), so only the workload level has any.
             if level != Level::Workload {
-                if !pa.port_level.is_empty() {
-                    out.warnings.push(format!(
-                        "PeerAuthentication {}: portLevelMtls applies only with a selector; ignored",
-                        pa.id()
-                    ));
-                }
                 continue;
             }
             for (&port, &setting) in &pa.port_level {
@@ -1259,11 +1267,22 @@ status:
     }
 
     #[test]
-    fn port_level_without_selector_is_ignored_with_a_warning() {
+    fn port_level_without_selector_is_refused_as_istiod_refuses_it() {
         let docs = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: ns\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n  portLevelMtls:\n    8080:\n      mode: DISABLE\n";
-        let e = resolve(docs, "shop", &[]);
-        assert_eq!(mode(&e, 8080).0, Mode::Strict);
-        assert!(e.warnings[0].contains("portLevelMtls applies only with a selector"));
+        let set = PolicySet::parse(Path::new("p.yaml"), docs).unwrap();
+        let err = WorkloadPolicy::resolve(&set, &workload("shop", &[]), "istio-system")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "p.yaml: document 1 (PeerAuthentication shop/ns): line 9 column 3: spec.portLevelMtls: \
+             portLevelMtls applies only to workloads chosen by a selector with labels, and a \
+             namespace- or mesh-wide PeerAuthentication cannot have it (istiod refuses it: \
+             \"mesh/namespace peer authentication cannot have port level mTLS\")"
+        );
+        // Another namespace's workloads are told, not blocked.
+        let other = WorkloadPolicy::resolve(&set, &workload("web", &[]), "istio-system").unwrap();
+        assert!(other.warnings().any(|w| w.contains("in namespace shop")));
     }
 
     #[test]
@@ -1470,7 +1489,7 @@ status:
         assert!(!decide(Some("cluster.local/ns/monitoring/sa/prom"), 8080).is_allowed());
         // CUSTOM without the provider: what its rules match is denied.
         assert_eq!(
-            decide(Some("cluster.local/ns/legacy/sa/old"), 9102).policy_label(),
+            decide(Some("cluster.local/ns/legacy/sa/old"), 9200).policy_label(),
             "shop/ext-authz"
         );
         // The waypoint's deny-all does not touch the sidecar.
