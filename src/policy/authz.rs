@@ -1210,6 +1210,19 @@ mod tests {
         assert!(!allowed(&a, mtls(PAYMENT, 80)));
     }
 
+    /// `source.trustDomain` (a condition istiod accepts) matches the peer's trust domain.
+    #[test]
+    fn a_trust_domain_condition_matches_the_peers_domain() {
+        let a = authorizer(&[(
+            "shop",
+            "td",
+            "rules:\n- when:\n  - key: source.trustDomain\n    values: [\"cluster.local\"]\n",
+        )]);
+        assert!(allowed(&a, mtls(SLEEP, 80)));
+        assert!(!allowed(&a, mtls("other.td/ns/default/sa/sleep", 80)));
+        assert!(!allowed(&a, plaintext("10.0.0.5", 80)));
+    }
+
     #[test]
     fn service_accounts_match_namespace_and_name() {
         let a = authorizer(&[(
