@@ -72,7 +72,8 @@ pub async fn start(
     let id = creds.id.clone();
     let tls_rx = state::credentials::start(&config, creds, &metrics)?;
     let policy_rx = state::policy::start(&config, &id, policy, &metrics);
-    let services = state::services::start(&config, &metrics.registry).await?;
+    let namespace = config.workload_namespace(&id);
+    let services = state::services::start(&config, namespace, &metrics.registry).await?;
     let listeners = &config.listeners;
     let bind = |addr, what: &str| {
         crate::proxy::socket::listen(addr)

@@ -127,18 +127,24 @@ impl Client {
             .find(|p| p.ips.contains(&ip) && !p.finished))
     }
 
-    /// The EndpointSlices of Service `namespace/name`, as a stream of changes that resumes by
-    /// itself (re-list after 410 Gone, reconnect with backoff after an error).
+    /// The EndpointSlices of Service `namespace/name` (of every Service in `namespace` when
+    /// `name` is `None`), as a stream of changes that resumes by itself (re-list after 410
+    /// Gone, reconnect with backoff after an error).
     pub fn watch_slices(
         &self,
         namespace: &str,
-        name: &str,
+        name: Option<&str>,
     ) -> impl futures_util::Stream<Item = Result<SliceEvent, KubeError>> + Send + 'static {
         use futures_util::StreamExt;
         use kube::runtime::watcher::{self, Event};
         use kube::runtime::WatchStreamExt;
         let api: Api<EndpointSlice> = Api::namespaced(self.0.clone(), namespace);
-        let config = watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={name}"));
+        let config = match name {
+            Some(name) => {
+                watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={name}"))
+            }
+            None => watcher::Config::default().labels(SERVICE_NAME_LABEL),
+        };
         watcher::watcher(api, config)
             .default_backoff()
             .map(|event| match event {
@@ -254,6 +260,8 @@ impl ServiceInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceInfo {
     pub name: String,
+    /// The Service it belongs to (its `kubernetes.io/service-name` label).
+    pub service: String,
     /// Port name → number (a Service's named and unnamed ports alike).
     pub ports: BTreeMap<String, u16>,
     pub endpoints: Vec<EndpointInfo>,
@@ -318,6 +326,13 @@ impl SliceInfo {
             .collect();
         SliceInfo {
             name: s.metadata.name.clone().unwrap_or_default(),
+            service: s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .cloned()
+                .unwrap_or_default(),
             ports,
             endpoints,
         }

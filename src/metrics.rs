@@ -24,7 +24,7 @@ pub const REFUSED_STRICT: &str = "refused_strict";
 pub const OTHER_PORT: &str = "other";
 
 /// Istio's standard TCP metric labels, in the order values are given.
-pub const TCP_LABELS: [&str; 15] = [
+pub const TCP_LABELS: [&str; 17] = [
     "reporter",
     "source_workload",
     "source_workload_namespace",
@@ -37,6 +37,8 @@ pub const TCP_LABELS: [&str; 15] = [
     "destination_app",
     "destination_version",
     "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
     "request_protocol",
     "response_flags",
     "connection_security_policy",
@@ -58,12 +60,27 @@ pub struct ConnectionLabels {
     pub destination_principal: String,
     pub destination_app: String,
     pub destination_version: String,
+    /// `<name>.<namespace>.svc.cluster.local` of the Service the connection came through,
+    /// and its two parts; only ever what the Kubernetes API said.
     pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
     /// `mutual_tls` or `none`.
     pub connection_security_policy: &'static str,
 }
 
 impl ConnectionLabels {
+    /// Fills the three destination-service labels from a Service's full name
+    /// (`<name>.<namespace>.svc.<domain>`).
+    pub fn through_service(&mut self, fqdn: &str) {
+        let mut parts = fqdn.splitn(3, '.');
+        if let (Some(name), Some(namespace)) = (parts.next(), parts.next()) {
+            self.destination_service_name = name.to_string();
+            self.destination_service_namespace = namespace.to_string();
+            self.destination_service = fqdn.to_string();
+        }
+    }
+
     /// Every party `unknown` (what Istio says of what it cannot know), no mTLS.
     pub fn unknown(reporter: &'static str) -> ConnectionLabels {
         let unknown = || "unknown".to_string();
@@ -80,11 +97,13 @@ impl ConnectionLabels {
             destination_app: unknown(),
             destination_version: unknown(),
             destination_service: unknown(),
+            destination_service_name: unknown(),
+            destination_service_namespace: unknown(),
             connection_security_policy: "none",
         }
     }
 
-    fn values(&self) -> [&str; 15] {
+    fn values(&self) -> [&str; 17] {
         [
             self.reporter,
             &self.source_workload,
@@ -98,6 +117,8 @@ impl ConnectionLabels {
             &self.destination_app,
             &self.destination_version,
             &self.destination_service,
+            &self.destination_service_name,
+            &self.destination_service_namespace,
             "tcp",
             "-",
             self.connection_security_policy,

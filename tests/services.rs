@@ -804,3 +804,84 @@ fn an_ipv6_service_is_resolved_and_tunnelled() {
         0.0
     );
 }
+
+/// Istio's destination-service labels on both reporters (issue 24): the client's sidecar
+/// names the Service it resolved; the server's names the Service whose EndpointSlice lists
+/// its pod at that port, for tunnelled and plaintext clients alike, and says `unknown` for a
+/// port no Service has. Only names the API gave appear.
+#[test]
+fn both_reporters_name_the_service_a_connection_came_through() {
+    let Some((mut c, api)) = cluster("svcdest", 3, &["client", "backend-a"]) else {
+        return;
+    };
+    let client_ip = c.pod(CLIENT).ip4;
+    api.admin(move |k| async move {
+        objects::pod(&k, "shop", "client", "client", client_ip, true).await;
+    });
+    let web = web_on_a(&c, &api, true);
+    echo_server(c.pod(A), c.pod(A).addr(8080), None);
+    echo_server(c.pod(A), c.pod(A).addr(9090), None);
+    let ca = c.make_ca();
+    let log = c.mesh_sidecar(&ca, A, "backend-a", &discovery(&api));
+    wait_for_log(
+        &log,
+        "the Services this pod serves",
+        Duration::from_secs(10),
+    );
+    c.mesh_sidecar(&ca, CLIENT, "client", &discovery(&api));
+
+    for _ in 0..3 {
+        assert_eq!(exchange(&c, CLIENT, SocketAddr::new(web, 80), 100), 100);
+    }
+    let through_web = |reporter: &'static str, security: &'static str| {
+        [
+            reporter,
+            "destination_service=\"web.shop.svc.cluster.local\"",
+            "destination_service_name=\"web\"",
+            "destination_service_namespace=\"shop\"",
+            security,
+        ]
+    };
+    let mtls = "connection_security_policy=\"mutual_tls\"";
+    let opened = "istio_tcp_connections_opened_total";
+    assert_eq!(
+        metric(
+            &c,
+            CLIENT,
+            opened,
+            &through_web("reporter=\"source\"", mtls)
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &c,
+            A,
+            opened,
+            &through_web("reporter=\"destination\"", mtls)
+        ),
+        3.0
+    );
+    // A client without a sidecar, straight to the pod (PERMISSIVE): plaintext, same Service.
+    for _ in 0..2 {
+        assert_eq!(exchange(&c, B, c.pod(A).addr(8080), 100), 100);
+    }
+    let none = "connection_security_policy=\"none\"";
+    assert_eq!(
+        metric(
+            &c,
+            A,
+            opened,
+            &through_web("reporter=\"destination\"", none)
+        ),
+        2.0
+    );
+    // A port no Service has: no name to give.
+    assert_eq!(exchange(&c, CLIENT, c.pod(A).addr(9090), 100), 100);
+    let unknown = [
+        "reporter=\"destination\"",
+        "destination_service=\"unknown\"",
+        "destination_service_name=\"unknown\"",
+    ];
+    assert_eq!(metric(&c, A, opened, &unknown), 1.0);
+}

@@ -417,7 +417,7 @@ where
             .unwrap_or_else(|| or.clone())
     };
     let own = &inputs.config.workload.labels;
-    let labels = ConnectionLabels {
+    let mut labels = ConnectionLabels {
         source_workload: said(|b| &b.workload_name, &unknown.source_workload),
         source_app: said(|b| &b.app, &unknown.source_app),
         source_version: said(|b| &b.version, &unknown.source_version),
@@ -446,6 +446,9 @@ where
         connection_security_policy: if peer.is_some() { "mutual_tls" } else { "none" },
         ..unknown.clone()
     };
+    if let Some(service) = inputs.services.as_ref().and_then(|s| s.serving(dst)) {
+        labels.through_service(&service);
+    }
     let security = labels.connection_security_policy;
     let recorder = inputs.metrics.connection(labels, "inbound");
     let idle = inputs.config.timeouts.idle;

@@ -571,7 +571,7 @@ fn outbound_labels(
     let unknown = ConnectionLabels::unknown("source");
     let server_id = server.flatten();
     let own = &inputs.config.workload.labels;
-    ConnectionLabels {
+    let mut labels = ConnectionLabels {
         source_workload: inputs.workload_name.clone(),
         source_workload_namespace: inputs.namespace.clone(),
         source_principal: match server {
@@ -596,8 +596,6 @@ fn outbound_labels(
             || unknown.destination_principal.clone(),
             ToString::to_string,
         ),
-        destination_service: service
-            .map_or_else(|| unknown.destination_service.clone(), ToString::to_string),
         // We know whether we wrapped it (Istio's client side says `unknown`, istio#42853).
         connection_security_policy: if server.is_some() {
             "mutual_tls"
@@ -605,7 +603,11 @@ fn outbound_labels(
             "none"
         },
         ..unknown.clone()
+    };
+    if let Some(fqdn) = service {
+        labels.through_service(fqdn);
     }
+    labels
 }
 
 #[cfg(test)]

@@ -52,6 +52,9 @@ pub struct Settings {
     pub idle: Duration,
     /// This pod's node (`internalTrafficPolicy: Local`); from the downward API.
     pub node: Option<String>,
+    /// This workload's namespace: its EndpointSlices say which Services this pod serves
+    /// (the destination reporter's `destination_service`).
+    pub namespace: String,
 }
 
 /// What an address turned out to be, for one connection.
@@ -127,6 +130,18 @@ pub struct Services {
     /// Whether the last API call worked: a failure is said once at warn, then at debug until
     /// it works again.
     healthy: AtomicBool,
+    /// The Services this pod serves, from its namespace's EndpointSlices: only slices with one
+    /// of this pod's addresses are kept (slice name → what of it concerns this pod).
+    own: Mutex<BTreeMap<String, OwnSlice>>,
+}
+
+/// An EndpointSlice that lists this pod: its Service and ports, and which of this pod's
+/// addresses it lists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct OwnSlice {
+    service: Arc<str>,
+    ports: Vec<u16>,
+    addresses: Vec<IpAddr>,
 }
 
 #[derive(Default)]
@@ -183,6 +198,7 @@ struct PodEntry {
 /// at start is waited for as when it goes down later.
 pub async fn start(
     config: &crate::config::Config,
+    namespace: String,
     registry: &Registry,
 ) -> anyhow::Result<Option<Arc<Services>>> {
     use crate::config::KubernetesMode;
@@ -216,6 +232,7 @@ pub async fn start(
         wait: discovery.wait,
         idle: discovery.idle,
         node: discovery.node_name.clone(),
+        namespace,
     };
     Ok(Some(Services::new(client, settings, registry)))
 }
@@ -228,7 +245,9 @@ impl Services {
             inner: Mutex::default(),
             metrics: KubeMetrics::new(registry),
             healthy: AtomicBool::new(true),
+            own: Mutex::default(),
         });
+        services.watch_own_slices();
         // Forget Services nobody used for `idle` (their watches close with them).
         let weak = Arc::downgrade(&services);
         tokio::spawn(async move {
@@ -391,7 +410,7 @@ impl Services {
             }
         }
         let (tx, rx) = watch::channel(None);
-        let stream = self.client.watch_slices(&info.namespace, &info.name);
+        let stream = self.client.watch_slices(&info.namespace, Some(&info.name));
         let me = Arc::downgrade(self);
         let fqdn: Arc<str> = format!("{}.{}.svc.cluster.local", info.name, info.namespace).into();
         let name = fqdn.clone();
@@ -658,6 +677,92 @@ impl Services {
         }
     }
 
+    /// The Service (`<name>.<namespace>.svc.cluster.local`) a connection to this pod at `dst`
+    /// (one of its addresses and a port) came through, as far as the API says: the Service whose EndpointSlice lists this address
+    /// with that port (the first by name when several do, as ztunnel guesses). Only names the
+    /// API gave are returned, so no peer can add a label value.
+    pub fn serving(&self, dst: SocketAddr) -> Option<String> {
+        let own = lock(&self.own);
+        let service = own
+            .values()
+            .filter(|s| s.addresses.contains(&dst.ip()) && s.ports.contains(&dst.port()))
+            .map(|s| &s.service)
+            .min()?;
+        Some(format!(
+            "{service}.{}.svc.cluster.local",
+            self.settings.namespace
+        ))
+    }
+
+    /// Watches the EndpointSlices of this pod's namespace, keeping only what lists one of this
+    /// pod's addresses (read from its network interfaces: the sidecar shares the pod's
+    /// network namespace). One namespace-scoped watch, whatever the workload dials.
+    fn watch_own_slices(self: &Arc<Self>) {
+        if self.settings.namespace.is_empty() {
+            return;
+        }
+        let stream = self.client.watch_slices(&self.settings.namespace, None);
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            let mut listing: Option<BTreeMap<String, OwnSlice>> = None;
+            let mut addresses = own_addresses();
+            while let Some(event) = stream.next().await {
+                let Some(me) = me.upgrade() else { return };
+                let mine = |s: &SliceInfo, addresses: &[IpAddr]| {
+                    let ips: Vec<IpAddr> = s
+                        .endpoints
+                        .iter()
+                        .flat_map(|e| &e.addresses)
+                        .filter(|ip| addresses.contains(ip))
+                        .copied()
+                        .collect();
+                    (!ips.is_empty() && !s.service.is_empty()).then(|| OwnSlice {
+                        service: s.service.as_str().into(),
+                        ports: s.ports.values().copied().collect(),
+                        addresses: ips,
+                    })
+                };
+                match event {
+                    Ok(SliceEvent::Restarting) => {
+                        // A re-list: the pod's addresses are read again with it.
+                        addresses = own_addresses();
+                        listing = Some(BTreeMap::new());
+                    }
+                    Ok(SliceEvent::Applied(s)) => {
+                        let entry = mine(&s, &addresses);
+                        match (listing.as_mut(), entry) {
+                            (Some(l), Some(e)) => {
+                                l.insert(s.name, e);
+                            }
+                            (Some(_), None) => {}
+                            (None, Some(e)) => {
+                                lock(&me.own).insert(s.name, e);
+                            }
+                            (None, None) => {
+                                lock(&me.own).remove(&s.name);
+                            }
+                        }
+                    }
+                    Ok(SliceEvent::Deleted(name)) => {
+                        lock(&me.own).remove(&name);
+                    }
+                    Ok(SliceEvent::Listed) => {
+                        if let Some(l) = listing.take() {
+                            debug!(slices = l.len(), "the Services this pod serves");
+                            *lock(&me.own) = l;
+                        }
+                    }
+                    Err(e) => {
+                        me.api_failed("watch", &e);
+                        continue;
+                    }
+                }
+                me.api_ok("watch");
+            }
+        });
+    }
+
     /// What `/config_dump` shows: the Services in use and their endpoints.
     pub fn view(&self) -> serde_json::Value {
         let inner = lock(&self.inner);
@@ -682,11 +787,45 @@ impl Services {
                 })
             })
             .collect();
+        let serving: Vec<serde_json::Value> = lock(&self.own)
+            .values()
+            .map(|s| {
+                serde_json::json!({
+                    "service": format!("{}.{}.svc.cluster.local", s.service, self.settings.namespace),
+                    "ports": s.ports,
+                    "addresses": s.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
         serde_json::json!({
             "api_healthy": self.healthy.load(Ordering::Acquire),
             "services": services,
+            "serving": serving,
         })
     }
+}
+
+/// This pod's addresses: those of its network interfaces, loopback and link-local left out.
+fn own_addresses() -> Vec<IpAddr> {
+    let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut ips: Vec<IpAddr> = interfaces
+        .filter_map(|i| {
+            let a = i.address?;
+            if let Some(v4) = a.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        })
+        .filter(|ip| {
+            !ip.is_loopback()
+                && !matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
+        })
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 fn pod_ref(p: &PodInfo) -> PodRef {
@@ -811,6 +950,7 @@ mod tests {
             name.to_string(),
             SliceInfo {
                 name: name.into(),
+                service: "web".into(),
                 ports: ports.iter().map(|(n, p)| (n.to_string(), *p)).collect(),
                 endpoints,
             },
