@@ -133,6 +133,12 @@ fn main() {
     std::thread::sleep(Duration::from_secs(1));
     let rss_after = rss_kib(client_pid);
     let watches = metric(&c, "l4mesh_kubernetes_watches");
+    // The connections the client's sidecar holds to the API server (kube-apiserver's :6443).
+    let api_connections = c
+        .pod(0)
+        .exec(&["ss", "-Htn", "state", "established", "dport", "=", ":6443"])
+        .lines()
+        .count();
 
     // 1. ClusterIP vs pod IP, alternating.
     let service = SocketAddr::new(ips[0], 80);
@@ -191,7 +197,8 @@ fn main() {
     println!("| new connections/s, ClusterIP (same run) | {rate_svc:.0} |");
     println!("| p50 per connection, pod IP / ClusterIP | {p50_pod:.1} / {p50_svc:.1} us (difference {:.1} us) |", p50_svc - p50_pod);
     println!("| client sidecar RSS before / after using {USED} of {SERVICES} Services | {rss_before} / {rss_after} KiB (+{} KiB) |", rss_after as i64 - rss_before as i64);
-    println!("| EndpointSlice watches held | {watches} |");
+    println!("| EndpointSlice watches held (Services in use; the pod's own namespace watch besides) | {watches} |");
+    println!("| connections to the API server held | {api_connections} |");
     println!(
         "| EndpointSlice change to new connections, ms (n={CHANGES}): median / max | {:.0} / {:.0} |",
         delays[delays.len() / 2],

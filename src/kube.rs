@@ -76,9 +76,7 @@ impl Client {
                 .await
                 .map_err(|e| KubeError::Config(e.to_string()))?,
         };
-        let client =
-            kube::Client::try_from(config).map_err(|e| KubeError::Config(e.to_string()))?;
-        Ok(Client(client))
+        Ok(Client(http2_client(config)?))
     }
 
     /// The Service whose ClusterIP (either family) is `ip`, if any. Asks the API server to
@@ -163,6 +161,44 @@ impl Client {
                 Err(e) => Err(KubeError::Unreachable(e.to_string())),
             })
     }
+}
+
+/// kube's client stack, over HTTP/2 where the API server offers it (it does, by ALPN): every
+/// watch and lookup of the sidecar is a stream on one connection, where kube's own HTTP/1.1
+/// stack holds a connection (a TLS session, its buffers) per watch. HTTP/2 pings find a dead
+/// API server (kube's stack relies on a read timeout per connection). Left out of kube's
+/// stack: its retry of 429/503 answers (a lookup that fails is refused and asked again after
+/// a second; the watcher has its own backoff) and its tracing layer.
+fn http2_client(config: kube::Config) -> Result<kube::Client, KubeError> {
+    use kube::client::ConfigExt;
+    use std::time::Duration;
+    let failed = |e: kube::Error| KubeError::Config(e.to_string());
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // As kube does: only if nothing was installed meanwhile.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
+    let mut tls = config.rustls_client_config().map_err(failed)?;
+    tls.alpn_protocols.clear(); // the connector offers h2 and http/1.1
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(config.connect_timeout);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_keep_alive_timeout(Duration::from_secs(10))
+        .build(https);
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer().map_err(failed)?)
+        .map_err(tower::BoxError::from)
+        .layer(config.extra_headers_layer().map_err(failed)?)
+        .service(client);
+    Ok(kube::Client::new(service, config.default_namespace))
 }
 
 /// What changed among a Service's EndpointSlices.
