@@ -125,6 +125,33 @@ impl Client {
             .find(|p| p.ips.contains(&ip) && !p.finished))
     }
 
+    /// Service `namespace/name` as it changes: `Some` each time it is (re-)read or changed,
+    /// `None` when it is deleted. Resumes by itself, as `watch_slices`.
+    pub fn watch_service(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> impl futures_util::Stream<Item = Result<Option<ServiceInfo>, KubeError>> + Send + 'static
+    {
+        use futures_util::StreamExt;
+        use kube::runtime::watcher::{self, Event};
+        use kube::runtime::WatchStreamExt;
+        let api: Api<Service> = Api::namespaced(self.0.clone(), namespace);
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        watcher::watcher(api, config)
+            .default_backoff()
+            .filter_map(|event| async move {
+                match event {
+                    Ok(Event::Apply(s) | Event::InitApply(s)) => {
+                        Some(Ok(ServiceInfo::from_object(&s)))
+                    }
+                    Ok(Event::Delete(_)) => Some(Ok(None)),
+                    Ok(Event::Init | Event::InitDone) => None,
+                    Err(e) => Some(Err(watch_error(e))),
+                }
+            })
+    }
+
     /// The EndpointSlices of Service `namespace/name` (of every Service in `namespace` when
     /// `name` is `None`), as a stream of changes that resumes by itself (re-list after 410
     /// Gone, reconnect with backoff after an error).
@@ -154,12 +181,20 @@ impl Client {
                 }
                 Ok(Event::Init) => Ok(SliceEvent::Restarting),
                 Ok(Event::InitDone) => Ok(SliceEvent::Listed),
-                Err(
-                    watcher::Error::WatchError(s)
-                    | watcher::Error::InitialListFailed(kube::Error::Api(s)),
-                ) if s.code == 401 || s.code == 403 => Err(KubeError::Forbidden(s.message)),
-                Err(e) => Err(KubeError::Unreachable(e.to_string())),
+                Err(e) => Err(watch_error(e)),
             })
+    }
+}
+
+fn watch_error(e: kube::runtime::watcher::Error) -> KubeError {
+    use kube::runtime::watcher::Error;
+    match e {
+        Error::WatchError(s) | Error::InitialListFailed(kube::Error::Api(s))
+            if s.code == 401 || s.code == 403 =>
+        {
+            KubeError::Forbidden(s.message)
+        }
+        e => KubeError::Unreachable(e.to_string()),
     }
 }
 

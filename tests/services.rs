@@ -885,3 +885,37 @@ fn both_reporters_name_the_service_a_connection_came_through() {
     ];
     assert_eq!(metric(&c, A, opened, &unknown), 1.0);
 }
+
+/// A Service edited while in use (a port moved, as `kubectl edit` does): new connections
+/// follow the spec as the API has it now, without waiting for the Service to go idle. The old
+/// port is refused as undefined, the new one reaches the backend.
+#[test]
+fn a_service_edited_in_use_is_followed_by_new_connections() {
+    let Some((mut c, api)) = cluster("svcedit", 2, &["client", "backend-a"]) else {
+        return;
+    };
+    let web = web_on_a(&c, &api, false);
+    echo_server(c.pod(A), c.pod(A).addr(8080), None);
+    let ca = c.make_ca();
+    c.mesh_sidecar(&ca, CLIENT, "client", &discovery(&api));
+    let (old, new) = (SocketAddr::new(web, 80), SocketAddr::new(web, 81));
+    assert_eq!(exchange(&c, CLIENT, old, 100), 100);
+    assert_eq!(
+        exchange(&c, CLIENT, new, 100),
+        0,
+        "81 is not a port of web yet"
+    );
+
+    api.admin(|k| async move {
+        objects::service_ports(&k, "shop", "web", &[("http", 81, 8080.into())]).await
+    });
+    // The change reaches the sidecar through its watch: wait for it, bounded.
+    let followed = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        exchange(&c, CLIENT, new, 100) == 100
+    });
+    assert!(followed, "port 81 never reached the backend");
+    assert_eq!(exchange(&c, CLIENT, old, 100), 0, "port 80 was removed");
+    let refused = ["outcome=\"service_port\""];
+    assert!(metric(&c, CLIENT, "l4mesh_connections_total", &refused) >= 2.0);
+}

@@ -135,6 +135,12 @@ pub struct Services {
     own: Mutex<BTreeMap<String, OwnSlice>>,
 }
 
+/// What a Service's watch task hears: its slices, or its own spec.
+enum Watched {
+    Slices(Result<SliceEvent, KubeError>),
+    Spec(Result<Option<ServiceInfo>, KubeError>),
+}
+
 /// An EndpointSlice that lists this pod: its Service and ports, and which of this pod's
 /// addresses it lists.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -410,7 +416,18 @@ impl Services {
             }
         }
         let (tx, rx) = watch::channel(None);
-        let stream = self.client.watch_slices(&info.namespace, Some(&info.name));
+        // The slices, and the Service itself: a change to its spec (ports, affinity, traffic
+        // policy, ClusterIPs) or its deletion must reach new connections as the slices do.
+        let slices = self
+            .client
+            .watch_slices(&info.namespace, Some(&info.name))
+            .map(Watched::Slices);
+        let spec = self
+            .client
+            .watch_service(&info.namespace, &info.name)
+            .map(Watched::Spec);
+        let stream = futures_util::stream::select(slices, spec);
+        let known = info.clone();
         let me = Arc::downgrade(self);
         let fqdn: Arc<str> = format!("{}.{}.svc.cluster.local", info.name, info.namespace).into();
         let name = fqdn.clone();
@@ -421,6 +438,18 @@ impl Services {
             let mut listing: Option<BTreeMap<String, SliceInfo>> = None;
             while let Some(event) = stream.next().await {
                 let Some(me) = me.upgrade() else { return };
+                let event = match event {
+                    Watched::Slices(e) => e,
+                    Watched::Spec(Ok(now)) if now.as_ref() != Some(&known) => {
+                        // Forgotten: the next connection looks the address up again and
+                        // gets the Service as it is now (or nothing, if it is gone).
+                        debug!(service = %name, deleted = now.is_none(), "the Service changed");
+                        me.forget(&known);
+                        return;
+                    }
+                    Watched::Spec(Ok(_)) => continue,
+                    Watched::Spec(Err(e)) => Err(e),
+                };
                 match event {
                     Ok(SliceEvent::Restarting) => listing = Some(BTreeMap::new()),
                     Ok(SliceEvent::Applied(s)) => {
@@ -467,6 +496,19 @@ impl Services {
         inner.services.insert(key, state.clone());
         self.metrics.watches.set(inner.services.len() as i64);
         state
+    }
+
+    /// Drops Service `info` (as it was) and the addresses answered with it.
+    fn forget(&self, info: &ServiceInfo) {
+        let mut inner = lock(&self.inner);
+        let key = (info.namespace.clone(), info.name.clone());
+        if inner.services.get(&key).is_some_and(|s| s.info == *info) {
+            inner.services.remove(&key);
+        }
+        inner.addresses.retain(
+            |_, a| !matches!(&*a.answer.borrow(), Some(Answer::Service(s)) if s.info == *info),
+        );
+        self.metrics.watches.set(inner.services.len() as i64);
     }
 
     /// A connection to `dst`, a ClusterIP of `service`: its port, a ready endpoint, its Pod.

@@ -531,6 +531,24 @@ pub mod objects {
         created.spec.unwrap().cluster_ip.unwrap().parse().unwrap()
     }
 
+    /// Replaces Service `name`'s ports (as `service` takes them), as `kubectl edit` would.
+    pub async fn service_ports(
+        client: &kube::Client,
+        ns: &str,
+        name: &str,
+        ports: &[(&str, u16, serde_json::Value)],
+    ) {
+        let api: Api<Service> = Api::namespaced(client.clone(), ns);
+        let ports: Vec<_> = ports
+            .iter()
+            .map(|(n, p, t)| serde_json::json!({"name": n, "port": p, "targetPort": t, "protocol": "TCP"}))
+            .collect();
+        let patch = serde_json::json!({"spec": {"ports": ports}});
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+
     /// Writes Service `service`'s EndpointSlice `slice`: `endpoints` are (pod name, uid, ip,
     /// ready); `ports` (name, number).
     pub async fn slice(
