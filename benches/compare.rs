@@ -305,7 +305,8 @@ fn main() {
     ] {
         rows.push(measure(&c, &p));
         // The plaintext path runs through the same sidecars: their memory is measured once.
-        if p.full.is_some() {
+        let bulk_only = std::env::var("L4MESH_BENCH_BULK_ONLY").as_deref() == Ok("1");
+        if p.full.is_some() && !bulk_only {
             let last = rows.len() - 1;
             rows[last].memory = memory(&c, &p, &rows[last].idle_rss);
         }
@@ -392,6 +393,37 @@ fn measure(c: &Cluster, p: &Path) -> Row {
     };
     let (one, four) = (bulk(1), bulk(4));
     let cpu_per_gb = (!p.pids.is_empty()).then(|| (cpu(&p.pids) - cpu0) / (bytes / 1e9));
+    // L4MESH_BENCH_BULK_ONLY=1 (with QUICK, for trying a data-path change): bulk and CPU per
+    // GB only; the other figures print as 0.
+    if std::env::var("L4MESH_BENCH_BULK_ONLY").as_deref() == Ok("1") {
+        eprintln!(
+            "{}: {:.2} Gbit/s x1 ({:.2}-{:.2}), {:.2} Gbit/s x4, {:.2} CPU s/GB",
+            p.name,
+            one.median,
+            one.min,
+            one.max,
+            four.median,
+            cpu_per_gb.unwrap_or_default()
+        );
+        let zero = Stat {
+            median: 0.0,
+            min: 0.0,
+            max: 0.0,
+        };
+        return Row {
+            name: p.name,
+            kind: p.kind,
+            one,
+            four,
+            cpu_per_gb,
+            rr: [zero; 4],
+            conns: [zero; 2],
+            conns_full: None,
+            churn: (0.0, 0.0, None, 0),
+            idle_rss,
+            memory: None,
+        };
+    }
     let rr = latency_stats(|| request_response(pod, p.echo, ROUND_TRIPS, MESSAGE));
     let conns = latency_stats(|| new_connections(pod, p.echo, CONNECTIONS));
     let conns_full = p
