@@ -58,12 +58,14 @@ fn main() {
     };
     let mut c = Cluster::new("bsvc", 2);
     let api = ApiServer::start(&c, &assets);
-    let backend = c.pod(1).ip4;
+    let (backend, client) = (c.pod(1).ip4, c.pod(0).ip4);
     let made = Instant::now();
     let ips: Vec<IpAddr> = api.admin(move |k| async move {
         objects::namespace(&k, "shop", &["client", "backend"]).await;
         objects::grant_sidecar(&k).await;
         let uid = objects::pod(&k, "shop", "backend", "backend", backend, true).await;
+        // The backend's sidecar reads the API too: it checks who its tunnel clients are.
+        objects::pod(&k, "shop", "client", "client", client, true).await;
         let mut ips = Vec::new();
         for i in 0..SERVICES {
             let name = format!("svc-{i}");
@@ -114,18 +116,22 @@ fn main() {
     tagger(l2, 2);
     let ca = c.make_ca();
     c.log_level = "info";
-    c.mesh_sidecar(&ca, 1, "backend", "");
     let kubeconfig = api.kubeconfig("sidecar", SIDECAR_TOKEN);
     let discovery = format!(
         "discovery:\n  kubernetes: on\n  kubeconfig: {}\n",
         kubeconfig.display()
     );
+    c.mesh_sidecar(&ca, 1, "backend", &discovery);
     c.mesh_sidecar(&ca, 0, "client", &discovery);
-    let client_pid = c.sidecar_pids()[1];
+    let (backend_pid, client_pid) = (c.sidecar_pids()[0], c.sidecar_pids()[1]);
     let pod_addr = SocketAddr::new(backend, 8080);
-    // Warm: the tunnel and the pod are known; nothing of the Services yet.
+    std::thread::sleep(Duration::from_secs(1));
+    let backend_fresh = rss_kib(backend_pid);
+    // Warm: the tunnel and the pod are known; nothing of the Services yet. The backend's
+    // first connection starts its watch of its namespace's slices (all 1,000 Services').
     support::new_connections(c.pod(0), pod_addr, 200);
     std::thread::sleep(Duration::from_secs(1));
+    let backend_listed = rss_kib(backend_pid);
     let rss_before = rss_kib(client_pid);
     for ip in &ips[..USED] {
         support::new_connections(c.pod(0), SocketAddr::new(*ip, 80), 1);
@@ -199,6 +205,7 @@ fn main() {
     println!("| client sidecar RSS before / after using {USED} of {SERVICES} Services | {rss_before} / {rss_after} KiB (+{} KiB) |", rss_after as i64 - rss_before as i64);
     println!("| EndpointSlice watches held (Services in use; the pod's own namespace watch besides) | {watches} |");
     println!("| connections to the API server held | {api_connections} |");
+    println!("| server sidecar RSS before / after listing its namespace's {SERVICES} EndpointSlices (destination_service) | {backend_fresh} / {backend_listed} KiB (+{} KiB) |", backend_listed as i64 - backend_fresh as i64);
     println!(
         "| EndpointSlice change to new connections, ms (n={CHANGES}): median / max | {:.0} / {:.0} |",
         delays[delays.len() / 2],

@@ -168,7 +168,11 @@ impl Client {
             Some(name) => {
                 watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={name}"))
             }
-            None => watcher::Config::default().labels(SERVICE_NAME_LABEL),
+            // A whole namespace may hold thousands of slices: listed 50 at a time, so the
+            // sidecar never holds more than a small page of whole objects at once.
+            None => watcher::Config::default()
+                .labels(SERVICE_NAME_LABEL)
+                .page_size(50),
         };
         watcher::watcher(api, config)
             .default_backoff()

@@ -133,6 +133,7 @@ pub struct Services {
     /// The Services this pod serves, from its namespace's EndpointSlices: only slices with one
     /// of this pod's addresses are kept (slice name → what of it concerns this pod).
     own: Mutex<BTreeMap<String, OwnSlice>>,
+    own_started: AtomicBool,
 }
 
 /// What a Service's watch task hears: its slices, or its own spec.
@@ -252,8 +253,8 @@ impl Services {
             metrics: KubeMetrics::new(registry),
             healthy: AtomicBool::new(true),
             own: Mutex::default(),
+            own_started: AtomicBool::new(false),
         });
-        services.watch_own_slices();
         // Forget Services nobody used for `idle` (their watches close with them).
         let weak = Arc::downgrade(&services);
         tokio::spawn(async move {
@@ -723,7 +724,13 @@ impl Services {
     /// (one of its addresses and a port) came through, as far as the API says: the Service whose EndpointSlice lists this address
     /// with that port (the first by name when several do, as ztunnel guesses). Only names the
     /// API gave are returned, so no peer can add a label value.
-    pub fn serving(&self, dst: SocketAddr) -> Option<String> {
+    pub fn serving(self: &Arc<Self>, dst: SocketAddr) -> Option<String> {
+        // Started by the first connection this pod serves: a pod that only dials out never
+        // lists its namespace's slices (the first connections it serves say `unknown` until
+        // the list is in).
+        if !self.own_started.swap(true, Ordering::AcqRel) {
+            self.watch_own_slices();
+        }
         let own = lock(&self.own);
         let service = own
             .values()
@@ -738,7 +745,8 @@ impl Services {
 
     /// Watches the EndpointSlices of this pod's namespace, keeping only what lists one of this
     /// pod's addresses (read from its network interfaces: the sidecar shares the pod's
-    /// network namespace). One namespace-scoped watch, whatever the workload dials.
+    /// network namespace). One namespace-scoped watch, whatever the workload dials, started
+    /// by the first connection the pod serves.
     fn watch_own_slices(self: &Arc<Self>) {
         if self.settings.namespace.is_empty() {
             return;
