@@ -49,6 +49,10 @@ fn tag_of(addr: SocketAddr) -> Option<u8> {
     Some(b[0])
 }
 
+/// How long to wait before reading an RSS: past the sidecar's periodic `malloc_trim` (every
+/// 10 s), so the figure is what the process holds, not what it freed a moment ago.
+const SETTLE: Duration = Duration::from_secs(11);
+
 fn main() {
     if !privileged("bench_services") {
         return;
@@ -125,18 +129,18 @@ fn main() {
     c.mesh_sidecar(&ca, 0, "client", &discovery);
     let (backend_pid, client_pid) = (c.sidecar_pids()[0], c.sidecar_pids()[1]);
     let pod_addr = SocketAddr::new(backend, 8080);
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(SETTLE);
     let backend_fresh = rss_kib(backend_pid);
     // Warm: the tunnel and the pod are known; nothing of the Services yet. The backend's
     // first connection starts its watch of its namespace's slices (all 1,000 Services').
     support::new_connections(c.pod(0), pod_addr, 200);
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(SETTLE);
     let backend_listed = rss_kib(backend_pid);
     let rss_before = rss_kib(client_pid);
     for ip in &ips[..USED] {
         support::new_connections(c.pod(0), SocketAddr::new(*ip, 80), 1);
     }
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(SETTLE);
     let rss_after = rss_kib(client_pid);
     let watches = metric(&c, "l4mesh_kubernetes_watches");
     // The connections the client's sidecar holds to the API server (kube-apiserver's :6443).
