@@ -146,6 +146,7 @@ enum Watched {
 /// addresses it lists.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct OwnSlice {
+    /// `<name>.<namespace>.svc.cluster.local`
     service: Arc<str>,
     ports: Vec<u16>,
     addresses: Vec<IpAddr>,
@@ -724,7 +725,7 @@ impl Services {
     /// (one of its addresses and a port) came through, as far as the API says: the Service whose EndpointSlice lists this address
     /// with that port (the first by name when several do, as ztunnel guesses). Only names the
     /// API gave are returned, so no peer can add a label value.
-    pub fn serving(self: &Arc<Self>, dst: SocketAddr) -> Option<String> {
+    pub fn serving(self: &Arc<Self>, dst: SocketAddr) -> Option<Arc<str>> {
         // Started by the first connection this pod serves: a pod that only dials out never
         // lists its namespace's slices (the first connections it serves say `unknown` until
         // the list is in).
@@ -737,10 +738,7 @@ impl Services {
             .filter(|s| s.addresses.contains(&dst.ip()) && s.ports.contains(&dst.port()))
             .map(|s| &s.service)
             .min()?;
-        Some(format!(
-            "{service}.{}.svc.cluster.local",
-            self.settings.namespace
-        ))
+        Some(service.clone())
     }
 
     /// Watches the EndpointSlices of this pod's namespace, keeping only what lists one of this
@@ -752,6 +750,7 @@ impl Services {
             return;
         }
         let stream = self.client.watch_slices(&self.settings.namespace, None);
+        let namespace = self.settings.namespace.clone();
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
@@ -768,7 +767,7 @@ impl Services {
                         .copied()
                         .collect();
                     (!ips.is_empty() && !s.service.is_empty()).then(|| OwnSlice {
-                        service: s.service.as_str().into(),
+                        service: format!("{}.{}.svc.cluster.local", s.service, namespace).into(),
                         ports: s.ports.values().copied().collect(),
                         addresses: ips,
                     })
@@ -841,7 +840,7 @@ impl Services {
             .values()
             .map(|s| {
                 serde_json::json!({
-                    "service": format!("{}.{}.svc.cluster.local", s.service, self.settings.namespace),
+                    "service": s.service.to_string(),
                     "ports": s.ports,
                     "addresses": s.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 })
