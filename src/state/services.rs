@@ -729,7 +729,9 @@ impl Services {
         // Started by the first connection this pod serves: a pod that only dials out never
         // lists its namespace's slices (the first connections it serves say `unknown` until
         // the list is in).
-        if !self.own_started.swap(true, Ordering::AcqRel) {
+        if !self.own_started.load(Ordering::Acquire)
+            && !self.own_started.swap(true, Ordering::AcqRel)
+        {
             self.watch_own_slices();
         }
         let own = lock(&self.own);
