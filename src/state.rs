@@ -33,3 +33,26 @@ pub struct Live {
     /// What the Kubernetes API says is behind an address (`None`: no API, in band only).
     pub services: Option<Arc<services::Services>>,
 }
+
+/// Every address on this network namespace's interfaces, the pod's own (the sidecar shares
+/// its network namespace); empty if they cannot be read: then nothing is a pod address, and
+/// inbound refuses rather than guesses.
+pub fn interface_addrs() -> std::collections::HashSet<std::net::IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        tracing::warn!(
+            "cannot list this pod's addresses; refusing inbound connections until it can"
+        );
+        return Default::default();
+    };
+    addrs
+        .filter_map(|a| {
+            let addr = a.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(std::net::IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6()
+                    .map(|v6| std::net::IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
+}

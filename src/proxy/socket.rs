@@ -133,7 +133,10 @@ const LOCAL_ADDRS_REFRESH: Duration = Duration::from_secs(1);
 impl LocalAddrs {
     pub fn new() -> LocalAddrs {
         LocalAddrs {
-            known: std::sync::RwLock::new((interface_addrs(), std::time::Instant::now())),
+            known: std::sync::RwLock::new((
+                crate::state::interface_addrs(),
+                std::time::Instant::now(),
+            )),
         }
     }
 
@@ -157,7 +160,7 @@ impl LocalAddrs {
         }
         let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
         if known.1.elapsed() >= LOCAL_ADDRS_REFRESH {
-            *known = (interface_addrs(), std::time::Instant::now());
+            *known = (crate::state::interface_addrs(), std::time::Instant::now());
         }
         known.0.contains(&ip)
     }
@@ -167,27 +170,6 @@ impl Default for LocalAddrs {
     fn default() -> Self {
         LocalAddrs::new()
     }
-}
-
-/// Every address on this network namespace's interfaces (empty if they cannot be read: then
-/// nothing is a pod address, and inbound refuses rather than guesses).
-fn interface_addrs() -> std::collections::HashSet<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        tracing::warn!(
-            "cannot list this pod's addresses; refusing inbound connections until it can"
-        );
-        return Default::default();
-    };
-    addrs
-        .filter_map(|a| {
-            let addr = a.address?;
-            if let Some(v4) = addr.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
-        })
-        .collect()
 }
 
 /// Accept failures (running out of descriptors, mostly) said once, then summed up every
@@ -239,7 +221,7 @@ mod tests {
         // TEST-NET-3: on no interface here.
         assert!(!local.is_pod_address("203.0.113.9".parse().unwrap()));
         // Some non-loopback address of this machine is one.
-        let own = interface_addrs().into_iter().find(|ip| {
+        let own = crate::state::interface_addrs().into_iter().find(|ip| {
             !ip.is_loopback() && !matches!(ip, IpAddr::V6(v6) if v6.segments()[0] == 0xfe80)
         });
         if let Some(ip) = own {

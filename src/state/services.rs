@@ -431,7 +431,7 @@ impl Services {
         let stream = futures_util::stream::select(slices, spec);
         let known = info.clone();
         let me = Arc::downgrade(self);
-        let fqdn: Arc<str> = format!("{}.{}.svc.cluster.local", info.name, info.namespace).into();
+        let fqdn = fqdn(&info.name, &info.namespace);
         let name = fqdn.clone();
         let task = tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
@@ -722,9 +722,10 @@ impl Services {
     }
 
     /// The Service (`<name>.<namespace>.svc.cluster.local`) a connection to this pod at `dst`
-    /// (one of its addresses and a port) came through, as far as the API says: the Service whose EndpointSlice lists this address
-    /// with that port (the first by name when several do, as ztunnel guesses). Only names the
-    /// API gave are returned, so no peer can add a label value.
+    /// (one of its addresses and a port) came through, as far as the API says: the Service
+    /// whose EndpointSlice lists this address with that port (the first by name when several
+    /// do, as ztunnel guesses). Only names the API gave are returned, so no peer can add a
+    /// label value.
     pub fn serving(self: &Arc<Self>, dst: SocketAddr) -> Option<Arc<str>> {
         // Started by the first connection this pod serves: a pod that only dials out never
         // lists its namespace's slices (the first connections it serves say `unknown` until
@@ -757,10 +758,10 @@ impl Services {
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             let mut listing: Option<BTreeMap<String, OwnSlice>> = None;
-            let mut addresses = own_addresses();
+            let mut addresses = super::interface_addrs();
             while let Some(event) = stream.next().await {
                 let Some(me) = me.upgrade() else { return };
-                let mine = |s: &SliceInfo, addresses: &[IpAddr]| {
+                let mine = |s: &SliceInfo, addresses: &std::collections::HashSet<IpAddr>| {
                     let ips: Vec<IpAddr> = s
                         .endpoints
                         .iter()
@@ -769,7 +770,7 @@ impl Services {
                         .copied()
                         .collect();
                     (!ips.is_empty() && !s.service.is_empty()).then(|| OwnSlice {
-                        service: format!("{}.{}.svc.cluster.local", s.service, namespace).into(),
+                        service: fqdn(&s.service, &namespace),
                         ports: s.ports.values().copied().collect(),
                         addresses: ips,
                     })
@@ -777,7 +778,7 @@ impl Services {
                 match event {
                     Ok(SliceEvent::Restarting) => {
                         // A re-list: the pod's addresses are read again with it.
-                        addresses = own_addresses();
+                        addresses = super::interface_addrs();
                         listing = Some(BTreeMap::new());
                     }
                     Ok(SliceEvent::Applied(s)) => {
@@ -856,27 +857,9 @@ impl Services {
     }
 }
 
-/// This pod's addresses: those of its network interfaces, loopback and link-local left out.
-fn own_addresses() -> Vec<IpAddr> {
-    let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    let mut ips: Vec<IpAddr> = interfaces
-        .filter_map(|i| {
-            let a = i.address?;
-            if let Some(v4) = a.as_sockaddr_in() {
-                return Some(IpAddr::V4(v4.ip()));
-            }
-            a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-        })
-        .filter(|ip| {
-            !ip.is_loopback()
-                && !matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
-        })
-        .collect();
-    ips.sort();
-    ips.dedup();
-    ips
+/// A Service's name as Istio's labels and reports write it.
+fn fqdn(name: &str, namespace: &str) -> Arc<str> {
+    format!("{name}.{namespace}.svc.cluster.local").into()
 }
 
 fn pod_ref(p: &PodInfo) -> PodRef {
