@@ -137,11 +137,13 @@ fn main() {
     std::thread::sleep(SETTLE);
     let backend_listed = rss_kib(backend_pid);
     let rss_before = rss_kib(client_pid);
+    let heap_before = heap_kib(&c);
     for ip in &ips[..USED] {
         support::new_connections(c.pod(0), SocketAddr::new(*ip, 80), 1);
     }
     std::thread::sleep(SETTLE);
     let rss_after = rss_kib(client_pid);
+    let heap_after = heap_kib(&c);
     let watches = metric(&c, "l4mesh_kubernetes_watches");
     // The connections the client's sidecar holds to the API server (kube-apiserver's :6443).
     let api_connections = c
@@ -207,6 +209,16 @@ fn main() {
     println!("| new connections/s, ClusterIP (same run) | {rate_svc:.0} |");
     println!("| p50 per connection, pod IP / ClusterIP | {p50_pod:.1} / {p50_svc:.1} us (difference {:.1} us) |", p50_svc - p50_pod);
     println!("| client sidecar RSS before / after using {USED} of {SERVICES} Services | {rss_before} / {rss_after} KiB (+{} KiB) |", rss_after as i64 - rss_before as i64);
+    println!(
+        "| client sidecar heap in use / free before | {} / {} KiB |",
+        heap_before.0, heap_before.1
+    );
+    println!(
+        "| client sidecar heap in use / free after | {} / {} KiB (in use +{} KiB) |",
+        heap_after.0,
+        heap_after.1,
+        heap_after.0 - heap_before.0
+    );
     println!("| EndpointSlice watches held (Services in use; the pod's own namespace watch besides) | {watches} |");
     println!("| connections to the API server held | {api_connections} |");
     println!("| server sidecar RSS before / after listing its namespace's {SERVICES} EndpointSlices (destination_service) | {backend_fresh} / {backend_listed} KiB (+{} KiB) |", backend_listed as i64 - backend_fresh as i64);
@@ -223,6 +235,13 @@ async fn k_uid(k: &kube::Client, ip: IpAddr) -> String {
     let pod = pods.get("backend").await.unwrap();
     let _ = ip;
     pod.metadata.uid.unwrap()
+}
+
+/// The client sidecar's heap (`l4mesh_heap_bytes`): in use and free, KiB.
+fn heap_kib(c: &Cluster) -> (i64, i64) {
+    let kib =
+        |state: &str| metric(c, &format!("l4mesh_heap_bytes{{state=\"{state}\"}}")) as i64 / 1024;
+    (kib("in_use"), kib("free"))
 }
 
 fn metric(c: &Cluster, name: &str) -> f64 {

@@ -378,6 +378,13 @@ fn trim_freed_memory_periodically() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    let _ = l4mesh::metrics::HEAP.set(|| {
+        // SAFETY: mallinfo2 takes no arguments and returns a plain struct by value; it sums
+        // every arena under their locks.
+        let m = unsafe { libc::mallinfo2() };
+        (m.uordblks + m.hblkhd, m.fordblks)
+    });
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     let _ = std::thread::Builder::new()
         .name("l4mesh-trim".into())
         .stack_size(64 * 1024)

@@ -181,6 +181,8 @@ fn known_traffic_gives_exact_counters_on_both_reporters() {
         0.0
     );
     assert!(value(&server, "l4mesh_certificate_expiry_timestamp_seconds", &[]) > 1.7e9);
+    // The allocator's account: a running sidecar has a heap in use.
+    assert!(value(&server, "l4mesh_heap_bytes", &[("state", "in_use")]) > 0.0);
 
     let client = metrics(&c, CLIENT);
     let mtls_out = [
