@@ -14,6 +14,9 @@ use kube::api::ListParams;
 use kube::Api;
 use thiserror::Error;
 
+mod watch;
+use watch::Event;
+
 /// The label the injector puts on the pods it gives a sidecar (`cmd::inject`): such a pod
 /// answers on :15008.
 pub const MESHED_LABEL: &str = "l4mesh.io/injected";
@@ -126,7 +129,8 @@ impl Client {
     }
 
     /// Service `namespace/name` as it changes: `Some` each time it is (re-)read or changed,
-    /// `None` when it is deleted. Resumes by itself, as `watch_slices`.
+    /// `None` when it is deleted (or a re-list no longer finds it). Resumes by itself, as
+    /// `watch_slices`.
     pub fn watch_service(
         &self,
         namespace: &str,
@@ -134,22 +138,30 @@ impl Client {
     ) -> impl futures_util::Stream<Item = Result<Option<ServiceInfo>, KubeError>> + Send + 'static
     {
         use futures_util::StreamExt;
-        use kube::runtime::watcher::{self, Event};
-        use kube::runtime::WatchStreamExt;
         let api: Api<Service> = Api::namespaced(self.0.clone(), namespace);
-        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        watcher::watcher(api, config)
-            .default_backoff()
-            .filter_map(|event| async move {
-                match event {
-                    Ok(Event::Apply(s) | Event::InitApply(s)) => {
-                        Some(Ok(ServiceInfo::from_object(&s)))
-                    }
-                    Ok(Event::Delete(_)) => Some(Ok(None)),
-                    Ok(Event::Init | Event::InitDone) => None,
-                    Err(e) => Some(Err(watch_error(e))),
+        let selection = watch::Selection {
+            labels: None,
+            fields: Some(format!("metadata.name={name}")),
+            page: None,
+        };
+        let mut listed = false;
+        watch::watch(api, selection).filter_map(move |event| {
+            let out = match event {
+                Ok(Event::Restarting) => {
+                    listed = false;
+                    None
                 }
-            })
+                Ok(Event::Applied(s)) => {
+                    listed = true;
+                    Some(Ok(ServiceInfo::from_object(&s)))
+                }
+                Ok(Event::Deleted(_)) => Some(Ok(None)),
+                // Deleted while the watch was down: the re-list does not have it.
+                Ok(Event::Listed) => (!listed).then_some(Ok(None)),
+                Err(e) => Some(Err(e)),
+            };
+            std::future::ready(out)
+        })
     }
 
     /// The EndpointSlices of Service `namespace/name` (of every Service in `namespace` when
@@ -161,44 +173,29 @@ impl Client {
         name: Option<&str>,
     ) -> impl futures_util::Stream<Item = Result<SliceEvent, KubeError>> + Send + 'static {
         use futures_util::StreamExt;
-        use kube::runtime::watcher::{self, Event};
-        use kube::runtime::WatchStreamExt;
         let api: Api<EndpointSlice> = Api::namespaced(self.0.clone(), namespace);
-        let config = match name {
-            Some(name) => {
-                watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={name}"))
-            }
+        let selection = match name {
+            Some(name) => watch::Selection {
+                labels: Some(format!("{SERVICE_NAME_LABEL}={name}")),
+                fields: None,
+                page: None,
+            },
             // A whole namespace may hold thousands of slices: listed 50 at a time, so the
             // sidecar never holds more than a small page of whole objects at once.
-            None => watcher::Config::default()
-                .labels(SERVICE_NAME_LABEL)
-                .page_size(50),
+            None => watch::Selection {
+                labels: Some(SERVICE_NAME_LABEL.to_string()),
+                fields: None,
+                page: Some(50),
+            },
         };
-        watcher::watcher(api, config)
-            .default_backoff()
-            .map(|event| match event {
-                Ok(Event::Apply(s) | Event::InitApply(s)) => {
-                    Ok(SliceEvent::Applied(SliceInfo::from_object(&s)))
-                }
-                Ok(Event::Delete(s)) => {
-                    Ok(SliceEvent::Deleted(s.metadata.name.unwrap_or_default()))
-                }
-                Ok(Event::Init) => Ok(SliceEvent::Restarting),
-                Ok(Event::InitDone) => Ok(SliceEvent::Listed),
-                Err(e) => Err(watch_error(e)),
+        watch::watch(api, selection).map(|event| {
+            event.map(|event| match event {
+                Event::Applied(s) => SliceEvent::Applied(SliceInfo::from_object(&s)),
+                Event::Deleted(s) => SliceEvent::Deleted(s.metadata.name.unwrap_or_default()),
+                Event::Restarting => SliceEvent::Restarting,
+                Event::Listed => SliceEvent::Listed,
             })
-    }
-}
-
-fn watch_error(e: kube::runtime::watcher::Error) -> KubeError {
-    use kube::runtime::watcher::Error;
-    match e {
-        Error::WatchError(s) | Error::InitialListFailed(kube::Error::Api(s))
-            if s.code == 401 || s.code == 403 =>
-        {
-            KubeError::Forbidden(s.message)
-        }
-        e => KubeError::Unreachable(e.to_string()),
+        })
     }
 }
 

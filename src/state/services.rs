@@ -435,8 +435,10 @@ impl Services {
         let name = fqdn.clone();
         let task = tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
-            // Slices as last listed or changed; `listing` gathers a re-list until it is done.
-            let mut slices: BTreeMap<String, SliceInfo> = BTreeMap::new();
+            // Slices as last listed or changed (one copy, shared with the connections: copied
+            // only when it changes while a connection still reads it); `listing` gathers a
+            // re-list until it is done.
+            let mut slices: Arc<BTreeMap<String, SliceInfo>> = Arc::default();
             let mut listing: Option<BTreeMap<String, SliceInfo>> = None;
             while let Some(event) = stream.next().await {
                 let Some(me) = me.upgrade() else { return };
@@ -457,15 +459,15 @@ impl Services {
                     Ok(SliceEvent::Applied(s)) => {
                         match listing.as_mut() {
                             Some(l) => l.insert(s.name.clone(), s),
-                            None => slices.insert(s.name.clone(), s),
+                            None => Arc::make_mut(&mut slices).insert(s.name.clone(), s),
                         };
                     }
                     Ok(SliceEvent::Deleted(name)) => {
-                        slices.remove(&name);
+                        Arc::make_mut(&mut slices).remove(&name);
                     }
                     Ok(SliceEvent::Listed) => {
                         if let Some(l) = listing.take() {
-                            slices = l;
+                            slices = Arc::new(l);
                         }
                     }
                     Err(e) => {
@@ -482,7 +484,7 @@ impl Services {
                         .filter(|e| e.ready)
                         .count();
                     debug!(service = %name, slices = slices.len(), ready, "endpoints changed");
-                    tx.send_replace(Some(Arc::new(slices.clone())));
+                    tx.send_replace(Some(slices.clone()));
                 }
             }
         });
