@@ -25,6 +25,9 @@ const AMBIENT_ANNOTATION: &str = "ambient.istio.io/redirection";
 /// The label that ties an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// How many of a Service's Pods are listed with its first use.
+const POD_PAGE: u32 = 100;
+
 /// Why the API could not answer.
 #[derive(Debug, Error)]
 pub enum KubeError {
@@ -114,6 +117,25 @@ impl Client {
             .await?
             .as_ref()
             .and_then(PodInfo::from_object))
+    }
+
+    /// The Pods `selector` picks in `namespace`, at most `POD_PAGE` of them (a Service's
+    /// backends past them are read one by one when chosen), finished ones left out.
+    pub async fn pods_by_selector(
+        &self,
+        namespace: &str,
+        selector: &str,
+    ) -> Result<Vec<PodInfo>, KubeError> {
+        let api: Api<Pod> = Api::namespaced(self.0.clone(), namespace);
+        let params = ListParams::default().labels(selector).limit(POD_PAGE);
+        Ok(api
+            .list(&params)
+            .await?
+            .items
+            .iter()
+            .filter_map(PodInfo::from_object)
+            .filter(|p| !p.finished)
+            .collect())
     }
 
     /// The running Pod whose address is `ip` (a pod IP dialled directly), if any.
@@ -258,6 +280,9 @@ pub struct ServiceInfo {
     pub affinity: Option<u32>,
     /// `internalTrafficPolicy: Local`: only endpoints on this node.
     pub node_local: bool,
+    /// Its pod selector as a label selector (`app=shop,tier=web`); `None` for a Service
+    /// without one (its EndpointSlices are written by someone else).
+    pub selector: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -324,6 +349,12 @@ impl ServiceInfo {
             ports,
             affinity,
             node_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            selector: spec.selector.as_ref().filter(|s| !s.is_empty()).map(|s| {
+                s.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
         })
     }
 }

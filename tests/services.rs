@@ -194,14 +194,15 @@ fn cluster(tag: &str, n: usize, sas: &'static [&'static str]) -> Option<(Cluster
 }
 
 /// Pod backend-a (at pod A's address; `meshed`: with the injector's label) behind Service
-/// `web` (port 80 -> 8080, one EndpointSlice), with kube-proxy's rule for it on the node;
-/// returns the ClusterIP.
+/// `web` (port 80 -> 8080, selector `app=backend-a`, one EndpointSlice written here as the
+/// controller would), with kube-proxy's rule for it on the node; returns the ClusterIP.
 fn web_on_a(c: &Cluster, api: &ApiServer, meshed: bool) -> IpAddr {
     let a = c.pod(A).ip4;
     let web = api.admin(move |k| async move {
         let uid = objects::pod(&k, "shop", "backend-a", "backend-a", a, meshed).await;
         let ports = [("http", 80, 8080.into())];
-        let web = objects::service(&k, "shop", "web", &ports, serde_json::json!({})).await;
+        let selector = serde_json::json!({"selector": {"app": "backend-a"}});
+        let web = objects::service(&k, "shop", "web", &ports, selector).await;
         let endpoints = [("backend-a", uid.as_str(), a, true)];
         objects::slice(&k, "shop", "web", "web-1", &[("http", 8080)], &endpoints).await;
         web
@@ -833,7 +834,21 @@ fn both_reporters_name_the_service_a_connection_came_through() {
         Duration::from_secs(10),
     );
 
-    for _ in 0..3 {
+    // The first connection to the Service: its Pods were listed beside its slices (one round
+    // trip for both), so the endpoint's Pod was not read on its own after them.
+    assert_eq!(exchange(&c, CLIENT, SocketAddr::new(web, 80), 100), 100);
+    let requests = "l4mesh_kubernetes_requests_total";
+    assert_eq!(
+        metric(
+            &c,
+            CLIENT,
+            requests,
+            &["request=\"pod_list\"", "result=\"ok\""]
+        ),
+        1.0
+    );
+    assert_eq!(metric(&c, CLIENT, requests, &["request=\"pod\""]), 0.0);
+    for _ in 0..2 {
         assert_eq!(exchange(&c, CLIENT, SocketAddr::new(web, 80), 100), 100);
     }
     let through_web = |reporter: &'static str, security: &'static str| {

@@ -186,6 +186,10 @@ struct ServiceState {
     /// under `sessionAffinity: ClientIP`, else already past (it then only says where the next
     /// tie-break starts, so equal endpoints take turns).
     sticky: Mutex<Option<(IpAddr, Instant)>>,
+    /// True once the Service's Pods have been listed (or that failed, or it has no
+    /// selector): the first connection waits for it rather than read its endpoint's Pod
+    /// after the slices, one more API round trip.
+    pods_listed: watch::Receiver<bool>,
     watch: tokio::task::AbortHandle,
 }
 
@@ -488,6 +492,7 @@ impl Services {
                 }
             }
         });
+        let pods_listed = self.list_pods(&info);
         let state = Arc::new(ServiceState {
             info,
             fqdn,
@@ -495,11 +500,38 @@ impl Services {
             used: Mutex::new(Instant::now()),
             open: Mutex::default(),
             sticky: Mutex::new(None),
+            pods_listed,
             watch: task.abort_handle(),
         });
         inner.services.insert(key, state.clone());
         self.metrics.watches.set(inner.services.len() as i64);
         state
+    }
+
+    /// Lists the Pods `info` selects, beside the first list of its slices (both in one
+    /// round trip), and keeps them as if each had been read; says when that is done.
+    fn list_pods(self: &Arc<Self>, info: &ServiceInfo) -> watch::Receiver<bool> {
+        let Some(selector) = info.selector.clone() else {
+            return watch::channel(true).1;
+        };
+        let (tx, rx) = watch::channel(false);
+        let me = Arc::downgrade(self);
+        let namespace = info.namespace.clone();
+        tokio::spawn(async move {
+            let Some(me) = me.upgrade() else { return };
+            match me.client.pods_by_selector(&namespace, &selector).await {
+                Ok(pods) => {
+                    me.api_ok("pod_list");
+                    for pod in pods {
+                        me.remember_pod(pod);
+                    }
+                }
+                // Each endpoint's Pod is then read when chosen, as without a selector.
+                Err(e) => me.api_failed("pod_list", &e),
+            }
+            let _ = tx.send(true);
+        });
+        rx
     }
 
     /// Drops Service `info` (as it was) and the addresses answered with it.
@@ -557,7 +589,11 @@ impl Services {
             OpenGuard(n)
         };
         let pod = match pod {
-            Some(r) => self.fresh_pod(r, None).await,
+            Some(r) => {
+                let mut listed = service.pods_listed.clone();
+                let _ = tokio::time::timeout(self.settings.wait, listed.wait_for(|l| *l)).await;
+                self.fresh_pod(r, None).await
+            }
             None => None,
         };
         Resolved::Endpoint(Endpoint {
@@ -662,10 +698,16 @@ impl Services {
 
     fn remember_pod(&self, pod: PodInfo) -> Arc<PodInfo> {
         let pod = Arc::new(pod);
-        let entry = Arc::new(PodEntry {
-            info: Mutex::new(Some((pod.clone(), Instant::now()))),
-        });
-        lock(&self.inner).pods.insert(pod_ref(&pod), entry);
+        let entry = lock(&self.inner)
+            .pods
+            .entry(pod_ref(&pod))
+            .or_insert_with(|| {
+                Arc::new(PodEntry {
+                    info: Mutex::new(None),
+                })
+            })
+            .clone();
+        *lock(&entry.info) = Some((pod.clone(), Instant::now()));
         pod
     }
 
@@ -916,7 +958,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The source's own metrics.
 struct KubeMetrics {
-    /// API calls by request (`lookup`, `watch`, `pod`) and result (`ok`, `forbidden`,
+    /// API calls by request (`lookup`, `watch`, `pod`, `pod_list`) and result (`ok`, `forbidden`,
     /// `unreachable`, `config`).
     requests: IntCounterVec,
     /// 1 while the last API call worked.
@@ -930,7 +972,7 @@ impl KubeMetrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "l4mesh_kubernetes_requests_total",
-                "Kubernetes API calls by request (lookup, watch, pod) and result (ok, forbidden, unreachable)",
+                "Kubernetes API calls by request (lookup, watch, pod, pod_list) and result (ok, forbidden, unreachable)",
             ),
             &["request", "result"],
         )
