@@ -851,6 +851,9 @@ fn both_reporters_name_the_service_a_connection_came_through() {
     for _ in 0..2 {
         assert_eq!(exchange(&c, CLIENT, SocketAddr::new(web, 80), 100), 100);
     }
+    // Each waited for its resolution, and says so.
+    let resolved = "l4mesh_kubernetes_resolve_seconds_count";
+    assert_eq!(metric(&c, CLIENT, resolved, &["answer=\"service\""]), 3.0);
     let through_web = |reporter: &'static str, security: &'static str| {
         [
             reporter,

@@ -277,6 +277,21 @@ impl Services {
     /// What `dst` is, and for a Service which endpoint this connection goes to. Waits only for
     /// the first answer about an address, at most `discovery.wait`.
     pub async fn resolve(self: &Arc<Self>, dst: SocketAddr) -> Resolved {
+        let started = Instant::now();
+        let resolved = self.resolve_now(dst).await;
+        let answer = match &resolved {
+            Resolved::Endpoint(Endpoint {
+                service: Some(_), ..
+            }) => 0,
+            Resolved::Endpoint(_) => 1,
+            Resolved::Unknown => 2,
+            Resolved::Refused { .. } => 3,
+        };
+        self.metrics.resolve[answer].observe(started.elapsed().as_secs_f64());
+        resolved
+    }
+
+    async fn resolve_now(self: &Arc<Self>, dst: SocketAddr) -> Resolved {
         let answer = match self.answer(dst.ip()).await {
             Some(answer) => answer,
             None => {
@@ -965,7 +980,14 @@ struct KubeMetrics {
     up: IntGauge,
     /// Services whose EndpointSlices are watched now.
     watches: IntGauge,
+    /// How long each connection waited for `resolve`, by what the address was: what the
+    /// Kubernetes source adds to a connection (microseconds once known, a round trip or
+    /// more for a new address).
+    resolve: [prometheus::Histogram; 4],
 }
+
+/// `resolve`'s answers, in `KubeMetrics::resolve`'s order.
+const RESOLVED: [&str; 4] = ["service", "pod", "outside", "refused"];
 
 impl KubeMetrics {
     fn new(registry: &Registry) -> KubeMetrics {
@@ -987,16 +1009,30 @@ impl KubeMetrics {
             "Services whose EndpointSlices this sidecar watches now",
         )
         .expect("static metric");
+        let resolve = prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "l4mesh_kubernetes_resolve_seconds",
+                "How long a connection waited to learn what its destination is (answer: service, pod, outside, refused)",
+            )
+            .buckets(vec![
+                5e-6, 1e-5, 2.5e-5, 1e-4, 1e-3, 5e-3, 2.5e-2, 0.1, 0.5, 2.5,
+            ]),
+            &["answer"],
+        )
+        .expect("static metric");
         up.set(1);
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(up.clone()),
             Box::new(watches.clone()),
+            Box::new(resolve.clone()),
         ] {
             // A second source on one registry (tests) keeps the first's series.
             let _ = registry.register(c);
         }
         KubeMetrics {
+            // Looked up once here: `resolve` is on every outbound connection.
+            resolve: RESOLVED.map(|answer| resolve.with_label_values(&[answer])),
             requests,
             up,
             watches,
