@@ -78,7 +78,13 @@ fn main() {
                 "shop",
                 &name,
                 &[("http", 80, 8080.into())],
-                serde_json::json!({}),
+                // Every other one without a selector: its endpoint's Pod is read after its
+                // slices, not listed beside them (the first connection's extra round trip).
+                if i % 2 == 0 {
+                    serde_json::json!({"selector": {"app": "backend"}})
+                } else {
+                    serde_json::json!({})
+                },
             )
             .await;
             // One ready endpoint (the backend) and nine that are not.
@@ -137,12 +143,30 @@ fn main() {
     std::thread::sleep(SETTLE);
     let backend_listed = rss_kib(backend_pid);
     let rss_before = rss_kib(client_pid);
+    let anon_before = anon_kib(client_pid);
     let heap_before = heap_kib(&c);
-    for ip in &ips[..USED] {
-        support::new_connections(c.pod(0), SocketAddr::new(*ip, 80), 1);
+    // Each a new Service: the lookup, then its slices and Pods, before the connection goes.
+    // All select the one backend Pod, so each waits until what the last one learnt of it is
+    // stale (older than 2 s): every first connection must learn it again. The selector-less
+    // half first (Pod read after the slices), then the half with selectors (listed beside).
+    let (mut first_listed, mut first_read) = (Vec::new(), Vec::new());
+    for odd in [true, false] {
+        for (i, ip) in ips[..USED].iter().enumerate() {
+            if (i % 2 == 1) != odd {
+                continue;
+            }
+            std::thread::sleep(Duration::from_millis(2100));
+            let us = support::new_connections(c.pod(0), SocketAddr::new(*ip, 80), 1).p50;
+            if odd {
+                first_read.push(us);
+            } else {
+                first_listed.push(us);
+            }
+        }
     }
     std::thread::sleep(SETTLE);
     let rss_after = rss_kib(client_pid);
+    let anon_after = anon_kib(client_pid);
     let heap_after = heap_kib(&c);
     let watches = metric(&c, "l4mesh_kubernetes_watches");
     // The connections the client's sidecar holds to the API server (kube-apiserver's :6443).
@@ -155,6 +179,16 @@ fn main() {
     // 1. ClusterIP vs pod IP, alternating.
     let service = SocketAddr::new(ips[0], 80);
     let (mut via_service, mut via_pod) = (Vec::new(), Vec::new());
+    let resolved = |answer: &str| {
+        let m = |what: &str| {
+            metric(
+                &c,
+                &format!("l4mesh_kubernetes_resolve_seconds_{what}{{answer=\"{answer}\"}}"),
+            )
+        };
+        (m("sum"), m("count"))
+    };
+    let (service_before, pod_before) = (resolved("service"), resolved("pod"));
     for _ in 0..ROUNDS {
         via_pod.push(support::new_connections(c.pod(0), pod_addr, CONNECTIONS));
         via_service.push(support::new_connections(c.pod(0), service, CONNECTIONS));
@@ -163,6 +197,10 @@ fn main() {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
+    let (service_after, pod_after) = (resolved("service"), resolved("pod"));
+    let mean_us = |(s0, n0): (f64, f64), (s1, n1): (f64, f64)| (s1 - s0) / (n1 - n0) * 1e6;
+    let resolve_service = mean_us(service_before, service_after);
+    let resolve_pod = mean_us(pod_before, pod_after);
     let p50_pod = median(&mut via_pod.iter().map(|l| l.p50).collect());
     let p50_svc = median(&mut via_service.iter().map(|l| l.p50).collect());
     let rate_pod = median(&mut via_pod.iter().map(|l| l.per_sec).collect());
@@ -208,6 +246,14 @@ fn main() {
     println!("| new connections/s, pod IP (median of {ROUNDS} x {CONNECTIONS}) | {rate_pod:.0} |");
     println!("| new connections/s, ClusterIP (same run) | {rate_svc:.0} |");
     println!("| p50 per connection, pod IP / ClusterIP | {p50_pod:.1} / {p50_svc:.1} us (difference {:.1} us) |", p50_svc - p50_pod);
+    println!(
+        "| first connection to a new Service, median of {}: Pods listed with the slices / Pod read after them (no selector) | {:.0} / {:.0} us |",
+        USED / 2,
+        median(&mut first_listed),
+        median(&mut first_read)
+    );
+    println!("| time each connection waited for resolution, mean (l4mesh_kubernetes_resolve_seconds): pod IP / ClusterIP | {resolve_pod:.1} / {resolve_service:.1} us |");
+    println!("| client sidecar anonymous memory (RssAnon) before / after using {USED} of {SERVICES} Services | {anon_before} / {anon_after} KiB (+{} KiB) |", anon_after as i64 - anon_before as i64);
     println!("| client sidecar RSS before / after using {USED} of {SERVICES} Services | {rss_before} / {rss_after} KiB (+{} KiB) |", rss_after as i64 - rss_before as i64);
     println!(
         "| client sidecar heap in use / free before | {} / {} KiB |",
@@ -235,6 +281,16 @@ async fn k_uid(k: &kube::Client, ip: IpAddr) -> String {
     let pod = pods.get("backend").await.unwrap();
     let _ = ip;
     pod.metadata.uid.unwrap()
+}
+
+/// A process's anonymous resident memory (its own, not the binary's pages it touched), KiB.
+fn anon_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The client sidecar's heap (`l4mesh_heap_bytes`): in use and free, KiB.
