@@ -344,6 +344,9 @@ struct Memory {
     held: Vec<(usize, usize, Vec<f64>)>,
     /// RSS (KiB) of each process once every held connection had closed: what it gave back.
     after: Vec<u64>,
+    /// l4mesh only: RSS (KiB) again past the sidecar's periodic `malloc_trim`, and its heap
+    /// (`l4mesh_heap_bytes`, KiB in use and free), client then server.
+    settled: Option<Vec<(u64, u64, u64)>>,
 }
 
 #[derive(Clone, Copy)]
@@ -483,11 +486,35 @@ fn memory(c: &Cluster, p: &Path, idle: &[u64]) -> Option<Memory> {
         })
         .collect();
     quiet(c, &p.pids);
+    let after = p.pids.iter().map(|p| rss_kib(*p)).collect();
+    // Past the sidecar's periodic malloc_trim (every 10 s): what it holds, not what it freed
+    // a moment ago; and whether that is in use or only kept by the allocator.
+    let settled = (p.kind == Kind::L4mesh).then(|| {
+        std::thread::sleep(Duration::from_secs(11));
+        // The client sidecar runs in the path's client pod, the server's in pod 1.
+        [p.client, 1]
+            .iter()
+            .zip(&p.pids)
+            .map(|(pod, pid)| {
+                let text = c
+                    .pod(*pod)
+                    .exec(&["curl", "-s", "http://127.0.0.1:15020/metrics"]);
+                let heap = |state: &str| {
+                    let name = format!("l4mesh_heap_bytes{{state=\"{state}\"}} ");
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(&name)?.trim().parse::<f64>().ok())
+                        .map_or(0, |b| b as u64 / 1024)
+                };
+                (rss_kib(*pid), heap("in_use"), heap("free"))
+            })
+            .collect()
+    });
     eprintln!("{}: memory measured", p.name);
     Some(Memory {
         idle: idle.to_vec(),
         held,
-        after: p.pids.iter().map(|p| rss_kib(*p)).collect(),
+        after,
+        settled,
     })
 }
 
@@ -600,14 +627,20 @@ fn render(rows: &[Row]) -> String {
         t.push_str(&format!("| {} | {full} | {resumed} |\n", r.name));
     }
 
-    let held_cols: Vec<String> = HOLD
+    // As many hold sizes as were measured (the quick run holds the first only).
+    let sizes = rows
+        .iter()
+        .filter_map(|r| Some(r.memory.as_ref()?.held.len()))
+        .max()
+        .unwrap_or(HOLD.len());
+    let held_cols: Vec<String> = HOLD[..sizes]
         .iter()
         .map(|n| format!("KiB/conn at {n} (client, server proxy)"))
         .collect();
     t.push_str(&format!(
-        "\n### 4. Memory (RSS of each proxy; idle connections opened with one echo each)\n\n| path | idle RSS KiB (client, server proxy) | {} | RSS KiB once all closed |\n|---|---|{}---|\n",
+        "\n### 4. Memory (RSS of each proxy; idle connections opened with one echo each)\n\n| path | idle RSS KiB (client, server proxy) | {} | RSS KiB once all closed | l4mesh 11 s later: RSS, heap in use / free KiB |\n|---|---|{}---|---|\n",
         held_cols.join(" | "),
-        "---|".repeat(HOLD.len())
+        "---|".repeat(sizes)
     ));
     for r in rows {
         let Some(m) = &r.memory else { continue };
@@ -625,8 +658,14 @@ fn render(rows: &[Row]) -> String {
             })
             .collect();
         let kib = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+        let settled = m.settled.as_ref().map_or("-".to_string(), |v| {
+            v.iter()
+                .map(|(rss, used, free)| format!("{rss} ({used} / {free})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
         t.push_str(&format!(
-            "| {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {settled} |\n",
             r.name,
             kib(&m.idle),
             cells.join(" | "),

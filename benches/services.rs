@@ -164,6 +164,12 @@ fn main() {
             }
         }
     }
+    // What those requests cost the API server itself (its own histograms; the lookups and
+    // lists are the sidecars', the bench wrote with POST and PUT).
+    let api_latency = api.admin(|k| async move {
+        let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+        k.request_text(request).await.unwrap()
+    });
     std::thread::sleep(SETTLE);
     let rss_after = rss_kib(client_pid);
     let anon_after = anon_kib(client_pid);
@@ -253,6 +259,18 @@ fn main() {
         median(&mut first_read)
     );
     println!("| time each connection waited for resolution, mean (l4mesh_kubernetes_resolve_seconds): pod IP / ClusterIP | {resolve_pod:.1} / {resolve_service:.1} us |");
+    for (verb, resource) in [
+        ("LIST", "services"),
+        ("LIST", "endpointslices"),
+        ("LIST", "pods"),
+        ("GET", "pods"),
+    ] {
+        let (sum, count) = api_request_seconds(&api_latency, verb, resource);
+        println!(
+            "| API server's own time for {verb} {resource}, mean of {count} | {:.2} ms |",
+            sum / count as f64 * 1e3
+        );
+    }
     println!("| client sidecar anonymous memory (RssAnon) before / after using {USED} of {SERVICES} Services | {anon_before} / {anon_after} KiB (+{} KiB) |", anon_after as i64 - anon_before as i64);
     println!("| client sidecar RSS before / after using {USED} of {SERVICES} Services | {rss_before} / {rss_after} KiB (+{} KiB) |", rss_after as i64 - rss_before as i64);
     println!(
@@ -281,6 +299,24 @@ async fn k_uid(k: &kube::Client, ip: IpAddr) -> String {
     let pod = pods.get("backend").await.unwrap();
     let _ = ip;
     pod.metadata.uid.unwrap()
+}
+
+/// From kube-apiserver's `/metrics`: the total seconds and number of `verb` requests for
+/// `resource` (all scopes and codes).
+fn api_request_seconds(metrics: &str, verb: &str, resource: &str) -> (f64, u64) {
+    let pick = |name: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter(|l| l.contains(&format!("verb=\"{verb}\"")))
+            .filter(|l| l.contains(&format!("resource=\"{resource}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    (
+        pick("apiserver_request_duration_seconds_sum{"),
+        pick("apiserver_request_duration_seconds_count{") as u64,
+    )
 }
 
 /// A process's anonymous resident memory (its own, not the binary's pages it touched), KiB.
