@@ -125,7 +125,11 @@ fn main() {
     tagger(l1, 1);
     tagger(l2, 2);
     let ca = c.make_ca();
-    c.log_level = "info";
+    // L4MESH_BENCH_LOG_LEVEL (for chasing an outlier): the sidecars' log level.
+    c.log_level = match std::env::var("L4MESH_BENCH_LOG_LEVEL") {
+        Ok(level) => Box::leak(level.into_boxed_str()),
+        Err(_) => "info",
+    };
     let kubeconfig = api.kubeconfig("sidecar", SIDECAR_TOKEN);
     let discovery = format!(
         "discovery:\n  kubernetes: on\n  kubeconfig: {}\n",
@@ -239,12 +243,39 @@ fn main() {
             t0
         });
         let seen = c.pod(0).run(move || loop {
-            if tag_of(to) == Some(tag) {
+            let asked = Instant::now();
+            let got = tag_of(to);
+            if asked.elapsed() > Duration::from_secs(5) {
+                // One connection that hung, not a change that was late.
+                println!(
+                    "one connection to {to} took {:?} (got {got:?})",
+                    asked.elapsed()
+                );
+            }
+            if got == Some(tag) {
                 return Instant::now();
             }
             std::thread::sleep(Duration::from_millis(2));
         });
         delays.push(seen.duration_since(t0).as_secs_f64() * 1e3);
+    }
+    if delays.iter().any(|d| *d > 5_000.0) {
+        // A change that took seconds: keep what the sidecars said, in order of the changes.
+        let keep = std::env::temp_dir().join("bench-services-slow-logs");
+        let _ = std::fs::create_dir_all(&keep);
+        for e in std::fs::read_dir(c.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+            }
+        }
+        println!(
+            "slice changes, ms, in order: {delays:.0?}; sidecar logs kept in {}",
+            keep.display()
+        );
     }
     delays.sort_by(|a, b| a.total_cmp(b));
 
