@@ -1,10 +1,11 @@
 //! Live state, Kubernetes: what stands behind an address the pod dials, learned from the API
 //! on demand (issue 24). A ClusterIP first seen is looked up once (`kube::Client::
 //! service_by_cluster_ip`); its Service's EndpointSlices are then watched, all slices merged,
-//! until the Service has been unused for `discovery.idle`; each endpoint's Pod (its service
-//! account, whether it has a sidecar) is read by name and kept, refreshed when it is older than
-//! `POD_FRESH`. An address that is no Service may be a pod (`pod_by_ip`). Nothing is listed or
-//! watched cluster-wide.
+//! until the Service has been unused for `discovery.idle`; its Pods (their service accounts,
+//! whether they have a sidecar) are listed by its selector beside the slices' first list, a
+//! Pod the list did not have is read by name, and each is kept, refreshed when it is older
+//! than `POD_FRESH`. An address that is no Service may be a pod (`pod_by_ip`). Nothing is
+//! listed or watched cluster-wide.
 //!
 //! The data path calls [`Services::resolve`] once per connection; it waits only for the first
 //! answer about a new address, bounded by `discovery.wait`. When the API fails, what is known
