@@ -496,14 +496,9 @@ fn memory(c: &Cluster, p: &Path, idle: &[u64]) -> Option<Memory> {
             .iter()
             .zip(&p.pids)
             .map(|(pod, pid)| {
-                let text = c
-                    .pod(*pod)
-                    .exec(&["curl", "-s", "http://127.0.0.1:15020/metrics"]);
                 let heap = |state: &str| {
-                    let name = format!("l4mesh_heap_bytes{{state=\"{state}\"}} ");
-                    text.lines()
-                        .find_map(|l| l.strip_prefix(&name)?.trim().parse::<f64>().ok())
-                        .map_or(0, |b| b as u64 / 1024)
+                    let state = format!("state=\"{state}\"");
+                    metric(c, *pod, "l4mesh_heap_bytes", &[&state]) as u64 / 1024
                 };
                 (rss_kib(*pid), heap("in_use"), heap("free"))
             })

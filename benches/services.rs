@@ -147,7 +147,7 @@ fn main() {
     std::thread::sleep(SETTLE);
     let backend_listed = rss_kib(backend_pid);
     let rss_before = rss_kib(client_pid);
-    let anon_before = anon_kib(client_pid);
+    let anon_before = status_kib(client_pid, "RssAnon");
     let heap_before = heap_kib(&c);
     // Each a new Service: the lookup, then its slices and Pods, before the connection goes.
     // All select the one backend Pod, so each waits until what the last one learnt of it is
@@ -176,7 +176,7 @@ fn main() {
     });
     std::thread::sleep(SETTLE);
     let rss_after = rss_kib(client_pid);
-    let anon_after = anon_kib(client_pid);
+    let anon_after = status_kib(client_pid, "RssAnon");
     let heap_after = heap_kib(&c);
     let watches = metric(&c, "l4mesh_kubernetes_watches");
     // The connections the client's sidecar holds to the API server (kube-apiserver's :6443).
@@ -348,16 +348,6 @@ fn api_request_seconds(metrics: &str, verb: &str, resource: &str) -> (f64, u64) 
         pick("apiserver_request_duration_seconds_sum{"),
         pick("apiserver_request_duration_seconds_count{") as u64,
     )
-}
-
-/// A process's anonymous resident memory (its own, not the binary's pages it touched), KiB.
-fn anon_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// The client sidecar's heap (`l4mesh_heap_bytes`): in use and free, KiB.

@@ -606,8 +606,12 @@ impl Services {
         };
         let pod = match pod {
             Some(r) => {
-                let mut listed = service.pods_listed.clone();
-                let _ = tokio::time::timeout(self.settings.wait, listed.wait_for(|l| *l)).await;
+                // Only the first connections wait (and pay for a timer): once listed, never.
+                if !*service.pods_listed.borrow() {
+                    let mut listed = service.pods_listed.clone();
+                    let wait = listed.wait_for(|l| *l);
+                    let _ = tokio::time::timeout(self.settings.wait, wait).await;
+                }
                 self.fresh_pod(r, None).await
             }
             None => None,

@@ -734,10 +734,15 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 
 /// A process's resident memory, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// A `/proc/<pid>/status` figure in KiB (`VmRSS`, `RssAnon`, ...); 0 when unreadable.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
