@@ -24,7 +24,7 @@ struct Cli {
     command: Cmd,
 }
 
-/// The workload `check --explain` and `simulate` ask about, over the config's `workload`.
+/// The workload `check` and `simulate` ask about, over the config's `workload`.
 #[derive(clap::Args)]
 struct SubjectArgs {
     /// The workload's namespace (default: workload.namespace).
@@ -469,8 +469,12 @@ fn dispatch(cmd: Cmd, log: Arc<LogControl>) -> Result<(), Failure> {
             print!("{text}");
             Ok(())
         }
-        Cmd::Check { config, .. } => {
-            let config = load_config(config.as_deref()).map_err(bad)?;
+        Cmd::Check {
+            config, subject, ..
+        } => {
+            let mut config = load_config(config.as_deref()).map_err(bad)?;
+            // Without this, `check --label app=web` answered for a workload without the label.
+            subject.subject().over(&mut config.workload);
             print!("{}", check::check(&config).map_err(bad)?);
             Ok(())
         }

@@ -213,3 +213,63 @@ fn what_istiod_refuses_check_and_simulate_refuse() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Plain `check` answers for the workload the command line describes: `--label` (and
+/// `--namespace`, `--service-account`) go over the config's `workload`, as they do for
+/// `--explain` and `simulate`. They were accepted and silently ignored: `check --label app=web`
+/// answered for a pod without the label.
+#[test]
+fn check_answers_for_the_labels_given_on_the_command_line() {
+    let dir = std::env::temp_dir().join(format!("l4mesh-check-labels-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let at = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let made = |args: &[&str]| {
+        let (_, code, err) = l4mesh(args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+    };
+    made(&["certs", "ca", "--out", &at("ca")]);
+    made(&[
+        "certs",
+        "issue",
+        "--ca",
+        &at("ca"),
+        "--out",
+        &at("web"),
+        "--namespace",
+        "shop",
+        "--service-account",
+        "web",
+    ]);
+    std::fs::write(
+        dir.join("policy.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: web\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: web\n  mtls:\n    mode: STRICT\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("sidecar.yaml"),
+        format!(
+            "workload:\n  namespace: shop\n  service_account: web\nidentity:\n  cert_chain: {w}/cert-chain.pem\n  private_key: {w}/key.pem\n  trust_bundle: {w}/root-cert.pem\npolicy:\n  file: {p}\n",
+            w = at("web"),
+            p = at("policy.yaml")
+        ),
+    )
+    .unwrap();
+    let config = at("sidecar.yaml");
+    let (out, code, err) = l4mesh(&["check", "--config", &config]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("all ports: PERMISSIVE (no policy applies"),
+        "{out}"
+    );
+    let (out, code, err) = l4mesh(&["check", "--config", &config, "--label", "app=web"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("all ports: STRICT (PeerAuthentication shop/web, workload selector)"),
+        "{out}"
+    );
+    // A service account the certificate does not carry is the mistake it would be in `run`.
+    let (_, code, _) = l4mesh(&["check", "--config", &config, "--service-account", "cart"]);
+    assert_ne!(code, 0);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -33,6 +33,20 @@ pub struct Subject {
     pub labels: Vec<(String, String)>,
 }
 
+impl Subject {
+    /// Puts the command line's answers over the config's `workload` (plain `check`, which
+    /// loads the workload as `run` would and so reads it from the config).
+    pub fn over(&self, workload: &mut crate::config::Workload) {
+        if let Some(ns) = &self.namespace {
+            workload.namespace = Some(ns.clone());
+        }
+        if let Some(sa) = &self.service_account {
+            workload.service_account = Some(sa.clone());
+        }
+        workload.labels.extend(self.labels.iter().cloned());
+    }
+}
+
 /// The file, read, and resolved for the subject.
 struct Resolved {
     workload: Workload,
