@@ -12,6 +12,12 @@
 //!    at such rates run), connections/s and proxy CPU per connection (issue 15);
 //! 6. the criterion microbenches' latest results (sniff, authz, relay), if they have run.
 //!
+//! With `L4MESH_BENCH_ZTUNNEL=<path to a ztunnel binary>` (istio/ztunnel built with
+//! `--features testing`, for its self-signed `FAKE_CA`), a pair of Istio's ztunnels in
+//! dedicated mode runs beside the others in two pods of its own (outbound capture as in
+//! ztunnel's own dedicated-mode tests), and is measured in every run (the quick one too): the row issue 26
+//! compares against. Without it, a line says the row is skipped.
+//!
 //! Medians of 3 runs with min-max; each figure also as a ratio to the best peer (stunnel or
 //! HAProxy) and, for bulk and latency, to the plain relay pair.
 //!
@@ -51,6 +57,9 @@ enum Kind {
     Direct,
     Relay,
     Peer,
+    /// Istio's ztunnel pair: a peer, and measured like l4mesh (also in quick runs, and its
+    /// memory again 11 s after the load).
+    Ztunnel,
     L4mesh,
 }
 
@@ -92,7 +101,14 @@ fn main() {
     // Pod 0: clients and the client-side proxies; pod 1: servers and the server-side proxies;
     // pod 2: clients behind an l4mesh sidecar with session resumption off.
     // Pod 3: clients behind an l4mesh sidecar using the direct transport.
-    let mut c = Cluster::new("cmp", 4);
+    // Pods 4 and 5 (with a ztunnel): client and server, each with its ztunnel.
+    let ztunnel = std::env::var("L4MESH_BENCH_ZTUNNEL")
+        .ok()
+        .filter(|p| !p.is_empty());
+    if ztunnel.is_none() {
+        eprintln!("bench compare: L4MESH_BENCH_ZTUNNEL not set: no ztunnel row (see the top of benches/compare.rs)");
+    }
+    let mut c = Cluster::new("cmp", if ztunnel.is_some() { 6 } else { 4 });
     c.log_level = "info";
     for pod in &c.pods {
         pod.exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
@@ -117,6 +133,32 @@ fn main() {
     for port in [ECHO, ECHO + PLAIN] {
         echo(c.pod(1).run(move || listen(at(b, port))));
     }
+    let ztunnel_path = ztunnel.as_deref().map(|bin| {
+        let zb = c.pod(5).ip4;
+        c.spawn_in(
+            5,
+            "iperf3-ztunnel",
+            &[
+                "iperf3",
+                "-s",
+                "-B",
+                &zb.to_string(),
+                "-p",
+                &IPERF.to_string(),
+            ],
+        );
+        echo(c.pod(5).run(move || listen(at(zb, ECHO))));
+        let pids = start_ztunnels(&mut c, bin);
+        Path {
+            name: "Istio ztunnel pair (HBONE)",
+            kind: Kind::Ztunnel,
+            client: 4,
+            bulk: at(zb, IPERF),
+            echo: at(zb, ECHO),
+            full: None,
+            pids,
+        }
+    });
 
     let ca = c.make_ca();
     let client = c.issue(&ca, "client", "bench", "client");
@@ -246,11 +288,14 @@ fn main() {
     // Memory runs after every other figure, and the next measurement waits until the
     // thousands of connections it closed are gone (see `quiet`).
     let quick = std::env::var("L4MESH_BENCH_QUICK").as_deref() == Ok("1");
+    let mut paths: Vec<Path> = paths.into_iter().filter(|_| !quick).collect();
+    paths.extend(ztunnel_path);
+    let bulk_only = std::env::var("L4MESH_BENCH_BULK_ONLY").as_deref() == Ok("1");
     let mut rows = Vec::new();
-    for p in paths.iter().filter(|_| !quick) {
+    for p in &paths {
         rows.push(measure(&c, p));
     }
-    for (p, row) in paths.iter().zip(rows.iter_mut()) {
+    for (p, row) in paths.iter().zip(rows.iter_mut()).filter(|_| !bulk_only) {
         row.memory = memory(&c, p, &row.idle_rss);
     }
     let all: Vec<u32> = paths.iter().flat_map(|p| p.pids.clone()).collect();
@@ -305,7 +350,6 @@ fn main() {
     ] {
         rows.push(measure(&c, &p));
         // The plaintext path runs through the same sidecars: their memory is measured once.
-        let bulk_only = std::env::var("L4MESH_BENCH_BULK_ONLY").as_deref() == Ok("1");
         if p.full.is_some() && !bulk_only {
             let last = rows.len() - 1;
             rows[last].memory = memory(&c, &p, &rows[last].idle_rss);
@@ -316,6 +360,110 @@ fn main() {
     if !quick {
         write_results(&tables);
     }
+}
+
+/// Starts Istio's ztunnel in pods 4 (client) and 5 (server), as a sidecar would run: dedicated
+/// mode (one workload each), running as UID 1337 with the pod's outbound traffic captured,
+/// its workloads from a local file instead of istiod, and certificates from its built-in test
+/// CA (`FAKE_CA`), 2 worker threads like the l4mesh sidecars. Logs as shipped (info: an access
+/// line per connection). Returns the two processes' IDs.
+fn start_ztunnels(c: &mut Cluster, bin: &str) -> Vec<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = c.dir.path().to_path_buf();
+    // Where the proxy user can run it from, wherever the given binary lives.
+    let copy = dir.join("ztunnel");
+    std::fs::copy(bin, &copy).unwrap_or_else(|e| panic!("L4MESH_BENCH_ZTUNNEL={bin}: {e}"));
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let workload = |name: &str, ip| {
+        format!("- uid: Kubernetes//v1/Pod/bench/{name}\n  name: {name}\n  namespace: bench\n  serviceAccount: {name}\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: node\n  network: \"\"\n  services: {{}}\n")
+    };
+    let xds = dir.join("ztunnel-workloads.yaml");
+    std::fs::write(
+        &xds,
+        format!(
+            "workloads:\n{}{}",
+            workload("client", c.pod(4).ip4),
+            workload("server", c.pod(5).ip4)
+        ),
+    )
+    .unwrap();
+    let before = c.sidecar_pids().len();
+    for (i, name) in [(4, "client"), (5, "server")] {
+        // As ztunnel's own dedicated-mode test setup (scripts/ztunnel-redirect.sh), by UID as
+        // its comment says a real deployment would: the pod's outbound TCP not from ztunnel
+        // goes to :15001; tunnels arrive on :15008 directly.
+        c.pod(i).exec(&[
+            "iptables",
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "!",
+            "-o",
+            "lo",
+            "-m",
+            "owner",
+            "!",
+            "--uid-owner",
+            "1337",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ]);
+        let info = format!("PROXY_WORKLOAD_INFO=bench/{name}/{name}");
+        let local = format!("LOCAL_XDS_PATH={}", xds.display());
+        c.spawn_in(
+            i,
+            &format!("ztunnel-{name}"),
+            &[
+                "setpriv",
+                "--reuid=1337",
+                "--regid=1337",
+                "--clear-groups",
+                "env",
+                "PROXY_MODE=dedicated",
+                "FAKE_CA=true",
+                "XDS_ADDRESS=",
+                &local,
+                &info,
+                "ZTUNNEL_WORKER_THREADS=2",
+                copy.to_str().unwrap(),
+                "proxy",
+            ],
+        );
+    }
+    for i in [4, 5] {
+        let ready = c.pod(i).run(|| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while std::time::Instant::now() < deadline {
+                let answer =
+                    connect(SocketAddr::from(([127, 0, 0, 1], 15021))).and_then(|mut s| {
+                        use std::io::{Read, Write};
+                        s.write_all(
+                            b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                        )?;
+                        let mut a = String::new();
+                        s.read_to_string(&mut a)?;
+                        Ok(a)
+                    });
+                if answer.is_ok_and(|a| a.starts_with("HTTP/1.1 200")) {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            false
+        });
+        assert!(
+            ready,
+            "ztunnel in pod {i} not ready in 30 s (logs in {})",
+            dir.display()
+        );
+    }
+    c.sidecar_pids()[before..].to_vec()
 }
 
 struct Row {
@@ -344,10 +492,13 @@ struct Memory {
     held: Vec<(usize, usize, Vec<f64>)>,
     /// RSS (KiB) of each process once every held connection had closed: what it gave back.
     after: Vec<u64>,
-    /// l4mesh only: RSS (KiB) again past the sidecar's periodic `malloc_trim`, and its heap
-    /// (`l4mesh_heap_bytes`, KiB in use and free), client then server.
-    settled: Option<Vec<(u64, u64, u64)>>,
+    /// l4mesh and ztunnel: RSS (KiB) again past the sidecar's periodic `malloc_trim`, and
+    /// for l4mesh its heap (`l4mesh_heap_bytes`, KiB in use and free), client then server.
+    settled: Option<Vec<Settled>>,
 }
+
+/// RSS (KiB) of one proxy 11 s after the load, and for l4mesh its heap in use and free (KiB).
+type Settled = (u64, Option<(u64, u64)>);
 
 #[derive(Clone, Copy)]
 struct Stat {
@@ -487,9 +638,10 @@ fn memory(c: &Cluster, p: &Path, idle: &[u64]) -> Option<Memory> {
         .collect();
     quiet(c, &p.pids);
     let after = p.pids.iter().map(|p| rss_kib(*p)).collect();
-    // Past the sidecar's periodic malloc_trim (every 10 s): what it holds, not what it freed
-    // a moment ago; and whether that is in use or only kept by the allocator.
-    let settled = (p.kind == Kind::L4mesh).then(|| {
+    // Past the sidecar's periodic malloc_trim (every 10 s) and ztunnel's jemalloc decay (5 s):
+    // what it holds, not what it freed a moment ago; and for l4mesh whether that is in use or
+    // only kept by the allocator.
+    let settled = matches!(p.kind, Kind::L4mesh | Kind::Ztunnel).then(|| {
         std::thread::sleep(Duration::from_secs(11));
         // The client sidecar runs in the path's client pod, the server's in pod 1.
         [p.client, 1]
@@ -500,10 +652,18 @@ fn memory(c: &Cluster, p: &Path, idle: &[u64]) -> Option<Memory> {
                     let state = format!("state=\"{state}\"");
                     metric(c, *pod, "l4mesh_heap_bytes", &[&state]) as u64 / 1024
                 };
-                (rss_kib(*pid), heap("in_use"), heap("free"))
+                let split = (p.kind == Kind::L4mesh).then(|| (heap("in_use"), heap("free")));
+                (rss_kib(*pid), split)
             })
             .collect()
     });
+    if std::env::var("L4MESH_BENCH_WHERE").as_deref() == Ok("1") {
+        // For chasing what a proxy keeps after the load: its resident anonymous memory by
+        // mapping (the main heap, thread arenas, stacks), largest first.
+        for pid in &p.pids {
+            eprintln!("{} pid {pid}: {}", p.name, anon_by_mapping(*pid));
+        }
+    }
     eprintln!("{}: memory measured", p.name);
     Some(Memory {
         idle: idle.to_vec(),
@@ -513,6 +673,42 @@ fn memory(c: &Cluster, p: &Path, idle: &[u64]) -> Option<Memory> {
     })
 }
 
+/// `pid`'s resident anonymous KiB per mapping (`/proc/<pid>/smaps`), the ten largest.
+fn anon_by_mapping(pid: u32) -> String {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut maps: Vec<(u64, String)> = Vec::new();
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("Anonymous:") => {
+                let kib = words.next().and_then(|k| k.parse().ok()).unwrap_or(0);
+                if let Some(last) = maps.last_mut() {
+                    last.0 = kib;
+                }
+            }
+            Some(range) if range.contains('-') && !range.ends_with(':') => {
+                let size = range
+                    .split_once('-')
+                    .and_then(|(a, b)| {
+                        Some(u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?)
+                    })
+                    .unwrap_or(0);
+                let name = line.split_whitespace().nth(5).unwrap_or("");
+                maps.push((0, format!("{} KiB {name}", size / 1024)));
+            }
+            _ => {}
+        }
+    }
+    maps.sort_by_key(|m| std::cmp::Reverse(m.0));
+    let total: u64 = maps.iter().map(|m| m.0).sum();
+    let top: Vec<String> = maps
+        .iter()
+        .take(10)
+        .map(|(kib, what)| format!("{kib} of {what}"))
+        .collect();
+    format!("anonymous {total} KiB: {}", top.join("; "))
+}
+
 /// Waits (at most 90 s) until `pids` use next to no CPU and the pods hold few TIME_WAIT
 /// sockets: after thousands of connections close, a proxy tearing down threads or a kernel
 /// searching a crowded port space would slow whatever is measured next.
@@ -520,7 +716,7 @@ fn quiet(c: &Cluster, pids: &[u32]) {
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     let cpu = || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
     let time_wait = || {
-        (0..2)
+        (0..c.pods.len())
             .map(|i| {
                 sh(&[
                     "ip",
@@ -560,7 +756,10 @@ fn ratio(x: f64, of: f64) -> String {
 }
 
 fn render(rows: &[Row]) -> String {
-    let peers = || rows.iter().filter(|r| r.kind == Kind::Peer);
+    let peers = || {
+        rows.iter()
+            .filter(|r| matches!(r.kind, Kind::Peer | Kind::Ztunnel))
+    };
     let best = |f: &dyn Fn(&Row) -> f64| peers().map(f).fold(0.0, f64::max);
     let relay = rows.iter().find(|r| r.kind == Kind::Relay);
     let of_relay = |f: &dyn Fn(&Row) -> f64| relay.map_or(0.0, f);
@@ -599,7 +798,7 @@ fn render(rows: &[Row]) -> String {
         ));
     }
 
-    t.push_str(&format!("\n### 3. New connections (connect + 100 B echo + close, {CONNECTIONS} in a row)\n\n| path | full handshakes, conn/s (min-max) | p99 ms | x best peer | resumed sessions, conn/s (min-max) | p99 ms | x best peer |\n|---|---|---|---|---|---|---|\n"));
+    t.push_str(&format!("\n### 3. New connections (connect + 100 B echo + close, {CONNECTIONS} in a row)\n\n| path | full handshakes, conn/s (min-max) | p99 ms | x best peer | as made by default (resumed sessions; pooled tunnels), conn/s (min-max) | p99 ms | x best peer |\n|---|---|---|---|---|---|---|\n"));
     let best_full = best(&|r| r.conns_full.map_or(0.0, |s| s[0].median));
     let best_resumed = best(&|r| r.conns[0].median);
     for r in rows {
@@ -613,6 +812,11 @@ fn render(rows: &[Row]) -> String {
         };
         let (full, resumed) = match &r.conns_full {
             Some(full) => (cells(full, best_full), cells(&r.conns, best_resumed)),
+            // ztunnel opens no TLS connection per application connection (its HBONE tunnels
+            // are pooled), and has no setting that would: its one figure is the default.
+            None if r.kind == Kind::Ztunnel => {
+                ("- | - | -".to_string(), cells(&r.conns, best_resumed))
+            }
             // No TLS: no handshake to make or resume.
             None => (
                 format!("{} (no TLS)", cells(&r.conns, best_full)),
@@ -633,7 +837,7 @@ fn render(rows: &[Row]) -> String {
         .map(|n| format!("KiB/conn at {n} (client, server proxy)"))
         .collect();
     t.push_str(&format!(
-        "\n### 4. Memory (RSS of each proxy; idle connections opened with one echo each)\n\n| path | idle RSS KiB (client, server proxy) | {} | RSS KiB once all closed | l4mesh 11 s later: RSS, heap in use / free KiB |\n|---|---|{}---|---|\n",
+        "\n### 4. Memory (RSS of each proxy; idle connections opened with one echo each)\n\n| path | idle RSS KiB (client, server proxy) | {} | RSS KiB once all closed | 11 s later: RSS (l4mesh: heap in use / free) KiB |\n|---|---|{}---|---|\n",
         held_cols.join(" | "),
         "---|".repeat(sizes)
     ));
@@ -655,7 +859,10 @@ fn render(rows: &[Row]) -> String {
         let kib = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
         let settled = m.settled.as_ref().map_or("-".to_string(), |v| {
             v.iter()
-                .map(|(rss, used, free)| format!("{rss} ({used} / {free})"))
+                .map(|(rss, split)| match split {
+                    Some((used, free)) => format!("{rss} ({used} / {free})"),
+                    None => rss.to_string(),
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         });
