@@ -377,7 +377,7 @@ async fn forward<S>(
     peer: Option<&SpiffeId>,
 ) -> Result<(), InboundError>
 where
-    S: AsyncRead + AsyncWrite + crate::proxy::relay::Abortable + Unpin,
+    S: relay::Duplex,
 {
     let app = connect_app(inputs, dst).await?;
     relay_to_app(inputs, client, app, client_addr, dst, peer, None).await
@@ -408,7 +408,7 @@ pub(super) async fn relay_to_app<S>(
     baggage: Option<&crate::proxy::baggage::Baggage>,
 ) -> Result<(), InboundError>
 where
-    S: AsyncRead + AsyncWrite + crate::proxy::relay::Abortable + Unpin,
+    S: relay::Duplex,
 {
     let unknown = ConnectionLabels::unknown("destination");
     let said = |f: fn(&crate::proxy::baggage::Baggage) -> &Option<String>, or: &String| {
