@@ -303,8 +303,14 @@ fn main() {
 
     // l4mesh: mTLS by default; the PLAIN ports are passed through as plaintext.
     let before = c.sidecar_pids().len();
+    // L4MESH_BENCH_POOL_MAX_STREAMS (for trying how one destination's streams spread): the
+    // client sidecar's outbound.pool.max_streams; 1 gives each stream its own tunnel
+    // connection, and so its own connection task.
+    let pool = std::env::var("L4MESH_BENCH_POOL_MAX_STREAMS")
+        .map(|n| format!("  pool:\n    max_streams: {n}\n"))
+        .unwrap_or_default();
     let rules = format!(
-        "outbound:\n  rules:\n    - cidrs: [{b}/32]\n      ports: [{}, {}]\n      action: passthrough\n",
+        "outbound:\n{pool}  rules:\n    - cidrs: [{b}/32]\n      ports: [{}, {}]\n      action: passthrough\n",
         IPERF + PLAIN,
         ECHO + PLAIN
     );
