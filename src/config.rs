@@ -489,6 +489,10 @@ pub struct Pool {
     /// A tunnel connection that has carried no stream for this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle: Duration,
+    /// Tunnel connections a busy destination's streams are spread over (a connection's
+    /// framing and encryption run on one core at a time); unset: one per worker thread.
+    /// `1` keeps every stream to a destination on one connection.
+    pub spread: Option<std::num::NonZeroUsize>,
 }
 
 impl Default for Pool {
@@ -496,6 +500,7 @@ impl Default for Pool {
         Pool {
             max_streams: 100,
             idle: Duration::from_secs(60),
+            spread: None,
         }
     }
 }

@@ -203,7 +203,13 @@ impl ProxyInputs {
             unmeshed: Unmeshed::new(config.outbound.unmeshed_ttl, config.outbound.sidecar_memory),
             services,
             routes: Routes::new(&config.outbound),
-            pool: pool::Pool::new(config.outbound.pool.clone()),
+            pool: pool::Pool::new(
+                config.outbound.pool.clone(),
+                config.runtime.worker_threads.map_or_else(
+                    || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    |n| n.get(),
+                ),
+            ),
             baggage: String::new(),
             workload_name,
             namespace,

@@ -305,6 +305,53 @@ fn short_connections_share_one_tunnel_connection() {
     );
 }
 
+/// Busy streams to one destination spread over tunnel connections, at most one per worker
+/// thread (`outbound.pool.spread`), so one connection's task does not carry them all on one
+/// core (issue 26); with `spread: 1` they share one. Sequential connections share one either
+/// way (above).
+#[test]
+fn busy_streams_to_one_destination_spread_over_connections() {
+    if !privileged("tunnel_spread") {
+        return;
+    }
+    let threads = "runtime:\n  worker_threads: 2\n";
+    for (extra, handshakes) in [
+        (threads.to_string(), 2.0),
+        (format!("{threads}outbound:\n  pool:\n    spread: 1\n"), 1.0),
+    ] {
+        let mut c = Cluster::new("spread", 2);
+        let ca = c.make_ca();
+        c.mesh_sidecar(&ca, CLIENT, "client", &extra);
+        c.mesh_sidecar(&ca, SERVER, "server", "");
+        let addr = c.pod(SERVER).addr(8080);
+        echo_server(c.pod(SERVER), addr, None);
+        // Five connections open at once, each having carried a byte both ways.
+        let held = c.pod(CLIENT).run(move || {
+            (0..5u8)
+                .map(|i| {
+                    let mut s = connect(addr).unwrap();
+                    s.write_all(&[i]).unwrap();
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).unwrap();
+                    assert_eq!(b[0], i);
+                    s
+                })
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(
+            metric(
+                &c,
+                CLIENT,
+                "l4mesh_tls_handshakes_total",
+                &["direction=\"outbound\""]
+            ),
+            handshakes,
+            "{extra}"
+        );
+        drop(held);
+    }
+}
+
 /// On drain the tunnel's server sends GOAWAY once the accept period is over, and a stream in
 /// flight still finishes before the sidecar exits.
 #[test]
