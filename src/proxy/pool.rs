@@ -1,6 +1,7 @@
 //! The tunnel (HBONE), client side: per destination sidecar (and the server identities a
 //! rule pins), a few HTTP/2 mTLS connections to its :15008, each carrying up to
-//! `outbound.pool.max_streams` CONNECT streams, one per application connection. A connection
+//! `outbound.pool.max_streams` CONNECT streams, one per application connection, a busy
+//! destination's streams spread over up to `outbound.pool.spread` of them. A connection
 //! idle for `outbound.pool.idle` is closed; one that fails is dropped and the next stream opens
 //! a new one. One pool per process; its connections are kept per credentials snapshot
 //! (`state::TlsSnapshot::generation`): after a rotation new streams use new connections, and
