@@ -155,7 +155,8 @@ impl<T: AsyncWrite> WriteChunks for WriteHalf<T> {
 }
 
 /// Streams the relay splits with tokio's `split` (both halves share the stream behind a
-/// lock; a TLS stream cannot be split otherwise).
+/// lock; a TLS stream cannot be split otherwise). `sniff::Rewind` does the same in its own
+/// module (modules depend on each other one way only).
 macro_rules! split_by_tokio {
     ($({$($generics:tt)*} $t:ty),* $(,)?) => {$(
         impl<$($generics)*> Duplex for $t {
@@ -176,7 +177,6 @@ split_by_tokio! {
     {} tokio::io::DuplexStream,
     {S: AsyncRead + AsyncWrite + Abortable + Unpin} tokio_rustls::server::TlsStream<S>,
     {S: AsyncRead + AsyncWrite + Abortable + Unpin} tokio_rustls::client::TlsStream<S>,
-    {S: AsyncRead + AsyncWrite + Abortable + Unpin} crate::proxy::sniff::Rewind<S>,
     // A TLS stream is boxed where it is made (its state is large, and moves would copy it).
     {S: AsyncRead + AsyncWrite + Abortable + Unpin} Box<S>,
 }

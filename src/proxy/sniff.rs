@@ -277,6 +277,21 @@ impl<S: crate::proxy::relay::Abortable> crate::proxy::relay::Abortable for Rewin
     }
 }
 
+/// The relay splits it as it splits a socket: tokio's `split`.
+impl<S> crate::proxy::relay::Duplex for Rewind<S>
+where
+    S: AsyncRead + AsyncWrite + crate::proxy::relay::Abortable + Unpin,
+{
+    type Reader = tokio::io::ReadHalf<Self>;
+    type Writer = tokio::io::WriteHalf<Self>;
+    fn split(self) -> (Self::Reader, Self::Writer) {
+        tokio::io::split(self)
+    }
+    fn unsplit(reader: Self::Reader, writer: Self::Writer) -> Self {
+        reader.unsplit(writer)
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
