@@ -203,12 +203,11 @@ impl ProxyInputs {
             unmeshed: Unmeshed::new(config.outbound.unmeshed_ttl, config.outbound.sidecar_memory),
             services,
             routes: Routes::new(&config.outbound),
+            // The runtime's own count (it already applied `runtime.worker_threads` or the
+            // CPUs' default), not a second derivation of it.
             pool: pool::Pool::new(
                 config.outbound.pool.clone(),
-                config.runtime.worker_threads.map_or_else(
-                    || std::thread::available_parallelism().map_or(1, |n| n.get()),
-                    |n| n.get(),
-                ),
+                tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers()),
             ),
             baggage: String::new(),
             workload_name,
