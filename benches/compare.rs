@@ -37,6 +37,8 @@ use common::*;
 use support::{echo, iperf3, new_connections, request_response, Holder, Latencies};
 
 const RUNS: usize = 3;
+/// Request/response runs: the spread of latency over five runs is what issue 26 asks for.
+const RR_RUNS: usize = 5;
 const BULK_SECS: u64 = 3;
 const ROUND_TRIPS: usize = 10_000;
 const MESSAGE: usize = 1024;
@@ -290,7 +292,7 @@ fn main() {
     let quick = std::env::var("L4MESH_BENCH_QUICK").as_deref() == Ok("1");
     let mut paths: Vec<Path> = paths.into_iter().filter(|_| !quick).collect();
     paths.extend(ztunnel_path);
-    let bulk_only = std::env::var("L4MESH_BENCH_BULK_ONLY").as_deref() == Ok("1");
+    let bulk_only = only().is_some();
     let mut rows = Vec::new();
     for p in &paths {
         rows.push(measure(&c, p));
@@ -524,7 +526,11 @@ fn stat(mut v: Vec<f64>) -> Stat {
 
 /// Runs `f` RUNS times and takes the median (and range) of each latency figure.
 fn latency_stats(mut f: impl FnMut() -> Latencies) -> [Stat; 4] {
-    let runs: Vec<Latencies> = (0..RUNS).map(|_| f()).collect();
+    stats(&(0..RUNS).map(|_| f()).collect::<Vec<_>>())
+}
+
+/// The median (and range) of each latency figure over `runs`.
+fn stats(runs: &[Latencies]) -> [Stat; 4] {
     let of = |g: fn(&Latencies) -> f64| stat(runs.iter().map(g).collect());
     [
         of(|l| l.per_sec),
@@ -551,11 +557,23 @@ fn measure(c: &Cluster, p: &Path) -> Row {
                 .collect(),
         )
     };
-    let (one, four) = (bulk(1), bulk(4));
-    let cpu_per_gb = (!p.pids.is_empty()).then(|| (cpu(&p.pids) - cpu0) / (bytes / 1e9));
-    // L4MESH_BENCH_BULK_ONLY=1 (with QUICK, for trying a data-path change): bulk and CPU per
-    // GB only; the other figures print as 0.
-    if std::env::var("L4MESH_BENCH_BULK_ONLY").as_deref() == Ok("1") {
+    let zero = Stat {
+        median: 0.0,
+        min: 0.0,
+        max: 0.0,
+    };
+    // L4MESH_BENCH_ONLY (with QUICK, for trying a change): one figure only; the others print
+    // as 0 and memory is not measured.
+    let only = only();
+    let wants = |figure: &str| only.as_deref().is_none_or(|o| o == figure);
+    let (one, four) = if wants("bulk") {
+        (bulk(1), bulk(4))
+    } else {
+        (zero, zero)
+    };
+    let cpu_per_gb =
+        (!p.pids.is_empty() && wants("bulk")).then(|| (cpu(&p.pids) - cpu0) / (bytes / 1e9));
+    if only.as_deref() == Some("bulk") {
         eprintln!(
             "{}: {:.2} Gbit/s x1 ({:.2}-{:.2}), {:.2} Gbit/s x4, {:.2} CPU s/GB",
             p.name,
@@ -565,38 +583,42 @@ fn measure(c: &Cluster, p: &Path) -> Row {
             four.median,
             cpu_per_gb.unwrap_or_default()
         );
-        let zero = Stat {
-            median: 0.0,
-            min: 0.0,
-            max: 0.0,
-        };
-        return Row {
-            name: p.name,
-            kind: p.kind,
-            one,
-            four,
-            cpu_per_gb,
-            rr: [zero; 4],
-            conns: [zero; 2],
-            conns_full: None,
-            churn: (0.0, 0.0, None, 0),
-            idle_rss,
-            memory: None,
-        };
     }
-    let rr = latency_stats(|| request_response(pod, p.echo, ROUND_TRIPS, MESSAGE));
-    let conns = latency_stats(|| new_connections(pod, p.echo, CONNECTIONS));
-    let conns_full = p
-        .full
-        .map(|(client, addr)| latency_stats(|| new_connections(c.pod(client), addr, CONNECTIONS)));
-    quiet(c, &p.pids);
-    let cpu1 = cpu(&p.pids);
-    let (first, failed1) = support::churn(pod, p.echo, CHURN_CLIENTS, CHURN_SECS);
-    let (second, failed2) = support::churn(pod, p.echo, CHURN_CLIENTS, CHURN_SECS);
-    let made = (first + second) * CHURN_SECS as f64;
-    let churn_cpu = (!p.pids.is_empty()).then(|| (cpu(&p.pids) - cpu1) * 1e3 / made.max(1.0));
-    let churn = (first, second, churn_cpu, failed1 + failed2);
-    quiet(c, &p.pids);
+    let rr = if wants("rr") {
+        let runs: Vec<Latencies> = (0..RR_RUNS)
+            .map(|_| request_response(pod, p.echo, ROUND_TRIPS, MESSAGE))
+            .collect();
+        let each: Vec<String> = runs
+            .iter()
+            .map(|l| format!("{:.0}/{:.0}", l.p50, l.p99))
+            .collect();
+        eprintln!("{}: echo p50/p99 us per run: {}", p.name, each.join(", "));
+        stats(&runs)
+    } else {
+        [zero; 4]
+    };
+    let (conns, conns_full) = if wants("conns") {
+        let conns = latency_stats(|| new_connections(pod, p.echo, CONNECTIONS));
+        let conns_full = p.full.map(|(client, addr)| {
+            latency_stats(|| new_connections(c.pod(client), addr, CONNECTIONS))
+        });
+        (conns, conns_full)
+    } else {
+        ([zero; 4], None)
+    };
+    let churn = if wants("churn") {
+        quiet(c, &p.pids);
+        let cpu1 = cpu(&p.pids);
+        let (first, failed1) = support::churn(pod, p.echo, CHURN_CLIENTS, CHURN_SECS);
+        let (second, failed2) = support::churn(pod, p.echo, CHURN_CLIENTS, CHURN_SECS);
+        let made = (first + second) * CHURN_SECS as f64;
+        let churn_cpu = (!p.pids.is_empty()).then(|| (cpu(&p.pids) - cpu1) * 1e3 / made.max(1.0));
+        quiet(c, &p.pids);
+        (first, second, churn_cpu, failed1 + failed2)
+    } else {
+        (0.0, 0.0, None, 0)
+    };
+    let (first, second) = (churn.0, churn.1);
     eprintln!(
         "{}: {:.2} Gbit/s x1, {:.2} Gbit/s x4, {:.0} req/s (p99 {:.0} us), {:.0} conn/s, churn {:.0} then {:.0} conn/s",
         p.name, one.median, four.median, rr[0].median, rr[2].median, conns[0].median, first, second
@@ -749,6 +771,13 @@ fn quiet(c: &Cluster, pids: &[u32]) {
     eprintln!("(still busy after 90 s; measuring anyway)");
 }
 
+/// `L4MESH_BENCH_ONLY`: `bulk`, `rr`, `conns` or `churn`; `L4MESH_BENCH_BULK_ONLY=1` is `bulk`.
+fn only() -> Option<String> {
+    std::env::var("L4MESH_BENCH_ONLY").ok().or_else(|| {
+        (std::env::var("L4MESH_BENCH_BULK_ONLY").as_deref() == Ok("1")).then(|| "bulk".into())
+    })
+}
+
 fn range(s: &Stat, digits: usize) -> String {
     format!("{:.d$} ({:.d$}-{:.d$})", s.median, s.min, s.max, d = digits)
 }
@@ -788,15 +817,15 @@ fn render(rows: &[Row]) -> String {
         ));
     }
 
-    t.push_str(&format!("\n### 2. Request/response ({MESSAGE} B echo, {ROUND_TRIPS} in a row on one connection)\n\n| path | requests/s (min-max) | p50 us | p99 us (min-max) | p99.9 us | p99 x relay | p99 x best peer |\n|---|---|---|---|---|---|---|\n"));
+    t.push_str(&format!("\n### 2. Request/response ({MESSAGE} B echo, {ROUND_TRIPS} in a row on one connection, {RR_RUNS} runs)\n\n| path | requests/s (min-max) | p50 us (min-max) | p99 us (min-max) | p99.9 us | p99 x relay | p99 x best peer |\n|---|---|---|---|---|---|---|\n"));
     let relay_p99 = of_relay(&|r| r.rr[2].median);
     let best_p99 = peers().map(|r| r.rr[2].median).fold(f64::MAX, f64::min);
     for r in rows {
         t.push_str(&format!(
-            "| {} | {} | {:.0} | {} | {:.0} | {} | {} |\n",
+            "| {} | {} | {} | {} | {:.0} | {} | {} |\n",
             r.name,
             range(&r.rr[0], 0),
-            r.rr[1].median,
+            range(&r.rr[1], 0),
             range(&r.rr[2], 0),
             r.rr[3].median,
             ratio(r.rr[2].median, relay_p99),
