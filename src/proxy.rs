@@ -228,18 +228,15 @@ impl ProxyInputs {
         inputs
     }
 
-    /// The `port` label of the per-port `l4mesh_*` metrics: the number for a port the
-    /// workload serves or configures (`workload.ports`, `portLevelMtls`, server-first and
-    /// per-port detection settings), `other` for the rest. The client picks the port: one
-    /// byte to each of 20,000 ports must not become 20,000 series (issue 13).
-    /// Where a captured connection was going (see [`Capture`]).
+    /// Where a captured connection was going (see [`Capture`]); `None`: nobody redirected it
+    /// (a client dialled the listener itself).
     pub fn original_dst(
         &self,
         stream: &tokio::net::TcpStream,
-    ) -> std::io::Result<std::net::SocketAddr> {
+    ) -> std::io::Result<Option<std::net::SocketAddr>> {
         match self.capture {
-            Capture::Kernel => socket::original_dst(stream).map(socket::canonical),
-            Capture::Fixed { dst } => Ok(dst),
+            Capture::Kernel => socket::original_dst(stream),
+            Capture::Fixed { dst } => Ok(Some(dst)),
         }
     }
 
@@ -262,6 +259,10 @@ impl ProxyInputs {
         inbound::check_target(dst, pod_address, &self.own_ports, self.stats_port)
     }
 
+    /// The `port` label of the per-port `l4mesh_*` metrics: the number for a port the
+    /// workload serves or configures (`workload.ports`, `portLevelMtls`, server-first and
+    /// per-port detection settings), `other` for the rest. The client picks the port: one
+    /// byte to each of 20,000 ports must not become 20,000 series (issue 13).
     pub fn port_label(&self, port: u16, policy: &WorkloadPolicy) -> std::borrow::Cow<'static, str> {
         if self.known_ports.contains(&port) || policy.mtls.ports.contains_key(&port) {
             port.to_string().into()

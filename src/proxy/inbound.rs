@@ -151,13 +151,11 @@ impl crate::proxy::Connection for InboundConnection {
         // included: a client that trickles its ClientHello cannot hold the connection for
         // the detect timeout and then the handshake timeout again (issue 13).
         let deadline = tokio::time::Instant::now() + inputs.config.timeouts.handshake;
+        // A client dialling :15006 directly must not be proxied to the listener itself.
         let dst = inputs
             .original_dst(&client)
-            .map_err(InboundError::OriginalDst)?;
-        // A client dialling :15006 directly must not be proxied to the listener itself.
-        if socket::is_self(dst, &client) {
-            return Err(InboundError::NotRedirected);
-        }
+            .map_err(InboundError::OriginalDst)?
+            .ok_or(InboundError::NotRedirected)?;
         // Our own connections to the application come from 127.0.0.6 / ::6 and are exempt
         // from capture; seeing one here means the rules are wrong, and proxying it would loop.
         if client_addr.ip() == socket::inbound_passthrough_source(dst) {

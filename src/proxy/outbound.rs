@@ -303,10 +303,8 @@ impl crate::proxy::Connection for OutboundConnection {
         } = self;
         let dst = inputs
             .original_dst(&client)
-            .map_err(OutboundError::OriginalDst)?;
-        if socket::is_self(dst, &client) {
-            return Err(OutboundError::NotRedirected);
-        }
+            .map_err(OutboundError::OriginalDst)?
+            .ok_or(OutboundError::NotRedirected)?;
         // What the platform says is behind the address (not asked for a passthrough rule):
         // the one wait on the path, for the first answer about an address only.
         let route = inputs.routes.route(dst);
