@@ -352,6 +352,62 @@ fn busy_streams_to_one_destination_spread_over_connections() {
     }
 }
 
+/// A tunnel connection that carried a burst of streams at once (64 or more) is closed when
+/// the last of them ends, so the HTTP/2 stream tables the burst grew are freed (issue 26); the
+/// next connection opens a new one. A connection that carried fewer stays pooled.
+#[test]
+fn a_tunnel_connection_is_replaced_after_a_burst_drains() {
+    if !privileged("tunnel_retire") {
+        return;
+    }
+    for (held, handshakes) in [(20usize, 1.0), (70, 2.0)] {
+        let mut c = Cluster::new("retire", 2);
+        let ca = c.make_ca();
+        c.mesh_sidecar(&ca, CLIENT, "client", "outbound:\n  pool:\n    spread: 1\n");
+        c.mesh_sidecar(&ca, SERVER, "server", "");
+        let addr = c.pod(SERVER).addr(8080);
+        echo_server(c.pod(SERVER), addr, None);
+        // `held` connections open at once, each having carried a byte both ways, then closed.
+        c.pod(CLIENT).run(move || {
+            let conns: Vec<_> = (0..held)
+                .map(|i| {
+                    let mut s = connect(addr).unwrap();
+                    s.write_all(&[i as u8]).unwrap();
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).unwrap();
+                    assert_eq!(b[0], i as u8);
+                    s
+                })
+                .collect();
+            drop(conns);
+        });
+        let handshakes_now = || {
+            metric(
+                &c,
+                CLIENT,
+                "l4mesh_tls_handshakes_total",
+                &["direction=\"outbound\""],
+            )
+        };
+        assert_eq!(handshakes_now(), 1.0, "{held} streams");
+        // Once every stream has ended, the next connection is served (on a new tunnel
+        // connection after the burst).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while metric(
+            &c,
+            CLIENT,
+            "l4mesh_active_connections",
+            &["direction=\"outbound\""],
+        ) > 0.0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(exchange(&c, CLIENT, addr, 10), 10);
+        assert_eq!(handshakes_now(), handshakes, "{held} streams");
+    }
+}
+
 /// On drain the tunnel's server sends GOAWAY once the accept period is over, and a stream in
 /// flight still finishes before the sidecar exits.
 #[test]

@@ -2,7 +2,8 @@
 //! rule pins), a few HTTP/2 mTLS connections to its :15008, each carrying up to
 //! `outbound.pool.max_streams` CONNECT streams, one per application connection, a busy
 //! destination's streams spread over up to `outbound.pool.spread` of them. A connection
-//! idle for `outbound.pool.idle` is closed; one that fails is dropped and the next stream opens
+//! idle for `outbound.pool.idle` is closed, and one that carried a burst (`RETIRE_AT` streams at
+//! once) as soon as the burst has ended; one that fails is dropped and the next stream opens
 //! a new one. One pool per process; its connections are kept per credentials snapshot
 //! (`state::TlsSnapshot::generation`): after a rotation new streams use new connections, and
 //! streams already open finish on the old ones, which then close when idle.
@@ -93,6 +94,10 @@ struct Conn {
 struct ConnState {
     /// Streams open now.
     open: AtomicUsize,
+    /// The most streams it has carried at once.
+    peak: AtomicUsize,
+    /// Told when the last stream of a connection that reached `RETIRE_AT` streams ends.
+    retire: tokio::sync::Notify,
     /// Streams ever opened (the idle check compares it between ticks).
     started: AtomicU64,
     /// The connection's driver has ended: no new stream may use it.
@@ -104,12 +109,25 @@ struct ConnState {
     chain: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
-/// Decrements a connection's open streams when the stream it was taken for ends.
+impl ConnState {
+    /// Counts one more open stream (taken under the entry's lock).
+    fn take_one(&self) {
+        let open = self.open.fetch_add(1, Ordering::AcqRel) + 1;
+        self.peak.fetch_max(open, Ordering::Relaxed);
+    }
+}
+
+/// Decrements a connection's open streams when the stream it was taken for ends; the last
+/// stream of a connection that carried `RETIRE_AT` at once retires it.
 struct OpenStream(Arc<ConnState>);
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        let left = self.0.open.fetch_sub(1, Ordering::AcqRel) - 1;
+        if left == 0 && self.0.peak.load(Ordering::Relaxed) >= RETIRE_AT {
+            self.0.closed.store(true, Ordering::Release);
+            self.0.retire.notify_one();
+        }
     }
 }
 
@@ -153,6 +171,16 @@ const MAX_TRIES: usize = 3;
 /// just ended is counted until its relay lets go of it, and sequential connections must not
 /// open a tunnel connection each.
 const SPREAD_AT: usize = 2;
+
+/// A connection that has carried this many streams at once is closed when the last of them
+/// ends (the next stream opens a new one, a resumed handshake): HTTP/2's stream and frame
+/// tables grow with the streams a connection carries at once and never shrink, and a burst
+/// past `max_streams` (100) leaves several such connections pooled (issue 26: heaptrack showed
+/// ~1 MiB of them, ten connections' worth, still held by the client sidecar 11 s after 1,000
+/// idle connections had closed; the server side holds the same). Well above the streams a
+/// destination's connections carry each under steady churn (32 clients: ~16), so a steady
+/// load does not pay a handshake for it.
+const RETIRE_AT: usize = 64;
 
 pub struct Pool {
     config: crate::config::Pool,
@@ -201,7 +229,7 @@ impl Pool {
                         Some(conn) => (conn, false),
                         None => {
                             let conn = self.connect(tunnel, &dial, timeouts, metrics).await?;
-                            conn.shared.open.fetch_add(1, Ordering::AcqRel);
+                            conn.shared.take_one();
                             lock(&entry.conns).push(conn.clone());
                             (conn, true)
                         }
@@ -278,7 +306,7 @@ impl Pool {
         if least >= max || (least >= SPREAD_AT && conns.len() < self.spread) {
             return None;
         }
-        conn.shared.open.fetch_add(1, Ordering::AcqRel);
+        conn.shared.take_one();
         Some(conn.clone())
     }
 
@@ -421,6 +449,14 @@ async fn drive<T>(
                     debug!(%tunnel, error = %e, "tunnel connection failed");
                 }
                 break;
+            }
+            // Its last stream of a burst ended (`RETIRE_AT`): no new stream is offered it
+            // (`closed` is set); end it unless one was taken in the instant before.
+            _ = shared.retire.notified() => {
+                if shared.open.load(Ordering::Acquire) == 0 {
+                    debug!(%tunnel, "tunnel connection retired after a burst of streams: closed");
+                    break;
+                }
             }
             _ = tick.tick() => {
                 let started = shared.started.load(Ordering::Relaxed);
