@@ -18,8 +18,9 @@
 //! ztunnel's own dedicated-mode tests), and is measured in every run (the quick one too): the row issue 26
 //! compares against. Without it, a line says the row is skipped.
 //!
-//! Medians of 3 runs with min-max; each figure also as a ratio to the best peer (stunnel or
-//! HAProxy) and, for bulk and latency, to the plain relay pair.
+//! Medians of 3 runs (request/response: 5) with min-max; each figure also as a ratio to the
+//! best peer (stunnel or HAProxy) and, for bulk and latency, to the plain relay pair.
+//! `L4MESH_BENCH_ONLY=bulk|rr|conns|churn` (with `L4MESH_BENCH_QUICK=1`) measures one figure.
 //!
 //!     benches/run.sh                   # everything: installs the peers, runs all benches
 //!     cargo bench --bench compare      # this part only (as root)
