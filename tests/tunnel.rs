@@ -254,6 +254,16 @@ fn a_meshed_pod_scrapes_other_sidecars_and_reports_unmeshed_destinations() {
     assert_eq!(note.matches(&url).count(), 1, "{note}");
 }
 
+/// The TLS handshakes the client pod's sidecar has made (each a new tunnel connection).
+fn outbound_handshakes(c: &Cluster) -> f64 {
+    metric(
+        c,
+        CLIENT,
+        "l4mesh_tls_handshakes_total",
+        &["direction=\"outbound\""],
+    )
+}
+
 /// Many short connections in a row reuse one tunnel connection, and a connection that is
 /// still open when the pool's idle time passes keeps its tunnel.
 #[test]
@@ -270,15 +280,7 @@ fn short_connections_share_one_tunnel_connection() {
     for _ in 0..50 {
         assert_eq!(exchange(&c, CLIENT, addr, 10), 10);
     }
-    assert_eq!(
-        metric(
-            &c,
-            CLIENT,
-            "l4mesh_tls_handshakes_total",
-            &["direction=\"outbound\""]
-        ),
-        1.0
-    );
+    assert_eq!(outbound_handshakes(&c), 1.0);
     // A long-lived connection outlives several idle periods of the pool.
     let held = c.pod(CLIENT).run(move || {
         let mut s = connect(addr).unwrap();
@@ -294,15 +296,7 @@ fn short_connections_share_one_tunnel_connection() {
     // Idle again: the tunnel connection closes, and the next connection opens a new one.
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(exchange(&c, CLIENT, addr, 10), 10);
-    assert_eq!(
-        metric(
-            &c,
-            CLIENT,
-            "l4mesh_tls_handshakes_total",
-            &["direction=\"outbound\""]
-        ),
-        2.0
-    );
+    assert_eq!(outbound_handshakes(&c), 2.0);
 }
 
 /// Busy streams to one destination spread over tunnel connections, at most one per worker
@@ -338,16 +332,7 @@ fn busy_streams_to_one_destination_spread_over_connections() {
                 })
                 .collect::<Vec<_>>()
         });
-        assert_eq!(
-            metric(
-                &c,
-                CLIENT,
-                "l4mesh_tls_handshakes_total",
-                &["direction=\"outbound\""]
-            ),
-            handshakes,
-            "{extra}"
-        );
+        assert_eq!(outbound_handshakes(&c), handshakes, "{extra}");
         drop(held);
     }
 }
@@ -381,15 +366,7 @@ fn a_tunnel_connection_is_replaced_after_a_burst_drains() {
                 .collect();
             drop(conns);
         });
-        let handshakes_now = || {
-            metric(
-                &c,
-                CLIENT,
-                "l4mesh_tls_handshakes_total",
-                &["direction=\"outbound\""],
-            )
-        };
-        assert_eq!(handshakes_now(), 1.0, "{held} streams");
+        assert_eq!(outbound_handshakes(&c), 1.0, "{held} streams");
         // Once every stream has ended, the next connection is served (on a new tunnel
         // connection after the burst).
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -404,7 +381,7 @@ fn a_tunnel_connection_is_replaced_after_a_burst_drains() {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert_eq!(exchange(&c, CLIENT, addr, 10), 10);
-        assert_eq!(handshakes_now(), handshakes, "{held} streams");
+        assert_eq!(outbound_handshakes(&c), handshakes, "{held} streams");
     }
 }
 

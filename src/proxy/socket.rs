@@ -46,8 +46,8 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// family and that check: a syscall fewer per connection (issue 26, churn).
 pub fn original_dst(stream: &TcpStream) -> io::Result<Option<SocketAddr>> {
     let local = stream.local_addr()?;
-    let dst = kernel_original_dst(stream, local)?;
-    Ok((canonical(dst) != canonical(local)).then(|| canonical(dst)))
+    let dst = canonical(kernel_original_dst(stream, local)?);
+    Ok((dst != canonical(local)).then_some(dst))
 }
 
 fn kernel_original_dst(stream: &TcpStream, local: SocketAddr) -> io::Result<SocketAddr> {
