@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -264,6 +264,24 @@ fn outbound_handshakes(c: &Cluster) -> f64 {
     )
 }
 
+/// From the client pod: `n` connections to `addr` open at once, each having carried a byte
+/// both ways (so each is a tunnel stream the server accepted).
+fn hold_echoed(c: &Cluster, addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    c.pod(CLIENT).run(move || {
+        (0..n)
+            .map(|i| {
+                let byte = i as u8;
+                let mut s = connect(addr).unwrap();
+                s.write_all(&[byte]).unwrap();
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).unwrap();
+                assert_eq!(b[0], byte);
+                s
+            })
+            .collect()
+    })
+}
+
 /// Many short connections in a row reuse one tunnel connection, and a connection that is
 /// still open when the pool's idle time passes keeps its tunnel.
 #[test]
@@ -320,18 +338,7 @@ fn busy_streams_to_one_destination_spread_over_connections() {
         let addr = c.pod(SERVER).addr(8080);
         echo_server(c.pod(SERVER), addr, None);
         // Five connections open at once, each having carried a byte both ways.
-        let held = c.pod(CLIENT).run(move || {
-            (0..5u8)
-                .map(|i| {
-                    let mut s = connect(addr).unwrap();
-                    s.write_all(&[i]).unwrap();
-                    let mut b = [0u8; 1];
-                    s.read_exact(&mut b).unwrap();
-                    assert_eq!(b[0], i);
-                    s
-                })
-                .collect::<Vec<_>>()
-        });
+        let held = hold_echoed(&c, addr, 5);
         assert_eq!(outbound_handshakes(&c), handshakes, "{extra}");
         drop(held);
     }
@@ -353,19 +360,7 @@ fn a_tunnel_connection_is_replaced_after_a_burst_drains() {
         let addr = c.pod(SERVER).addr(8080);
         echo_server(c.pod(SERVER), addr, None);
         // `held` connections open at once, each having carried a byte both ways, then closed.
-        c.pod(CLIENT).run(move || {
-            let conns: Vec<_> = (0..held)
-                .map(|i| {
-                    let mut s = connect(addr).unwrap();
-                    s.write_all(&[i as u8]).unwrap();
-                    let mut b = [0u8; 1];
-                    s.read_exact(&mut b).unwrap();
-                    assert_eq!(b[0], i as u8);
-                    s
-                })
-                .collect();
-            drop(conns);
-        });
+        drop(hold_echoed(&c, addr, held));
         assert_eq!(outbound_handshakes(&c), 1.0, "{held} streams");
         // Once every stream has ended, the next connection is served (on a new tunnel
         // connection after the burst).
