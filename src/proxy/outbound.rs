@@ -17,7 +17,7 @@ use tracing::{debug, info};
 use crate::config::{Action, Outbound};
 use crate::metrics::ConnectionLabels;
 use crate::proxy::pool::{self, PoolError};
-use crate::proxy::relay::{self, RelayError};
+use crate::proxy::relay::{self, Abortable, RelayError};
 use crate::proxy::{baggage, socket};
 use crate::proxy::{Ending, ProxyInputs};
 use crate::state::services::{Refusal, Resolved};
@@ -422,10 +422,21 @@ impl Destination<'_> {
             ("traceparent", traceparent.as_str()),
         ];
         let timeouts = &inputs.config.timeouts;
+        let mut connect = pool::Connect {
+            target: dst,
+            headers: &headers,
+            early: pool::Early::new(&client),
+        };
         let opened = inputs
             .pool
-            .open(tunnel, dst, dial, &headers, timeouts, &inputs.metrics)
+            .open(tunnel, &mut connect, dial, timeouts, &inputs.metrics)
             .await;
+        // What went ahead of the server's answer counts as the relay's own bytes.
+        let ahead = relay::Transferred {
+            client_to_upstream: connect.early.sent(),
+            upstream_to_client: 0,
+        };
+        let early_error = connect.early.take_error();
         match opened {
             Ok(opened) => {
                 inputs.unmeshed.answered(dst.ip());
@@ -440,7 +451,17 @@ impl Destination<'_> {
                 );
                 let labels = outbound_labels(inputs, Some(peer), self.service);
                 let recorder = inputs.metrics.connection(labels, "outbound");
-                Ok(relay::relay(client, opened.stream, &recorder, timeouts.idle).await)
+                recorder.received.inc_by(ahead.client_to_upstream);
+                if let Some(e) = early_error {
+                    // The client failed while the server decided: nothing to relay, and
+                    // both sides are reset as the relay resets them on a failure.
+                    client.abort_on_close();
+                    opened.stream.abort_on_close();
+                    return Ok((ahead, Some(RelayError::Client(e))));
+                }
+                let (sent, result) =
+                    relay::relay(client, opened.stream, &recorder, timeouts.idle).await;
+                Ok((sent + ahead, result))
             }
             // No sidecar there: with `auto`, the destination is not in the mesh yet, and is
             // reached as it would be without l4mesh.

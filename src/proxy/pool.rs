@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
 use thiserror::Error;
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
@@ -199,16 +200,15 @@ impl Pool {
         }
     }
 
-    /// Opens a CONNECT stream to `target` through the tunnel at `tunnel`, reusing a pooled
-    /// connection with room, or making one. A pooled connection that turns out unusable (the
+    /// Opens a CONNECT stream to `connect.target` through the tunnel at `tunnel`, reusing a
+    /// pooled connection with room, or making one. A pooled connection that turns out unusable (the
     /// server sent GOAWAY, or its certificate is no longer valid) is dropped and the stream
     /// tried again, on another or a new connection; a new connection's failure is final.
     pub async fn open(
         &self,
         tunnel: SocketAddr,
-        target: SocketAddr,
+        connect: &mut Connect<'_>,
         dial: Dial<'_>,
-        headers: &[(&'static str, &str)],
         timeouts: &crate::config::Timeouts,
         metrics: &Arc<Metrics>,
     ) -> Result<Opened, PoolError> {
@@ -255,7 +255,7 @@ impl Pool {
             let opened = match tls::still_valid(dial.trust, &conn.shared.chain, tls::Usage::Server)
             {
                 Err(e) => Err(PoolError::Handshake(tunnel, e)),
-                Ok(()) => stream(conn.send, tunnel, target, headers).await,
+                Ok(()) => stream(conn.send, tunnel, connect).await,
             };
             match opened {
                 Ok(stream) => {
@@ -400,19 +400,24 @@ impl Pool {
 }
 
 /// Sends the CONNECT and waits for the answer: 200 opens the stream; anything else is the
-/// server's refusal (403: authorization; 400: not its address; 503: no app there).
+/// server's refusal (403: authorization; 400: not its address; 503: no app there). While the
+/// server decides, what the application has sent so far goes after the CONNECT (`Early`).
 async fn stream(
     send: h2::client::SendRequest<Bytes>,
     tunnel: SocketAddr,
-    target: SocketAddr,
-    headers: &[(&'static str, &str)],
+    connect: &mut Connect<'_>,
 ) -> Result<H2Stream, PoolError> {
+    let Connect {
+        target,
+        headers,
+        early,
+    } = connect;
     let h2e = |e| PoolError::Http2(tunnel, e);
     let mut send = send.ready().await.map_err(h2e)?;
     let mut request = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string());
-    for (name, value) in headers {
+    for (name, value) in headers.iter() {
         request = request.header(*name, *value);
     }
     // The target is an address; a header value could still be invalid (a label from the
@@ -420,12 +425,118 @@ async fn stream(
     let request = request
         .body(())
         .map_err(|e| PoolError::Request(tunnel, e))?;
-    let (response, send_stream) = send.send_request(request, false).map_err(h2e)?;
-    let response = response.await.map_err(h2e)?;
+    let (response, mut send_stream) = send.send_request(request, false).map_err(h2e)?;
+    // Sent on an earlier try (a pooled connection that turned out unusable): sent again.
+    for chunk in &early.chunks {
+        send_stream.send_data(chunk.clone(), false).map_err(h2e)?;
+    }
+    tokio::pin!(response);
+    let response = loop {
+        tokio::select! {
+            biased;
+            response = &mut response => break response.map_err(h2e)?,
+            chunk = early.read(), if early.wants_more() => {
+                if let Some(chunk) = chunk {
+                    send_stream.send_data(chunk, false).map_err(h2e)?;
+                }
+            }
+        }
+    };
     if response.status() != StatusCode::OK {
         return Err(PoolError::Status(tunnel, response.status()));
     }
+    // Delivered: no retry will need them again.
+    early.chunks = Vec::new();
     Ok(H2Stream::new(send_stream, response.into_body()))
+}
+
+/// What one CONNECT carries: where to, its headers, and the application's first bytes.
+pub struct Connect<'a> {
+    pub target: SocketAddr,
+    pub headers: &'a [(&'static str, &'a str)],
+    pub early: Early<'a>,
+}
+
+/// The application's first bytes, sent right behind the CONNECT instead of after the
+/// server's 200: a client-first protocol's first request then reaches the server one tunnel
+/// round trip sooner (as TCP Fast Open or TLS early data would), and each new connection
+/// costs fewer wake-ups. Safe to send before the answer: the stream is already inside mTLS
+/// to a server whose identity was verified, and a server that refuses the stream drops them
+/// unread (its app is dialled only once the stream is authorized). At most `EARLY_MAX` bytes,
+/// read only while waiting; the relay moves the rest. Kept until the stream opens, so a
+/// retry on another connection sends them again.
+pub struct Early<'a> {
+    client: &'a TcpStream,
+    chunks: Vec<Bytes>,
+    len: usize,
+    /// The client ended its side (read 0) or its read failed: nothing more is read here.
+    ended: bool,
+    /// The client's read error, for the relay's outcome (the socket reports it only once).
+    error: Option<io::Error>,
+}
+
+/// What may go ahead of the server's answer: a first request, not an upload.
+const EARLY_MAX: usize = 64 * 1024;
+/// The most one read takes (a first request is usually far smaller).
+const EARLY_READ: usize = 4096;
+
+impl<'a> Early<'a> {
+    pub fn new(client: &'a TcpStream) -> Early<'a> {
+        Early {
+            client,
+            chunks: Vec::new(),
+            len: 0,
+            ended: false,
+            error: None,
+        }
+    }
+
+    /// Bytes sent ahead of the answer (counted by the relay's meters as if it had moved them).
+    pub fn sent(&self) -> u64 {
+        self.len as u64
+    }
+
+    /// The client's read error, if reading failed while waiting for the answer.
+    pub fn take_error(&mut self) -> Option<io::Error> {
+        self.error.take()
+    }
+
+    fn wants_more(&self) -> bool {
+        !self.ended && self.len < EARLY_MAX
+    }
+
+    /// Waits for the client to send something and takes what it has sent (`None`: nothing
+    /// after all, or its side ended).
+    async fn read(&mut self) -> Option<Bytes> {
+        if let Err(e) = self.client.readable().await {
+            self.end(Some(e));
+            return None;
+        }
+        let mut buf = BytesMut::with_capacity(EARLY_READ.min(EARLY_MAX - self.len));
+        match self.client.try_read_buf(&mut buf) {
+            Ok(0) => {
+                // The client's FIN: the relay reads it again and half-closes the stream.
+                self.end(None);
+                None
+            }
+            Ok(n) => {
+                let chunk = buf.freeze();
+                self.len += n;
+                self.chunks.push(chunk.clone());
+                Some(chunk)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) => {
+                self.end(Some(e));
+                None
+            }
+        }
+    }
+
+    fn end(&mut self, error: Option<io::Error>) {
+        self.ended = true;
+        self.error = error;
+    }
 }
 
 /// Runs one tunnel connection until it fails, the server closes it, or it has carried no
@@ -479,4 +590,156 @@ async fn drive<T>(
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A poisoned lock only means a task panicked mid-update; the pool is still whole.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An application connection (`app` writes, `client` is the sidecar's end) and an HTTP/2
+    /// connection whose server side runs `server` on the first CONNECT.
+    async fn tunnel_with<F, Fut>(
+        server: F,
+    ) -> (TcpStream, TcpStream, h2::client::SendRequest<Bytes>)
+    where
+        F: FnOnce(Request<h2::RecvStream>, h2::server::SendResponse<Bytes>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (client, _) = listener.accept().await.unwrap();
+        let (near, far) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(far).await.unwrap();
+            let (request, respond) = conn.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            server(request, respond).await;
+        });
+        let (send, connection) = h2::client::handshake(near).await.unwrap();
+        tokio::spawn(connection);
+        (app, client, send)
+    }
+
+    /// Reads the CONNECT's body until `want` bytes came, without answering the CONNECT.
+    async fn read_unanswered(body: &mut h2::RecvStream, want: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        while got.len() < want {
+            let chunk = body.data().await.unwrap().unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        got
+    }
+
+    fn answer(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode) {
+        let mut r = http::Response::new(());
+        *r.status_mut() = status;
+        respond.send_response(r, false).unwrap();
+    }
+
+    const TARGET: &str = "10.0.0.7:8080";
+
+    /// The bound: a test that hangs instead of failing is no test.
+    async fn open(
+        send: h2::client::SendRequest<Bytes>,
+        early: Early<'_>,
+    ) -> (Result<H2Stream, PoolError>, Early<'_>) {
+        let tunnel = "10.0.0.7:15008".parse().unwrap();
+        let mut connect = Connect {
+            target: TARGET.parse().unwrap(),
+            headers: &[],
+            early,
+        };
+        let opening = stream(send, tunnel, &mut connect);
+        let opened = tokio::time::timeout(Duration::from_secs(10), opening)
+            .await
+            .expect("the server answers once the first bytes came");
+        (opened, connect.early)
+    }
+
+    #[tokio::test]
+    async fn the_first_request_reaches_the_server_before_it_answers() {
+        let (mut app, client, send) = tunnel_with(|request, mut respond| async move {
+            assert_eq!(request.uri(), TARGET);
+            let mut body = request.into_body();
+            let got = read_unanswered(&mut body, 18).await;
+            assert_eq!(got, b"GET / HTTP/1.1\r\n\r\n");
+            answer(&mut respond, StatusCode::OK);
+        })
+        .await;
+        app.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let (opened, mut early) = open(send, Early::new(&client)).await;
+        opened.expect("200");
+        assert_eq!(early.sent(), 18);
+        assert!(early.take_error().is_none());
+        assert!(
+            early.chunks.is_empty(),
+            "nothing held once the stream is open"
+        );
+    }
+
+    #[tokio::test]
+    async fn what_goes_ahead_is_bounded_and_the_rest_waits_for_the_relay() {
+        let (mut app, client, send) = tunnel_with(|request, mut respond| async move {
+            let mut body = request.into_body();
+            let got = read_unanswered(&mut body, EARLY_MAX).await;
+            assert!(got.iter().all(|b| *b == 7));
+            answer(&mut respond, StatusCode::OK);
+        })
+        .await;
+        let upload = vec![7u8; 4 * EARLY_MAX];
+        let writer = tokio::spawn(async move {
+            app.write_all(&upload).await.unwrap();
+            app
+        });
+        let (opened, early) = open(send, Early::new(&client)).await;
+        opened.expect("200");
+        assert_eq!(early.sent(), EARLY_MAX as u64);
+        // The rest is still the application's socket's, in order, for the relay.
+        let mut rest = vec![0u8; 3 * EARLY_MAX];
+        let mut client = client;
+        client.read_exact(&mut rest).await.unwrap();
+        assert!(rest.iter().all(|b| *b == 7));
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_refusal_after_the_first_bytes_is_still_the_servers_refusal() {
+        let (mut app, client, send) = tunnel_with(|request, mut respond| async move {
+            let mut body = request.into_body();
+            read_unanswered(&mut body, 5).await;
+            let mut r = http::Response::new(());
+            *r.status_mut() = StatusCode::FORBIDDEN;
+            respond.send_response(r, true).unwrap();
+        })
+        .await;
+        app.write_all(b"hello").await.unwrap();
+        let (refused, _) = open(send, Early::new(&client)).await;
+        assert!(matches!(
+            refused,
+            Err(PoolError::Status(_, StatusCode::FORBIDDEN))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_ends_its_side_early_is_half_closed_by_the_relay_not_here() {
+        let (mut app, client, send) = tunnel_with(|request, mut respond| async move {
+            let mut body = request.into_body();
+            read_unanswered(&mut body, 3).await;
+            answer(&mut respond, StatusCode::OK);
+        })
+        .await;
+        app.write_all(b"bye").await.unwrap();
+        app.shutdown().await.unwrap();
+        let (opened, mut early) = open(send, Early::new(&client)).await;
+        opened.expect("200");
+        assert_eq!(early.sent(), 3);
+        assert!(early.take_error().is_none());
+        // The FIN is still there for the relay to read.
+        let mut client = client;
+        assert_eq!(client.read(&mut [0u8; 8]).await.unwrap(), 0);
+    }
 }

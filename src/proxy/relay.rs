@@ -33,6 +33,16 @@ pub struct Transferred {
     pub upstream_to_client: u64,
 }
 
+impl std::ops::Add for Transferred {
+    type Output = Transferred;
+    fn add(self, other: Transferred) -> Transferred {
+        Transferred {
+            client_to_upstream: self.client_to_upstream + other.client_to_upstream,
+            upstream_to_client: self.upstream_to_client + other.upstream_to_client,
+        }
+    }
+}
+
 /// Which side broke the relay.
 #[derive(Debug, Error)]
 pub enum RelayError {
