@@ -298,6 +298,12 @@ impl Cluster {
         self.start_sidecar(i, &format!("sidecar-{i}"), &sidecar_config(&certs, extra))
     }
 
+    /// Runs this cluster's sidecars from `bin` instead of the binary cargo built for the tests
+    /// (benches/layout.rs profiles a release-profile build, whose symbol names it lists).
+    pub fn run_sidecars_from(&self, bin: &Path) {
+        fs::copy(bin, &self.sidecar_bin).expect("copy the sidecar binary");
+    }
+
     /// Applies capture in pod `i` and starts its sidecar with `config` (YAML written to
     /// `<dir>/<name>.yaml`); returns the path of its log once it says it is ready.
     pub fn start_sidecar(&mut self, i: usize, name: &str, config: &str) -> PathBuf {
@@ -319,13 +325,8 @@ impl Cluster {
         let child = Command::new("ip")
             .args(["netns", "exec", &self.pods[i].netns])
             .args(wrapper)
-            .args([
-                "setpriv",
-                "--reuid=1337",
-                "--regid=1337",
-                "--clear-groups",
-                BIN,
-            ])
+            .args(["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups"])
+            .arg(&self.sidecar_bin)
             .args([
                 "--log-level",
                 self.log_level,

@@ -1,0 +1,250 @@
+//! Makes `layout/l4mesh.order` again: the functions a sidecar runs, in the order the linker
+//! should place them (`build.rs` hands the list to LLD; why: `layout/README.md`).
+//!
+//! Two sidecars (client and server pods, real capture) run under valgrind's callgrind, which
+//! records every function executed, twice: stopped once ready (the functions of a start),
+//! then stopped after the paths traffic takes: the tunnel (small and 1 MiB exchanges, several
+//! at once), the direct transport, plaintext in (a pod without a sidecar calling a PERMISSIVE
+//! server) and out (a meshed client calling a pod without a sidecar), a refused port, metrics
+//! and admin scrapes. The list is the start's functions first, then those the traffic adds:
+//! a fresh sidecar maps only the first part.
+//!
+//!     layout/make.sh       # as root; needs valgrind (apt-get install valgrind)
+//!
+//! The list names functions by their mangled symbols, so it must be made from the binary
+//! `cargo build --release` links: `cargo bench` builds `l4mesh` with the dev-dependencies'
+//! features unified in, and the generic functions of those crates get other names.
+//! `layout/make.sh` builds the release binary first and names it in `L4MESH_LAYOUT_BIN`.
+//! Code that changes afterwards keeps most names (a symbol's hash comes from its path and
+//! crate, not its body); a name that no longer exists is skipped by the linker.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const ECHO: u16 = 8080;
+const DIRECT: u16 = 8081;
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let have = |tool: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    if !nix::unistd::Uid::effective().is_root()
+        || !["valgrind", "nm", "ip", "iptables", "setpriv"]
+            .iter()
+            .all(|t| have(t))
+    {
+        eprintln!("bench layout: needs root, valgrind, nm, ip, iptables and setpriv: not run");
+        return;
+    }
+    let Some(bin) = std::env::var_os("L4MESH_LAYOUT_BIN").map(PathBuf::from) else {
+        eprintln!(
+            "bench layout: L4MESH_LAYOUT_BIN names no release binary (run layout/make.sh): not run"
+        );
+        return;
+    };
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("layout/l4mesh.order");
+    let (start, traffic) = profile(&bin);
+    let ours = symbols(&bin);
+    let mut seen = HashSet::new();
+    let mut list = Vec::new();
+    for name in start.iter().chain(traffic.iter()) {
+        if ours.contains(name) && seen.insert(name.clone()) {
+            list.push(name.clone());
+        }
+    }
+    let at_start = start.iter().filter(|n| ours.contains(*n)).count();
+    fs::write(&out, list.join("\n") + "\n").expect("write layout/l4mesh.order");
+    println!(
+        "bench layout: {} functions ({at_start} run at start) written to {}",
+        list.len(),
+        out.display()
+    );
+}
+
+/// The functions two sidecars run at start, then those their traffic adds, each in the order
+/// callgrind first names them. Two clusters: one stopped as soon as its sidecars are ready,
+/// one after the traffic. Callgrind writes a profile when its process exits (SIGTERM: the
+/// sidecar drains and exits); asking a running sidecar for a dump (callgrind_control) needs
+/// ptrace across users, which containers often forbid.
+fn profile(bin: &Path) -> (Vec<String>, Vec<String>) {
+    let start = run(bin, false);
+    let seen: HashSet<&String> = start.iter().collect();
+    let traffic = run(bin, true)
+        .into_iter()
+        .filter(|n| !seen.contains(n))
+        .collect();
+    (start, traffic)
+}
+
+/// Starts a client and a server sidecar under callgrind, drives traffic through them if
+/// asked, stops them and returns the functions in their profiles.
+fn run(bin: &Path, traffic: bool) -> Vec<String> {
+    let mut c = Cluster::new("layout", 3);
+    c.run_sidecars_from(bin);
+    c.log_level = "info";
+    let ca = c.make_ca();
+    let cg = c.dir.path().join("callgrind");
+    fs::create_dir_all(&cg).unwrap();
+    // The sidecars run as the proxy user and write their profiles here.
+    fs::set_permissions(&cg, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    make_proxy_readable(c.dir.path());
+    // Valgrind goes inside the drop to the proxy user: wrapped around `setpriv`, it would
+    // write its profile as root and the exec'd sidecar (same PID) could not reopen it.
+    // `start_sidecar_wrapped` runs `<wrapper> setpriv <3 flags> <l4mesh and its arguments>`.
+    let script = format!(
+        "shift 4; exec setpriv --reuid=1337 --regid=1337 --clear-groups \
+         valgrind --tool=callgrind --demangle=no --callgrind-out-file={}/cg.%p \"$@\"",
+        cg.display()
+    );
+    let wrapper = ["sh", "-c", script.as_str(), "sh"];
+    let rules = format!(
+        "outbound:\n  rules:\n  - name: direct\n    cidrs: [\"{}/32\"]\n    ports: [\"{DIRECT}\"]\n    action: direct\n",
+        c.pod(1).ip4
+    );
+    for (i, sa, extra) in [(0, "client", rules.as_str()), (1, "server", "")] {
+        let certs = c.issue(&ca, &format!("certs-{i}"), "shop", sa);
+        c.start_sidecar_wrapped(
+            i,
+            &format!("sidecar-{i}"),
+            &sidecar_config(&certs, extra),
+            &wrapper,
+        );
+    }
+    if traffic {
+        drive(&c);
+    }
+    for pid in c.sidecar_pids() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    read_profiles(&cg)
+}
+
+/// The paths traffic takes through a client and a server sidecar.
+fn drive(c: &Cluster) {
+    echo_server(c.pod(1), c.pod(1).addr(ECHO), None);
+    echo_server(c.pod(1), c.pod(1).addr(DIRECT), None);
+    echo_server(c.pod(2), c.pod(2).addr(ECHO), None);
+    let server = c.pod(1).addr(ECHO);
+    for len in [100, 64 * 1024, 1 << 20] {
+        for _ in 0..3 {
+            assert_eq!(exchange(c, 0, server, len), len, "through the tunnel");
+        }
+    }
+    let at_once: Vec<_> = (0..8)
+        .map(|_| c.pod(0).spawn(move || exchange_here(server, 256 * 1024)))
+        .collect();
+    for t in at_once {
+        assert_eq!(t.join().unwrap(), 256 * 1024, "streams at once");
+    }
+    let direct = c.pod(1).addr(DIRECT);
+    for len in [100, 1 << 20] {
+        assert_eq!(exchange(c, 0, direct, len), len, "direct transport");
+    }
+    for len in [100, 1 << 20] {
+        assert_eq!(exchange(c, 2, server, len), len, "plaintext in");
+        assert_eq!(
+            exchange(c, 0, c.pod(2).addr(ECHO), len),
+            len,
+            "plaintext out"
+        );
+    }
+    let _ = exchange(c, 0, c.pod(1).addr(9), 10);
+    for pod in [0, 1] {
+        for (port, path) in [(15020, "/metrics"), (15020, "/healthz/ready")] {
+            get(c.pod(pod), port, path);
+        }
+        for path in ["/metrics", "/config_dump", "/plaintext_sources"] {
+            get(c.pod(pod), 15000, path);
+        }
+    }
+}
+
+/// A plain HTTP/1.0 GET from inside `pod` (the admin port listens on the pod's loopback).
+fn get(pod: &Pod, port: u16, path: &'static str) {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    pod.run(move || {
+        let mut s = connect(addr).expect("admin port");
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = Vec::new();
+        let _ = s.read_to_end(&mut body);
+        assert!(body.starts_with(b"HTTP/1"), "{path}: no answer");
+    });
+}
+
+/// Waits for both sidecars' profiles (written as they exit) and returns the names in them.
+fn read_profiles(dir: &Path) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let files = loop {
+        let files: Vec<PathBuf> = fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| finished(p))
+            .collect();
+        if files.len() >= 2 || Instant::now() > deadline {
+            break files;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(files.len() >= 2, "callgrind profiles: {files:?}");
+    let mut names = Vec::new();
+    let mut seen = HashSet::new();
+    for f in files {
+        for line in fs::read_to_string(&f).unwrap_or_default().lines() {
+            // "fn=(12) _ZN..." the first time a function is named; "fn=(12)" afterwards.
+            let rest = line
+                .strip_prefix("fn=(")
+                .or_else(|| line.strip_prefix("cfn=("));
+            let Some(name) = rest.and_then(|r| r.split_once(") ")).map(|(_, n)| n.trim()) else {
+                continue;
+            };
+            if seen.insert(name.to_string()) {
+                names.push(name.to_string());
+            }
+        }
+    }
+    names
+}
+
+/// Callgrind writes its profile's "totals:" line last.
+fn finished(profile: &Path) -> bool {
+    fs::read_to_string(profile)
+        .map(|t| t.lines().any(|l| l.starts_with("totals:")))
+        .unwrap_or(false)
+}
+
+/// The binary's function symbols, as `nm` lists them.
+fn symbols(bin: &Path) -> HashSet<String> {
+    let out = Command::new("nm")
+        .arg("--defined-only")
+        .arg(bin)
+        .output()
+        .expect("nm");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_addr, kind, name) = (f.next()?, f.next()?, f.next()?);
+            matches!(kind, "t" | "T" | "w" | "W").then(|| name.to_string())
+        })
+        .collect()
+}
