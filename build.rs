@@ -4,8 +4,9 @@
 //! Why: the kernel maps a program's code in 64 KiB runs around each page it first touches
 //! ("fault-around"), or a whole page-cache folio (runs of 128-640 KiB seen here), so a fresh
 //! sidecar's RSS is set less by how much code it runs (about 1.1 MiB) than by how widely that
-//! code is spread over the 12 MiB of text (96 runs of 64 KiB, ~6 MiB resident). `layout/l4mesh.order` lists the functions a sidecar runs at start and on
-//! its data paths, first; the linker places them in that order (benches/RESULTS.md, issue 26;
+//! code is spread over the 12 MiB of text (96 runs of 64 KiB, ~6 MiB resident).
+//! `layout/l4mesh.order` lists the functions a sidecar runs at start and on its data paths,
+//! first; the linker places them in that order (benches/RESULTS.md, issue 26;
 //! `layout/README.md` says how the list is made again).
 //!
 //! Only for release builds linked by LLD (Rust's default linker on x86_64 Linux since 1.90);

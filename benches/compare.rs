@@ -86,12 +86,7 @@ fn main() {
         return;
     }
     for tool in ["stunnel4", "haproxy", "socat", "iperf3"] {
-        let ok = std::process::Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !ok {
+        if !installed(tool) {
             let msg =
                 format!("bench compare: {tool} is not installed (benches/run.sh installs it)");
             if std::env::var("L4MESH_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {

@@ -23,8 +23,6 @@ mod common;
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -38,19 +36,14 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let have = |tool: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
-    if !nix::unistd::Uid::effective().is_root()
-        || !["valgrind", "nm", "ip", "iptables", "setpriv"]
-            .iter()
-            .all(|t| have(t))
-    {
-        eprintln!("bench layout: needs root, valgrind, nm, ip, iptables and setpriv: not run");
+    // Root, ip, iptables and setpriv, as the end-to-end tests need them.
+    if !privileged("bench layout") {
+        return;
+    }
+    if !["valgrind", "nm"].iter().all(|t| installed(t)) {
+        eprintln!(
+            "bench layout: needs valgrind and nm (apt-get install valgrind binutils): not run"
+        );
         return;
     }
     let Some(bin) = std::env::var_os("L4MESH_LAYOUT_BIN").map(PathBuf::from) else {
@@ -170,25 +163,16 @@ fn drive(c: &Cluster) {
     }
     let _ = exchange(c, 0, c.pod(1).addr(9), 10);
     for pod in [0, 1] {
-        for (port, path) in [(15020, "/metrics"), (15020, "/healthz/ready")] {
-            get(c.pod(pod), port, path);
-        }
-        for path in ["/metrics", "/config_dump", "/plaintext_sources"] {
-            get(c.pod(pod), 15000, path);
+        for url in [
+            "http://127.0.0.1:15020/metrics",
+            "http://127.0.0.1:15020/healthz/ready",
+            "http://127.0.0.1:15000/metrics",
+            "http://127.0.0.1:15000/config_dump",
+            "http://127.0.0.1:15000/plaintext_sources",
+        ] {
+            c.pod(pod).exec(&["curl", "-s", url]);
         }
     }
-}
-
-/// A plain HTTP/1.0 GET from inside `pod` (the admin port listens on the pod's loopback).
-fn get(pod: &Pod, port: u16, path: &'static str) {
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    pod.run(move || {
-        let mut s = connect(addr).expect("admin port");
-        write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-        let mut body = Vec::new();
-        let _ = s.read_to_end(&mut body);
-        assert!(body.starts_with(b"HTTP/1"), "{path}: no answer");
-    });
 }
 
 /// Waits for both sidecars' profiles (written as they exit) and returns the names in them.

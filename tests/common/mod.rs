@@ -39,13 +39,7 @@ pub fn privileged(test: &str) -> bool {
         "prometheus",
         "promtool",
     ] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !found {
+        if !installed(tool) {
             missing.push(tool.to_string());
         }
     }
@@ -58,6 +52,16 @@ pub fn privileged(test: &str) -> bool {
     }
     eprintln!("\n*** SKIPPED privileged test {msg} ***\n");
     false
+}
+
+/// Whether `tool` is on the PATH.
+pub fn installed(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 /// Runs a command, panicking with its output if it fails.
