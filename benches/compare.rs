@@ -21,6 +21,12 @@
 //! Medians of 3 runs (request/response: 5) with min-max; each figure also as a ratio to the
 //! best peer (stunnel or HAProxy) and, for bulk and latency, to the plain relay pair.
 //! `L4MESH_BENCH_ONLY=bulk|rr|conns|churn` (with `L4MESH_BENCH_QUICK=1`) measures one figure.
+//! `L4MESH_BENCH_BIN=<path>` runs the l4mesh sidecars from that binary: benches/run.sh gives
+//! it the `cargo build --release` binary, the one users run. The binary `cargo bench` builds
+//! is compiled with the dev-dependencies' features (tokio's test-util among them), so its
+//! symbol names differ and the linker's start-up layout (layout/) only partly applies to it
+//! (7,341 of its 13,768 function names are the release binary's): its RSS is not what users
+//! see.
 //!
 //!     benches/run.sh                   # everything: installs the peers, runs all benches
 //!     cargo bench --bench compare      # this part only (as root)
@@ -108,6 +114,15 @@ fn main() {
     }
     let mut c = Cluster::new("cmp", if ztunnel.is_some() { 6 } else { 4 });
     c.log_level = "info";
+    match std::env::var("L4MESH_BENCH_BIN").ok().filter(|p| !p.is_empty()) {
+        Some(bin) => {
+            eprintln!("bench compare: l4mesh sidecars run {bin}");
+            c.run_sidecars_from(std::path::Path::new(&bin));
+        }
+        None => eprintln!(
+            "bench compare: L4MESH_BENCH_BIN not set: sidecars run the bench build, not the shipped binary (see the top of benches/compare.rs)"
+        ),
+    }
     for pod in &c.pods {
         pod.exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
     }
@@ -323,6 +338,7 @@ fn main() {
     let direct = "outbound:\n  default: direct\n";
     c.mesh_sidecar(&ca, 3, "client", &format!("{direct}{extra}"));
     let direct_pids = vec![c.sidecar_pids()[before], l4_pids[1]];
+    inspect("ready", "l4mesh pair (tunnel)", &l4_pids);
     for p in [
         Path {
             name: "l4mesh pair (tunnel)",
@@ -688,6 +704,7 @@ fn memory(c: &Cluster, p: &Path, idle: &[u64]) -> Option<Memory> {
             eprintln!("{} pid {pid}: {}", p.name, anon_by_mapping(*pid));
         }
     }
+    inspect("settled", p.name, &p.pids);
     eprintln!("{}: memory measured", p.name);
     Some(Memory {
         idle: idle.to_vec(),
@@ -695,6 +712,19 @@ fn memory(c: &Cluster, p: &Path, idle: &[u64]) -> Option<Memory> {
         after,
         settled,
     })
+}
+
+/// `L4MESH_BENCH_INSPECT=<command>`, for chasing memory further: runs `<command> <phase> <path
+/// name> <pid>...` when the proxies have just started (`ready`; e.g. to attach heaptrack) and
+/// when they are idle after the load (`settled`; e.g. to read their page maps), and waits.
+fn inspect(phase: &str, name: &str, pids: &[u32]) {
+    let Ok(cmd) = std::env::var("L4MESH_BENCH_INSPECT") else {
+        return;
+    };
+    let _ = std::process::Command::new("sh")
+        .args(["-c", &format!("{cmd} \"$@\""), "inspect", phase, name])
+        .args(pids.iter().map(u32::to_string))
+        .status();
 }
 
 /// `pid`'s resident anonymous KiB per mapping (`/proc/<pid>/smaps`), the ten largest.

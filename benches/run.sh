@@ -2,7 +2,7 @@
 # The whole comparison in one command, as root: installs the peers it compares against
 # (Debian's stunnel4, haproxy, socat, iperf3) if missing, runs the criterion microbenches,
 # then the side-by-side run, which writes its tables into benches/RESULTS.md.
-# Takes about 15 minutes on 2 cores.
+# Takes about 20 minutes on 2 cores (a release build of l4mesh, then the benches).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +26,14 @@ fi
 for svc in haproxy stunnel4 iperf3; do
     systemctl stop "$svc" >/dev/null 2>&1 || true
 done
+
+# The side-by-side run measures the binary users run (`cargo build --release`, with its
+# start-up layout), not the one `cargo bench` builds with the dev-dependencies' features; a
+# copy, since `cargo bench` writes the same target/release/l4mesh.
+cargo build --release --bin l4mesh
+mkdir -p target/bench-bin
+cp target/release/l4mesh target/bench-bin/l4mesh
+export L4MESH_BENCH_BIN="$PWD/target/bench-bin/l4mesh"
 
 cargo bench --bench sniff --bench authz --bench relay --bench handshake
 # A missing peer or no root would make compare skip quietly: here that is a failure.
