@@ -2,7 +2,7 @@
 # The whole comparison in one command, as root: installs the peers it compares against
 # (Debian's stunnel4, haproxy, socat, iperf3) if missing, runs the criterion microbenches,
 # then the side-by-side run, which writes its tables into benches/RESULTS.md.
-# Takes about 20 minutes on 2 cores (a release build of l4mesh, then the benches).
+# Takes about 30 minutes on 2 cores (a release build of l4mesh, then the benches).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
