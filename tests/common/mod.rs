@@ -302,8 +302,9 @@ impl Cluster {
         self.start_sidecar(i, &format!("sidecar-{i}"), &sidecar_config(&certs, extra))
     }
 
-    /// Runs this cluster's sidecars from `bin` instead of the binary cargo built for the tests
-    /// (benches/layout.rs profiles a release-profile build, whose symbol names it lists).
+    /// Runs this cluster's sidecars from `bin` instead of the binary cargo built for the tests:
+    /// a `cargo build --release` binary, whose symbol names benches/layout.rs lists and whose
+    /// start-up layout benches/compare.rs measures (`L4MESH_BENCH_BIN`).
     pub fn run_sidecars_from(&self, bin: &Path) {
         fs::copy(bin, &self.sidecar_bin).expect("copy the sidecar binary");
     }
