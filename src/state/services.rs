@@ -594,7 +594,9 @@ impl Services {
         if candidates.is_empty() {
             return refused(Refusal::NoEndpoint);
         }
-        let (ip, target, pod) = self.choose(service, &candidates);
+        let Some((ip, target, pod)) = self.choose(service, &candidates) else {
+            return refused(Refusal::NoEndpoint);
+        };
         let open = {
             let mut open = lock(&service.open);
             open.retain(|ip, n| {
@@ -625,13 +627,13 @@ impl Services {
     }
 
     /// The endpoint for the next connection: the sticky one under `ClientIP` affinity while
-    /// it is still a candidate, else the one with the fewest open connections (ties: the
-    /// first in address order after the last chosen, so equal endpoints take turns).
+    /// it is still a candidate, else the one with the fewest open connections
+    /// ([`least_open`]). `None` only when there is no candidate.
     fn choose<'a>(
         &self,
         service: &ServiceState,
         candidates: &'a [(IpAddr, u16, Option<&'a PodRef>)],
-    ) -> (IpAddr, u16, Option<&'a PodRef>) {
+    ) -> Option<(IpAddr, u16, Option<&'a PodRef>)> {
         let now = Instant::now();
         let mut sticky = lock(&service.sticky);
         if let Some((ip, until)) = *sticky {
@@ -640,29 +642,26 @@ impl Services {
                     if let Some(t) = service.info.affinity {
                         *sticky = Some((ip, now + Duration::from_secs(t.into())));
                     }
-                    return *c;
+                    return Some(*c);
                 }
             }
         }
-        let open = lock(&service.open);
-        let count = |ip: &IpAddr| open.get(ip).map_or(0, |n| n.load(Ordering::Acquire));
-        let fewest = candidates.iter().map(|c| count(&c.0)).min().unwrap_or(0);
-        let last = sticky.map(|(ip, _)| ip);
-        let tied: Vec<_> = candidates
-            .iter()
-            .filter(|c| count(&c.0) == fewest)
-            .collect();
-        let chosen = *tied
-            .iter()
-            .find(|c| last.is_some_and(|l| c.0 > l))
-            .or(tied.first())
-            .expect("candidates is not empty");
+        // One reading of each counter: connections ending meanwhile decrement them without
+        // the lock.
+        let counts: Vec<(IpAddr, usize)> = {
+            let open = lock(&service.open);
+            candidates
+                .iter()
+                .map(|c| (c.0, open.get(&c.0).map_or(0, |n| n.load(Ordering::Acquire))))
+                .collect()
+        };
+        let chosen = candidates[least_open(&counts, sticky.map(|(ip, _)| ip))?];
         let hold = service
             .info
             .affinity
             .map_or(Duration::ZERO, |t| Duration::from_secs(t.into()));
         *sticky = Some((chosen.0, now + hold));
-        *chosen
+        Some(chosen)
     }
 
     /// `r`'s Pod: as known if fresh, else read now (bounded; what is known if that fails).
@@ -934,6 +933,19 @@ fn pod_ref(p: &PodInfo) -> PodRef {
     }
 }
 
+/// Which of `open` (a candidate's address and its open connections, read once) takes the next
+/// connection: the fewest open; among equals, the first in address order after `last`, so
+/// equal endpoints take turns. `None` only for no candidate. It works on one snapshot: read
+/// twice, the counters (decremented without a lock as connections end) once left no candidate
+/// "tied for the fewest", and a sidecar's worker panicked mid-connection (benches/services.rs).
+fn least_open(open: &[(IpAddr, usize)], last: Option<IpAddr>) -> Option<usize> {
+    let fewest = open.iter().map(|(_, n)| *n).min()?;
+    let tied = || (0..open.len()).filter(|i| open[*i].1 == fewest);
+    tied()
+        .find(|i| last.is_some_and(|l| open[*i].0 > l))
+        .or_else(|| tied().next())
+}
+
 /// The endpoints a connection to a Service port may go to, with the port number its target
 /// resolves to on each slice: ready ones; if none is ready, serving and terminating ones (as
 /// kube-proxy falls back); with `node_local`, only this node's. Sorted by address.
@@ -1074,6 +1086,21 @@ mod tests {
                 endpoints,
             },
         )
+    }
+
+    /// The next connection goes to the endpoint with the fewest open, equals taking turns;
+    /// no candidate is no choice, not a panic.
+    #[test]
+    fn least_open_takes_the_fewest_and_turns_among_equals() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (a, b, c) = (ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.3"));
+        let open = [(a, 1), (b, 0), (c, 0)];
+        assert_eq!(least_open(&open, None), Some(1));
+        assert_eq!(least_open(&open, Some(b)), Some(2));
+        // After the last of the tied ones: back to the first.
+        assert_eq!(least_open(&open, Some(c)), Some(1));
+        assert_eq!(least_open(&[(a, 3)], Some(a)), Some(0));
+        assert_eq!(least_open(&[], None), None);
     }
 
     /// Which endpoints a Service port may use, as kube-proxy reads the slices.
