@@ -114,15 +114,7 @@ fn main() {
     }
     let mut c = Cluster::new("cmp", if ztunnel.is_some() { 6 } else { 4 });
     c.log_level = "info";
-    match std::env::var("L4MESH_BENCH_BIN").ok().filter(|p| !p.is_empty()) {
-        Some(bin) => {
-            eprintln!("bench compare: l4mesh sidecars run {bin}");
-            c.run_sidecars_from(std::path::Path::new(&bin));
-        }
-        None => eprintln!(
-            "bench compare: L4MESH_BENCH_BIN not set: sidecars run the bench build, not the shipped binary (see the top of benches/compare.rs)"
-        ),
-    }
+    support::shipped_binary(&c, "compare");
     for pod in &c.pods {
         pod.exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
     }

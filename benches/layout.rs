@@ -6,10 +6,14 @@
 //! then stopped after the paths traffic takes: the tunnel (small and 1 MiB exchanges, several
 //! at once), the direct transport, plaintext in (a pod without a sidecar calling a PERMISSIVE
 //! server) and out (a meshed client calling a pod without a sidecar), a refused port, metrics
-//! and admin scrapes. The list is the start's functions first, then those the traffic adds:
-//! a fresh sidecar maps only the first part.
+//! and admin scrapes. Each twice: without Kubernetes (a demo, a VM) and with it (a real
+//! kube-apiserver, as in every cluster: `discovery.kubernetes: auto` turns it on wherever a
+//! service-account token is mounted), where the traffic also goes through a Service's
+//! ClusterIP. The list is the start's functions first (without Kubernetes, then what it adds),
+//! then those the traffic adds: a fresh sidecar maps only the first part.
 //!
-//!     layout/make.sh       # as root; needs valgrind (apt-get install valgrind)
+//!     layout/make.sh       # as root; needs valgrind (apt-get install valgrind) and
+//!                          # KUBEBUILDER_ASSETS (tests/kube-assets.sh finds them)
 //!
 //! The list names functions by their mangled symbols, so it must be made from the binary
 //! `cargo build --release` links: `cargo bench` builds `l4mesh` with the dev-dependencies'
@@ -27,10 +31,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::apiserver::{self, objects, ApiServer, SIDECAR_TOKEN};
 use common::*;
 
 const ECHO: u16 = 8080;
 const DIRECT: u16 = 8081;
+/// The Service the Kubernetes runs' traffic dials: its ClusterIP's port, in front of the
+/// server pod's echo.
+const SERVICE_PORT: u16 = 80;
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -52,8 +60,12 @@ fn main() {
         );
         return;
     };
+    // Without an API server the list would leave out what every sidecar in a cluster runs.
+    let Some(assets) = apiserver::assets("bench layout") else {
+        return;
+    };
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("layout/l4mesh.order");
-    let (start, traffic) = profile(&bin);
+    let (start, traffic) = profile(&bin, &assets);
     let ours = symbols(&bin);
     let mut seen = HashSet::new();
     let mut list = Vec::new();
@@ -72,27 +84,35 @@ fn main() {
 }
 
 /// The functions two sidecars run at start, then those their traffic adds, each in the order
-/// callgrind first names them. Two clusters: one stopped as soon as its sidecars are ready,
-/// one after the traffic. Callgrind writes a profile when its process exits (SIGTERM: the
-/// sidecar drains and exits); asking a running sidecar for a dump (callgrind_control) needs
-/// ptrace across users, which containers often forbid.
-fn profile(bin: &Path) -> (Vec<String>, Vec<String>) {
-    let start = run(bin, false);
-    let seen: HashSet<&String> = start.iter().collect();
-    let traffic = run(bin, true)
-        .into_iter()
-        .filter(|n| !seen.contains(n))
-        .collect();
+/// callgrind first names them. Four clusters: stopped as soon as their sidecars are ready or
+/// after the traffic, each without and with Kubernetes. Callgrind writes a profile when its
+/// process exits (SIGTERM: the sidecar drains and exits); asking a running sidecar for a dump
+/// (callgrind_control) needs ptrace across users, which containers often forbid.
+fn profile(bin: &Path, assets: &Path) -> (Vec<String>, Vec<String>) {
+    let mut seen = HashSet::new();
+    let mut new = |names: Vec<String>| -> Vec<String> {
+        names
+            .into_iter()
+            .filter(|n| seen.insert(n.clone()))
+            .collect()
+    };
+    let mut start = new(run(bin, false, None));
+    start.extend(new(run(bin, false, Some(assets))));
+    let mut traffic = new(run(bin, true, None));
+    traffic.extend(new(run(bin, true, Some(assets))));
     (start, traffic)
 }
 
-/// Starts a client and a server sidecar under callgrind, drives traffic through them if
-/// asked, stops them and returns the functions in their profiles.
-fn run(bin: &Path, traffic: bool) -> Vec<String> {
+/// Starts a client and a server sidecar under callgrind (with an API server and Kubernetes
+/// discovery if `kube` names its binaries), drives traffic through them if asked, stops them
+/// and returns the functions in their profiles.
+fn run(bin: &Path, traffic: bool, kube: Option<&Path>) -> Vec<String> {
     let mut c = Cluster::new("layout", 3);
     c.run_sidecars_from(bin);
     c.log_level = "info";
     let ca = c.make_ca();
+    let api = kube.map(|assets| ApiServer::start(&c, assets));
+    let discovery = api.as_ref().map(|api| services(&c, api));
     let cg = c.dir.path().join("callgrind");
     fs::create_dir_all(&cg).unwrap();
     // The sidecars run as the proxy user and write their profiles here.
@@ -111,18 +131,25 @@ fn run(bin: &Path, traffic: bool) -> Vec<String> {
         "outbound:\n  rules:\n  - name: direct\n    cidrs: [\"{}/32\"]\n    ports: [\"{DIRECT}\"]\n    action: direct\n",
         c.pod(1).ip4
     );
+    let (service_ips, discovery) = discovery.unzip();
+    let discovery = discovery.unwrap_or_default();
     for (i, sa, extra) in [(0, "client", rules.as_str()), (1, "server", "")] {
         let certs = c.issue(&ca, &format!("certs-{i}"), "shop", sa);
         c.start_sidecar_wrapped(
             i,
             &format!("sidecar-{i}"),
-            &sidecar_config(&certs, extra),
+            &sidecar_config(&certs, &format!("{extra}{discovery}")),
             &wrapper,
         );
     }
     if traffic {
         drive(&c);
+        if let (Some(api), Some(ips)) = (&api, &service_ips) {
+            drive_services(&c, api, ips);
+        }
     }
+    // The API server stays up until the sidecars have drained and written their profiles.
+    let _api = api;
     for pid in c.sidecar_pids() {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
@@ -130,6 +157,72 @@ fn run(bin: &Path, traffic: bool) -> Vec<String> {
         );
     }
     read_profiles(&cg)
+}
+
+/// In the API: namespace `shop`, the sidecar's RBAC, the client and server Pods (meshed, with
+/// the service accounts their certificates name) and two Services in front of the server's
+/// echo, one selector-less (its Pod read after its slices) and one selecting it (its Pods
+/// listed beside), with their ClusterIPs made as kube-proxy makes them. Returns the ClusterIPs
+/// and the sidecars' discovery settings.
+fn services(c: &Cluster, api: &ApiServer) -> (Vec<std::net::IpAddr>, String) {
+    let (client, server) = (c.pod(0).ip4, c.pod(1).ip4);
+    let ips = api.admin(move |k| async move {
+        objects::namespace(&k, "shop", &["client", "server"]).await;
+        objects::grant_sidecar(&k).await;
+        objects::pod(&k, "shop", "client", "client", client, true).await;
+        let uid = objects::pod(&k, "shop", "server", "server", server, true).await;
+        let mut ips = Vec::new();
+        for (name, spec) in [
+            ("echo", serde_json::json!({})),
+            (
+                "echo-app",
+                serde_json::json!({"selector": {"app": "server"}}),
+            ),
+        ] {
+            let ports = [("tcp", SERVICE_PORT, ECHO.into())];
+            ips.push(objects::service(&k, "shop", name, &ports, spec).await);
+            let endpoints = [("server", uid.as_str(), server, true)];
+            let slice = format!("{name}-1");
+            objects::slice(&k, "shop", name, &slice, &[("tcp", ECHO)], &endpoints).await;
+        }
+        ips
+    });
+    for ip in &ips {
+        c.service(&ip.to_string(), SERVICE_PORT, c.pod(1).addr(ECHO));
+    }
+    let kubeconfig = api.kubeconfig("sidecar", SIDECAR_TOKEN);
+    // Under callgrind every step is ~50 times slower: the first answers take seconds.
+    let config = format!(
+        "discovery:\n  kubernetes: on\n  kubeconfig: {}\n  wait: 30s\n",
+        kubeconfig.display()
+    );
+    (ips, config)
+}
+
+/// Through each Service; then a change to the first one's slice (a second, not ready,
+/// endpoint), which its watch delivers, and through it again.
+fn drive_services(c: &Cluster, api: &ApiServer, ips: &[std::net::IpAddr]) {
+    let through = |ip| {
+        let addr = std::net::SocketAddr::new(ip, SERVICE_PORT);
+        for len in [100, 1 << 20] {
+            assert_eq!(exchange(c, 0, addr, len), len, "through the Service");
+        }
+    };
+    ips.iter().for_each(|ip| through(*ip));
+    let server = c.pod(1).ip4;
+    api.admin(move |k| async move {
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(k.clone(), "shop");
+        let uid = pods.get("server").await.unwrap().metadata.uid.unwrap();
+        let gone = "10.200.0.9".parse().unwrap();
+        let endpoints = [
+            ("server", uid.as_str(), server, true),
+            ("gone", "", gone, false),
+        ];
+        objects::slice(&k, "shop", "echo", "echo-1", &[("tcp", ECHO)], &endpoints).await;
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    through(ips[0]);
 }
 
 /// The paths traffic takes through a client and a server sidecar.

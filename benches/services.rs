@@ -67,6 +67,7 @@ fn main() {
         return;
     };
     let mut c = Cluster::new("bsvc", 2);
+    support::shipped_binary(&c, "services");
     let api = ApiServer::start(&c, &assets);
     let (backend, client) = (c.pod(1).ip4, c.pod(0).ip4);
     let made = Instant::now();
@@ -147,6 +148,8 @@ fn main() {
     let pod_addr = SocketAddr::new(backend, 8080);
     std::thread::sleep(SETTLE);
     let backend_fresh = rss_kib(backend_pid);
+    let (client_fresh, client_fresh_anon) =
+        (rss_kib(client_pid), status_kib(client_pid, "RssAnon"));
     // Warm: the tunnel and the pod are known; nothing of the Services yet. The backend's
     // first connection starts its watch of its namespace's slices (all 1,000 Services').
     support::new_connections(c.pod(0), pod_addr, 200);
@@ -314,6 +317,7 @@ fn main() {
             sum / count as f64 * 1e3
         );
     }
+    println!("| client sidecar RSS / RssAnon fresh (settled, Kubernetes on, no connection yet) | {client_fresh} / {client_fresh_anon} KiB |");
     println!("| client sidecar anonymous memory (RssAnon) before / after using {USED} of {SERVICES} Services | {anon_before} / {anon_after} KiB (+{} KiB) |", anon_after as i64 - anon_before as i64);
     println!("| client sidecar RSS before / after using {USED} of {SERVICES} Services | {rss_before} / {rss_after} KiB (+{} KiB) |", rss_after as i64 - rss_before as i64);
     println!(

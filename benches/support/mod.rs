@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{connect, Pod};
+use crate::common::{connect, Cluster, Pod};
 
 /// One iperf3 run from `pod` to the iperf3 server behind `addr`: (Gbit/s received, bytes).
 pub fn iperf3(pod: &Pod, addr: SocketAddr, streams: usize, secs: u64) -> (f64, f64) {
@@ -30,6 +30,22 @@ pub fn iperf3(pod: &Pod, addr: SocketAddr, streams: usize, secs: u64) -> (f64, f
     match (bps, bytes) {
         (Some(bps), Some(bytes)) => (bps / 1e9, bytes),
         _ => panic!("iperf3 to {addr} failed: {}", json["error"]),
+    }
+}
+
+/// `L4MESH_BENCH_BIN=<path>`: `c`'s sidecars run that binary (benches/run.sh passes the
+/// `cargo build --release` one, the binary users run, with its start-up layout: layout/). The
+/// binary `cargo bench` builds is compiled with the dev-dependencies' features, so its symbol
+/// names differ and the layout only partly applies to it: its RSS is not what users see.
+pub fn shipped_binary(c: &Cluster, bench: &str) {
+    match std::env::var("L4MESH_BENCH_BIN").ok().filter(|p| !p.is_empty()) {
+        Some(bin) => {
+            eprintln!("bench {bench}: l4mesh sidecars run {bin}");
+            c.run_sidecars_from(std::path::Path::new(&bin));
+        }
+        None => eprintln!(
+            "bench {bench}: L4MESH_BENCH_BIN not set: sidecars run the bench build, not the shipped binary (see benches/support/mod.rs)"
+        ),
     }
 }
 
