@@ -8,9 +8,9 @@
 //! server) and out (a meshed client calling a pod without a sidecar), a refused port, metrics
 //! and admin scrapes. Each twice: without Kubernetes (a demo, a VM) and with it (a real
 //! kube-apiserver, as in every cluster: `discovery.kubernetes: auto` turns it on wherever a
-//! service-account token is mounted), where the traffic also goes through a Service's
-//! ClusterIP. The list is the start's functions first (without Kubernetes, then what it adds),
-//! then those the traffic adds: a fresh sidecar maps only the first part.
+//! service-account token is mounted), where the traffic also goes through two Services'
+//! ClusterIPs and a slice changes. The list: a start's functions, then what Kubernetes adds
+//! to them; then what the traffic adds, then what Kubernetes traffic adds (why: `profile`).
 //!
 //!     layout/make.sh       # as root; needs valgrind (apt-get install valgrind) and
 //!                          # KUBEBUILDER_ASSETS (tests/kube-assets.sh finds them)
@@ -65,42 +65,52 @@ fn main() {
         return;
     };
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("layout/l4mesh.order");
-    let (start, traffic) = profile(&bin, &assets);
     let ours = symbols(&bin);
-    let mut seen = HashSet::new();
     let mut list = Vec::new();
-    for name in start.iter().chain(traffic.iter()) {
-        if ours.contains(name) && seen.insert(name.clone()) {
-            list.push(name.clone());
-        }
+    let mut parts = Vec::new();
+    for (part, names) in profile(&bin, &assets) {
+        let before = list.len();
+        list.extend(names.into_iter().filter(|n| ours.contains(n)));
+        parts.push(format!("{} {part}", list.len() - before));
     }
-    let at_start = start.iter().filter(|n| ours.contains(*n)).count();
     fs::write(&out, list.join("\n") + "\n").expect("write layout/l4mesh.order");
     println!(
-        "bench layout: {} functions ({at_start} run at start) written to {}",
+        "bench layout: {} functions ({}) written to {}",
         list.len(),
+        parts.join(", "),
         out.display()
     );
 }
 
-/// The functions two sidecars run at start, then those their traffic adds, each in the order
-/// callgrind first names them. Four clusters: stopped as soon as their sidecars are ready or
-/// after the traffic, each without and with Kubernetes. Callgrind writes a profile when its
-/// process exits (SIGTERM: the sidecar drains and exits); asking a running sidecar for a dump
-/// (callgrind_control) needs ptrace across users, which containers often forbid.
-fn profile(bin: &Path, assets: &Path) -> (Vec<String>, Vec<String>) {
+/// The functions two sidecars run, in list order, each part named and holding only what the
+/// parts before it did not, each in the order callgrind first names them. Four clusters:
+/// stopped as soon as their sidecars are ready or after the traffic, without and with
+/// Kubernetes. A start's functions first, without Kubernetes then what it adds; then the
+/// traffic's likewise. The other order (Kubernetes' parts after all the rest) left a fresh
+/// sidecar with Kubernetes on at 7,936 KiB against 7,184, and one without it where it was
+/// (one run each, benches/RESULTS.md, issue 24, third session). Callgrind writes a profile
+/// when its process exits (SIGTERM: the sidecar drains and exits); asking a running sidecar
+/// for a dump (callgrind_control) needs ptrace across users, which containers often forbid.
+fn profile(bin: &Path, assets: &Path) -> Vec<(&'static str, Vec<String>)> {
     let mut seen = HashSet::new();
-    let mut new = |names: Vec<String>| -> Vec<String> {
-        names
-            .into_iter()
-            .filter(|n| seen.insert(n.clone()))
-            .collect()
-    };
-    let mut start = new(run(bin, false, None));
-    start.extend(new(run(bin, false, Some(assets))));
-    let mut traffic = new(run(bin, true, None));
-    traffic.extend(new(run(bin, true, Some(assets))));
-    (start, traffic)
+    [
+        ("run at start", false, None),
+        ("added by Kubernetes at start", false, Some(assets)),
+        ("added by traffic", true, None),
+        ("added by Kubernetes traffic", true, Some(assets)),
+    ]
+    .into_iter()
+    .map(|(part, traffic, kube)| {
+        let names = run(bin, traffic, kube);
+        (
+            part,
+            names
+                .into_iter()
+                .filter(|n| seen.insert(n.clone()))
+                .collect(),
+        )
+    })
+    .collect()
 }
 
 /// Starts a client and a server sidecar under callgrind (with an API server and Kubernetes
