@@ -12,6 +12,10 @@
 //!
 //!     cargo bench --bench services     # as root; KUBEBUILDER_ASSETS, or tests/kube-assets.sh's
 //!
+//! `L4MESH_BENCH_BIN=<path>` runs the sidecars from a `cargo build --release` binary (copied
+//! aside: `cargo bench` overwrites target/release/l4mesh with its own build), as users run it:
+//! the memory figures depend on it (benches/support's `shipped_binary`).
+//!
 //! Prints its table; benches/RESULTS.md keeps the figures with the command.
 
 #[path = "../tests/common/mod.rs"]
