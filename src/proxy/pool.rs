@@ -231,8 +231,6 @@ impl Pool {
                             let conn = self
                                 .connect(&entry, tunnel, &dial, timeouts, metrics)
                                 .await?;
-                            conn.shared.take_one();
-                            lock(&entry.conns).push(conn.clone());
                             (conn, true)
                         }
                     }
@@ -312,9 +310,10 @@ impl Pool {
         Some(conn.clone())
     }
 
-    /// TCP connect, mTLS (ALPN h2), HTTP/2 handshake; spawns the connection's driver, which
-    /// closes it once it has been idle for the pool's idle time and then takes it out of
-    /// `entry`.
+    /// TCP connect, mTLS (ALPN h2), HTTP/2 handshake; puts the connection into `entry`, one
+    /// stream counted as taken (the caller's), and spawns its driver, which closes it once it
+    /// has been idle for the pool's idle time and then takes it out of `entry`. Pushed before
+    /// the driver runs, so a connection that fails at once is never left behind in the pool.
     async fn connect(
         &self,
         entry: &Arc<Entry>,
@@ -370,14 +369,17 @@ impl Pool {
             chain,
             ..Default::default()
         });
+        let conn = Conn { send, shared };
+        conn.shared.take_one();
+        lock(&entry.conns).push(conn.clone());
         tokio::spawn(drive(
             connection,
-            shared.clone(),
+            conn.shared.clone(),
             Arc::downgrade(entry),
             self.config.idle,
             tunnel,
         ));
-        Ok(Conn { send, shared })
+        Ok(conn)
     }
 
     /// The connections made with the credentials snapshot `generation` (the one in force),
@@ -599,8 +601,8 @@ async fn drive<T>(
     // Out of the pool now, not at the destination's next stream: its `SendRequest` holds the
     // connection's HTTP/2 state (stream and frame tables grown to its busiest moment), which
     // otherwise stayed allocated for as long as nothing else went to that destination (issue
-    // 26: 670 KiB of them in the client sidecar 11 s after the load, heaptrack). A connection
-    // that ends before `open` has pushed it stays, marked closed, until the next `take`.
+    // 26: 670 KiB of them in the client sidecar 11 s after the load, heaptrack). `connect`
+    // pushed it before spawning this task, so it is always there to take out.
     if let Some(entry) = entry.upgrade() {
         lock(&entry.conns).retain(|c| !Arc::ptr_eq(&c.shared, &shared));
     }

@@ -591,9 +591,7 @@ impl Services {
             self.settings.node.as_deref(),
             service.info.node_local,
         );
-        if candidates.is_empty() {
-            return refused(Refusal::NoEndpoint);
-        }
+        // No ready endpoint (or none left for this node) is no choice.
         let Some((ip, target, pod)) = self.choose(service, &candidates) else {
             return refused(Refusal::NoEndpoint);
         };
