@@ -1032,7 +1032,7 @@ fn write_results(tables: &str) {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let block = format!(
-        "<!-- compare:begin -->\n## Side by side (`benches/run.sh`, written by `benches/compare.rs`)\n\n{date}, commit {commit}, {cores} cores ({cpu}), kernel {uname}, release build. Clients, servers and both proxies of a pair share the cores. Medians of {RUNS} runs (min-max); iperf3 runs of {BULK_SECS} s. \"x best peer\": against the better of stunnel and HAProxy in this run; \"x relay\": against the plain relay pair.\n\n{tables}<!-- compare:end -->\n",
+        "<!-- compare:begin -->\n## Side by side (`benches/run.sh`, written by `benches/compare.rs`)\n\n{date}, commit {commit}, {cores} cores ({cpu}), kernel {uname}, release build. Clients, servers and both proxies of a pair share the cores. Medians of {RUNS} runs (min-max); iperf3 runs of {BULK_SECS} s. \"x best peer\": against the best of stunnel, HAProxy and (when given) Istio ztunnel in this run; \"x relay\": against the plain relay pair.\n\n{tables}<!-- compare:end -->\n",
     );
     let new = match (
         text.find("<!-- compare:begin -->"),
