@@ -12,6 +12,9 @@
 //!
 //!     cargo bench --bench services     # as root; KUBEBUILDER_ASSETS, or tests/kube-assets.sh's
 //!
+//! `L4MESH_BENCH_SERVICES=watch_all` gives the client sidecar `discovery.services: watch_all`
+//! (every Service's ClusterIPs held from the start: no lookup before a first connection).
+//!
 //! `L4MESH_BENCH_BIN=<path>` runs the sidecars from a `cargo build --release` binary (copied
 //! aside: `cargo bench` overwrites target/release/l4mesh with its own build), as users run it:
 //! the memory figures depend on it (benches/support's `shipped_binary`).
@@ -146,8 +149,14 @@ fn main() {
         "discovery:\n  kubernetes: on\n  kubeconfig: {}\n",
         kubeconfig.display()
     );
+    // L4MESH_BENCH_SERVICES=watch_all: the client sidecar holds every Service's ClusterIPs
+    // (`discovery.services`), so its first connections are not looked up.
+    let client_discovery = match std::env::var("L4MESH_BENCH_SERVICES") {
+        Ok(mode) => format!("{discovery}  services: {mode}\n"),
+        Err(_) => discovery.clone(),
+    };
     c.mesh_sidecar(&ca, 1, "backend", &discovery);
-    c.mesh_sidecar(&ca, 0, "client", &discovery);
+    c.mesh_sidecar(&ca, 0, "client", &client_discovery);
     let (backend_pid, client_pid) = (c.sidecar_pids()[0], c.sidecar_pids()[1]);
     let pod_addr = SocketAddr::new(backend, 8080);
     std::thread::sleep(SETTLE);

@@ -79,6 +79,11 @@ pub struct Discovery {
     pub idle: Duration,
     /// This pod's node, for `internalTrafficPolicy: Local` (`NODE_NAME` overrides).
     pub node_name: Option<String>,
+    /// How a ClusterIP first dialled is found to be a Service: `lookup` (asked for then, one
+    /// API request before its EndpointSlices can be asked for; nothing cluster-wide held) or
+    /// `watch_all` (every Service's ClusterIPs held from the start by one cluster-wide watch,
+    /// so the first connection to a Service waits only for its EndpointSlices).
+    pub services: ServiceLookup,
 }
 
 impl Default for Discovery {
@@ -89,8 +94,16 @@ impl Default for Discovery {
             wait: Duration::from_secs(2),
             idle: Duration::from_secs(300),
             node_name: None,
+            services: ServiceLookup::Lookup,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceLookup {
+    Lookup,
+    WatchAll,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -885,6 +898,20 @@ mod tests {
         assert_eq!(c.timeouts.handshake, Duration::from_secs(10));
         assert_eq!(c.detection.timeout_for(8025), Duration::from_millis(100));
         assert_eq!(c.policy.file.as_deref(), Some(Path::new("policy.yaml")));
+    }
+
+    /// `discovery.services` takes its two values; anything else names the file, line and field.
+    #[test]
+    fn discovery_services_is_lookup_or_watch_all() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.discovery.services, ServiceLookup::Lookup);
+        let c = parse(&format!("{MINIMAL}discovery:\n  services: watch_all\n")).unwrap();
+        assert_eq!(c.discovery.services, ServiceLookup::WatchAll);
+        let e = parse(&format!("{MINIMAL}discovery:\n  services: everything\n")).unwrap_err();
+        assert!(
+            e.starts_with("sidecar.yaml:6:") && e.contains("services") && e.contains("watch_all"),
+            "{e}"
+        );
     }
 
     /// Every demo and test used to start with "certificate expires soon": the first warning

@@ -186,6 +186,39 @@ impl Client {
         })
     }
 
+    /// Every Service in the cluster as it changes (`discovery.services: watch_all`), listed
+    /// 100 at a time so that no more than a page of whole objects is held at once; resumes by
+    /// itself, as `watch_slices`. Services without a ClusterIP (headless) come as deleted:
+    /// the index holds ClusterIPs only.
+    pub fn watch_all_services(
+        &self,
+    ) -> impl futures_util::Stream<Item = Result<ServiceEvent, KubeError>> + Send + 'static {
+        use futures_util::StreamExt;
+        let api: Api<Service> = Api::all(self.0.clone());
+        let selection = watch::Selection {
+            labels: None,
+            fields: None,
+            page: Some(100),
+        };
+        let named = |s: &Service| {
+            (
+                s.metadata.namespace.clone().unwrap_or_default(),
+                s.metadata.name.clone().unwrap_or_default(),
+            )
+        };
+        watch::watch(api, selection).map(move |event| {
+            event.map(|event| match event {
+                Event::Applied(s) => match ServiceInfo::from_object(&s) {
+                    Some(info) if !info.cluster_ips.is_empty() => ServiceEvent::Applied(info),
+                    _ => ServiceEvent::Deleted(named(&s)),
+                },
+                Event::Deleted(s) => ServiceEvent::Deleted(named(&s)),
+                Event::Restarting => ServiceEvent::Restarting,
+                Event::Listed => ServiceEvent::Listed,
+            })
+        })
+    }
+
     /// The EndpointSlices of Service `namespace/name` (of every Service in `namespace` when
     /// `name` is `None`), as a stream of changes that resumes by itself (re-list after 410
     /// Gone, reconnect with backoff after an error).
@@ -257,6 +290,17 @@ fn http2_client(config: kube::Config) -> Result<kube::Client, KubeError> {
         .layer(config.extra_headers_layer().map_err(failed)?)
         .service(client);
     Ok(kube::Client::new(service, config.default_namespace))
+}
+
+/// What changed among the cluster's Services (`Client::watch_all_services`).
+#[derive(Debug)]
+pub enum ServiceEvent {
+    /// A (re-)list begins: the Services listed until `Listed` replace what was known.
+    Restarting,
+    Applied(ServiceInfo),
+    Listed,
+    /// Gone, or no longer has a ClusterIP: `(namespace, name)`.
+    Deleted((String, String)),
 }
 
 /// What changed among a Service's EndpointSlices.

@@ -940,3 +940,79 @@ fn a_service_edited_in_use_is_followed_by_new_connections() {
     let refused = ["outcome=\"service_port\""];
     assert!(metric(&c, CLIENT, "l4mesh_connections_total", &refused) >= 2.0);
 }
+
+/// `discovery.services: watch_all`: every Service's ClusterIPs are held by one cluster-wide
+/// watch, so a ClusterIP first dialled is never looked up (its first connection waits for its
+/// slices and Pods only: one round trip, not two), and a Service created after the sidecar
+/// started is reached as soon as the watch brings it.
+#[test]
+fn with_every_service_watched_a_clusterip_is_never_looked_up() {
+    let Some((mut c, api)) = cluster("svcindex", 2, &["client", "backend-a"]) else {
+        return;
+    };
+    let web = web_on_a(&c, &api, false);
+    // The API server makes its own Service (`default/kubernetes`) shortly after it starts:
+    // waited for, so that the index's count below moves only with this test's Services.
+    api.admin(|k| async move {
+        let services: kube::Api<k8s_openapi::api::core::v1::Service> =
+            kube::Api::namespaced(k, "default");
+        for _ in 0..100 {
+            if services
+                .get_opt("kubernetes")
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    echo_server(c.pod(A), c.pod(A).addr(8080), None);
+    let ca = c.make_ca();
+    let config = format!("{}  services: watch_all\n", discovery(&api));
+    c.mesh_sidecar(&ca, CLIENT, "client", &config);
+    let requests = |c: &Cluster, request: &str| {
+        let filters = [&format!("request=\"{request}\"") as &str, "result=\"ok\""];
+        metric(c, CLIENT, "l4mesh_kubernetes_requests_total", &filters)
+    };
+    let indexed = |c: &Cluster| metric(c, CLIENT, "l4mesh_kubernetes_indexed_cluster_ips", &[]);
+    assert_eq!(exchange(&c, CLIENT, SocketAddr::new(web, 80), 100), 100);
+    assert!(
+        requests(&c, "index") >= 1.0,
+        "the Services were never listed"
+    );
+    // `web` and the API server's own `kubernetes`.
+    let before = indexed(&c);
+    assert_eq!(before, 2.0, "the index does not hold both Services");
+
+    let a = c.pod(A).ip4;
+    let shop = api.admin(move |k| async move {
+        let uid = objects::pod(&k, "shop", "backend-a2", "backend-a", a, false).await;
+        let ports = [("http", 90, 8080.into())];
+        let selector = serde_json::json!({"selector": {"app": "backend-a2"}});
+        let shop = objects::service(&k, "shop", "shop", &ports, selector).await;
+        let endpoints = [("backend-a2", uid.as_str(), a, true)];
+        objects::slice(&k, "shop", "shop", "shop-1", &[("http", 8080)], &endpoints).await;
+        shop
+    });
+    c.service(&shop.to_string(), 90, c.pod(A).addr(8080));
+    // The new Service reaches the sidecar through its watch: wait for it, bounded.
+    let seen = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        indexed(&c) == before + 1.0
+    });
+    assert!(seen, "the new Service never reached the index");
+    assert_eq!(exchange(&c, CLIENT, SocketAddr::new(shop, 90), 100), 100);
+    assert_eq!(requests(&c, "lookup"), 0.0, "a ClusterIP was looked up");
+    let through = [
+        "reporter=\"source\"",
+        "destination_service=\"shop.shop.svc.cluster.local\"",
+    ];
+    assert_eq!(
+        metric(&c, CLIENT, "istio_tcp_connections_opened_total", &through),
+        1.0,
+        "the connection was not resolved through Service shop"
+    );
+}

@@ -5,7 +5,10 @@
 //! whether they have a sidecar) are listed by its selector beside the slices' first list, a
 //! Pod the list did not have is read by name, and each is kept, refreshed when it is older
 //! than `POD_FRESH`. An address that is no Service may be a pod (`pod_by_ip`). Nothing is
-//! listed or watched cluster-wide.
+//! listed or watched cluster-wide, unless `discovery.services: watch_all` asks for every
+//! Service's ClusterIPs to be held (one cluster-wide watch, [`Index`]): a ClusterIP first dialled
+//! is then known without a request, and its first connection waits for one round trip (its
+//! slices, its Pods beside them), not two.
 //!
 //! The data path calls [`Services::resolve`] once per connection; it waits only for the first
 //! answer about a new address, bounded by `discovery.wait`. When the API fails, what is known
@@ -26,7 +29,8 @@ use tracing::{debug, info, warn};
 /// What the data path may know of a Pod (it does not import `kube`).
 pub use crate::kube::PodInfo;
 use crate::kube::{
-    Client, EndpointInfo, KubeError, PodRef, ServiceInfo, SliceEvent, SliceInfo, TargetPort,
+    Client, EndpointInfo, KubeError, PodRef, ServiceEvent, ServiceInfo, SliceEvent, SliceInfo,
+    TargetPort,
 };
 
 /// A Pod read from the API is used as is for this long, then read again by the next connection
@@ -56,6 +60,8 @@ pub struct Settings {
     /// This workload's namespace: its EndpointSlices say which Services this pod serves
     /// (the destination reporter's `destination_service`).
     pub namespace: String,
+    /// `discovery.services: watch_all`: hold every Service's ClusterIPs ([`Index`]).
+    pub watch_all: bool,
 }
 
 /// What an address turned out to be, for one connection.
@@ -135,6 +141,36 @@ pub struct Services {
     /// of this pod's addresses are kept (slice name → what of it concerns this pod).
     own: Mutex<BTreeMap<String, OwnSlice>>,
     own_started: AtomicBool,
+    /// With `discovery.services: watch_all`, every Service's ClusterIPs.
+    index: Option<Index>,
+}
+
+/// Every Service's ClusterIPs, as one cluster-wide watch lists and follows them
+/// (`discovery.services: watch_all`): a ClusterIP first dialled is found here, not asked for.
+struct Index {
+    /// ClusterIP → its Service (a dual-stack Service under both of its addresses).
+    by_ip: Mutex<HashMap<IpAddr, Arc<ServiceInfo>>>,
+    /// True once the first list is complete: before that, an address not found may yet be a
+    /// Service, so a lookup waits (at most `discovery.wait`) rather than call it a pod.
+    listed: watch::Sender<bool>,
+}
+
+impl Index {
+    /// What `ip` is by the index: `Some(None)`, no Service's; `None`, not listed yet within
+    /// `wait`.
+    async fn service_at(&self, ip: IpAddr, wait: Duration) -> Option<Option<ServiceInfo>> {
+        let mut listed = self.listed.subscribe();
+        let listed = matches!(
+            tokio::time::timeout(wait, listed.wait_for(|l| *l)).await,
+            Ok(Ok(_))
+        );
+        listed.then(|| lock(&self.by_ip).get(&ip).map(|s| (**s).clone()))
+    }
+
+    /// Drops Service `namespace/name` from the map.
+    fn remove(map: &mut HashMap<IpAddr, Arc<ServiceInfo>>, key: &(String, String)) {
+        map.retain(|_, s| s.namespace != key.0 || s.name != key.1);
+    }
 }
 
 /// What a Service's watch task hears: its slices, or its own spec.
@@ -246,12 +282,14 @@ pub async fn start(
         idle: discovery.idle,
         node: discovery.node_name.clone(),
         namespace,
+        watch_all: discovery.services == crate::config::ServiceLookup::WatchAll,
     };
     Ok(Some(Services::new(client, settings, registry)))
 }
 
 impl Services {
     pub fn new(client: Client, settings: Settings, registry: &Registry) -> Arc<Services> {
+        let settings_watch_all = settings.watch_all;
         let services = Arc::new(Services {
             client,
             settings,
@@ -260,7 +298,14 @@ impl Services {
             healthy: AtomicBool::new(true),
             own: Mutex::default(),
             own_started: AtomicBool::new(false),
+            index: settings_watch_all.then(|| Index {
+                by_ip: Mutex::default(),
+                listed: watch::channel(false).0,
+            }),
         });
+        if services.index.is_some() {
+            services.follow_index();
+        }
         // Forget Services nobody used for `idle` (their watches close with them).
         let weak = Arc::downgrade(&services);
         tokio::spawn(async move {
@@ -394,20 +439,43 @@ impl Services {
         answer
     }
 
-    /// Asks the API what `ip` is and publishes the answer.
+    /// Asks the API what `ip` is (or the index, for whether it is a Service) and publishes the
+    /// answer.
     async fn look_up(self: Arc<Self>, ip: IpAddr) {
-        let answer = match self.client.service_by_cluster_ip(ip).await {
-            Ok(Some(info)) => Ok(Answer::Service(self.service(info))),
-            Ok(None) => match self.client.pod_by_ip(ip).await {
-                Ok(Some(pod)) => Ok(Answer::Pod(self.remember_pod(pod))),
-                Ok(None) => Ok(Answer::Outside),
-                Err(e) => Err(e),
+        // Whether the API was asked (`lookup` counts requests, not answers from the index).
+        let mut asked = self.index.is_none();
+        let service = match &self.index {
+            None => self.client.service_by_cluster_ip(ip).await,
+            Some(index) => match index.service_at(ip, self.settings.wait).await {
+                Some(service) => Ok(service),
+                None => {
+                    // The index's own watch says why (its failures are counted and logged);
+                    // the address is asked about again after `FAILED_FRESH`.
+                    debug!(%ip, "the Services are not listed yet: refused");
+                    if let Some(a) = lock(&self.inner).addresses.get(&ip) {
+                        a.answer.send_replace(Some(Answer::Failed));
+                    }
+                    return;
+                }
             },
+        };
+        let answer = match service {
+            Ok(Some(info)) => Ok(Answer::Service(self.service(info))),
+            Ok(None) => {
+                asked = true;
+                match self.client.pod_by_ip(ip).await {
+                    Ok(Some(pod)) => Ok(Answer::Pod(self.remember_pod(pod))),
+                    Ok(None) => Ok(Answer::Outside),
+                    Err(e) => Err(e),
+                }
+            }
             Err(e) => Err(e),
         };
         let answer = match answer {
             Ok(answer) => {
-                self.api_ok("lookup");
+                if asked {
+                    self.api_ok("lookup");
+                }
                 answer
             }
             Err(e) => {
@@ -425,6 +493,74 @@ impl Services {
         if let Some(a) = lock(&self.inner).addresses.get(&ip) {
             a.answer.send_replace(Some(answer));
         }
+    }
+
+    /// Keeps the index as the cluster-wide watch of Services says, for the sidecar's life. A
+    /// re-list replaces it whole once complete; until the first list is complete, lookups wait.
+    /// An address answered as outside the cluster (or unanswered) that a Service now has is
+    /// forgotten at once, so its next connection finds the Service rather than wait
+    /// `OUTSIDE_FRESH`.
+    fn follow_index(self: &Arc<Self>) {
+        let stream = self.client.watch_all_services();
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            let mut listing: Option<HashMap<IpAddr, Arc<ServiceInfo>>> = None;
+            while let Some(event) = stream.next().await {
+                let Some(me) = me.upgrade() else { return };
+                let Some(index) = &me.index else { return };
+                let mut new_ips = Vec::new();
+                match event {
+                    Ok(ServiceEvent::Restarting) => listing = Some(HashMap::new()),
+                    Ok(ServiceEvent::Applied(info)) => {
+                        let info = Arc::new(info);
+                        let key = (info.namespace.clone(), info.name.clone());
+                        let mut live = lock(&index.by_ip);
+                        let map = match listing.as_mut() {
+                            // A list names each Service once: nothing to replace.
+                            Some(listing) => listing,
+                            None => {
+                                // A change: its old addresses go (an edited ClusterIP list).
+                                Index::remove(&mut live, &key);
+                                new_ips.clone_from(&info.cluster_ips);
+                                &mut live
+                            }
+                        };
+                        for ip in &info.cluster_ips {
+                            map.insert(*ip, info.clone());
+                        }
+                    }
+                    Ok(ServiceEvent::Deleted(key)) => {
+                        let mut live = lock(&index.by_ip);
+                        Index::remove(listing.as_mut().unwrap_or(&mut live), &key);
+                    }
+                    Ok(ServiceEvent::Listed) => {
+                        if let Some(map) = listing.take() {
+                            new_ips = map.keys().copied().collect();
+                            *lock(&index.by_ip) = map;
+                            index.listed.send_replace(true);
+                        }
+                    }
+                    Err(e) => {
+                        // The watch retries by itself with backoff; what is known stays.
+                        me.api_failed("index", &e);
+                        continue;
+                    }
+                }
+                me.api_ok("index");
+                me.metrics.indexed.set(lock(&index.by_ip).len() as i64);
+                if !new_ips.is_empty() {
+                    let new_ips: std::collections::HashSet<IpAddr> = new_ips.into_iter().collect();
+                    lock(&me.inner).addresses.retain(|ip, a| {
+                        !new_ips.contains(ip)
+                            || !matches!(
+                                &*a.answer.borrow(),
+                                Some(Answer::Outside | Answer::Failed)
+                            )
+                    });
+                }
+            }
+        });
     }
 
     /// The Service in use with this identity, or a new one whose EndpointSlices are watched
@@ -988,13 +1124,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The source's own metrics.
 struct KubeMetrics {
-    /// API calls by request (`lookup`, `watch`, `pod`, `pod_list`) and result (`ok`, `forbidden`,
+    /// API calls by request (`lookup`, `watch`, `pod`, `pod_list`, `index`) and result (`ok`, `forbidden`,
     /// `unreachable`, `config`).
     requests: IntCounterVec,
     /// 1 while the last API call worked.
     up: IntGauge,
     /// Services whose EndpointSlices are watched now.
     watches: IntGauge,
+    /// ClusterIPs the cluster-wide index holds (`discovery.services: watch_all`).
+    indexed: IntGauge,
     /// How long each connection waited for `resolve`, by what the address was: what the
     /// Kubernetes source adds to a connection (microseconds once known, a round trip or
     /// more for a new address).
@@ -1009,7 +1147,7 @@ impl KubeMetrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "l4mesh_kubernetes_requests_total",
-                "Kubernetes API calls by request (lookup, watch, pod, pod_list) and result (ok, forbidden, unreachable)",
+                "Kubernetes API calls by request (lookup, watch, pod, pod_list, index) and result (ok, forbidden, unreachable)",
             ),
             &["request", "result"],
         )
@@ -1022,6 +1160,11 @@ impl KubeMetrics {
         let watches = IntGauge::new(
             "l4mesh_kubernetes_watches",
             "Services whose EndpointSlices this sidecar watches now",
+        )
+        .expect("static metric");
+        let indexed = IntGauge::new(
+            "l4mesh_kubernetes_indexed_cluster_ips",
+            "ClusterIPs held by the cluster-wide index of Services (discovery.services: watch_all; 0 otherwise)",
         )
         .expect("static metric");
         let resolve = prometheus::HistogramVec::new(
@@ -1040,6 +1183,7 @@ impl KubeMetrics {
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(up.clone()),
             Box::new(watches.clone()),
+            Box::new(indexed.clone()),
             Box::new(resolve.clone()),
         ] {
             // A second source on one registry (tests) keeps the first's series.
@@ -1051,6 +1195,7 @@ impl KubeMetrics {
             requests,
             up,
             watches,
+            indexed,
         }
     }
 }
