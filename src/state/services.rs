@@ -167,6 +167,13 @@ impl Index {
         listed.then(|| lock(&self.by_ip).get(&ip).map(|s| (**s).clone()))
     }
 
+    /// Puts `info` under each of its ClusterIPs.
+    fn insert(map: &mut HashMap<IpAddr, Arc<ServiceInfo>>, info: &Arc<ServiceInfo>) {
+        for ip in &info.cluster_ips {
+            map.insert(*ip, info.clone());
+        }
+    }
+
     /// Drops Service `namespace/name` from the map.
     fn remove(map: &mut HashMap<IpAddr, Arc<ServiceInfo>>, key: &(String, String)) {
         map.retain(|_, s| s.namespace != key.0 || s.name != key.1);
@@ -289,7 +296,10 @@ pub async fn start(
 
 impl Services {
     pub fn new(client: Client, settings: Settings, registry: &Registry) -> Arc<Services> {
-        let settings_watch_all = settings.watch_all;
+        let index = settings.watch_all.then(|| Index {
+            by_ip: Mutex::default(),
+            listed: watch::channel(false).0,
+        });
         let services = Arc::new(Services {
             client,
             settings,
@@ -298,10 +308,7 @@ impl Services {
             healthy: AtomicBool::new(true),
             own: Mutex::default(),
             own_started: AtomicBool::new(false),
-            index: settings_watch_all.then(|| Index {
-                by_ip: Mutex::default(),
-                listed: watch::channel(false).0,
-            }),
+            index,
         });
         if services.index.is_some() {
             services.follow_index();
@@ -514,20 +521,17 @@ impl Services {
                     Ok(ServiceEvent::Restarting) => listing = Some(HashMap::new()),
                     Ok(ServiceEvent::Applied(info)) => {
                         let info = Arc::new(info);
-                        let key = (info.namespace.clone(), info.name.clone());
-                        let mut live = lock(&index.by_ip);
-                        let map = match listing.as_mut() {
-                            // A list names each Service once: nothing to replace.
-                            Some(listing) => listing,
+                        match listing.as_mut() {
+                            // A list names each Service once: nothing to replace, no lock.
+                            Some(listing) => Index::insert(listing, &info),
                             None => {
                                 // A change: its old addresses go (an edited ClusterIP list).
+                                let mut live = lock(&index.by_ip);
+                                let key = (info.namespace.clone(), info.name.clone());
                                 Index::remove(&mut live, &key);
+                                Index::insert(&mut live, &info);
                                 new_ips.clone_from(&info.cluster_ips);
-                                &mut live
                             }
-                        };
-                        for ip in &info.cluster_ips {
-                            map.insert(*ip, info.clone());
                         }
                     }
                     Ok(ServiceEvent::Deleted(key)) => {
